@@ -1,0 +1,119 @@
+"""Caption generation: batched greedy decoding and batched beam search, the only copies.
+
+Both drive any decoder through its two-method interface:
+    state = model.init_state(features)            every state tensor is batch-first
+    logits, state, alpha = model.step(tokens, state)
+so beam search can expand and reorder any decoder's state with index_select(0, ...).
+"""
+import torch
+import torch.nn.functional as F
+
+from data.vocab import Vocabulary
+
+
+@torch.no_grad()
+def greedy_decode(model, features, max_len: int, start_id: int = 1, end_id: int = 2):
+    """features [B,...] -> list of B dicts {tokens, score, attention}: argmax word each step, up to max_len words."""
+    state = model.init_state(features)
+    batch = features.size(0)
+    tokens = torch.full((batch,), start_id, dtype=torch.long, device=features.device)
+    words, alphas, logps = [], [], []
+    finished = torch.zeros(batch, dtype=torch.bool, device=features.device)
+    for _ in range(max_len):
+        logits, state, alpha = model.step(tokens, state)
+        logp, tokens = F.log_softmax(logits.float(), dim=-1).max(dim=-1)         # [B], [B]
+        words.append(tokens)
+        logps.append(logp.masked_fill(finished, 0.0))
+        alphas.append(alpha)
+        finished |= tokens == end_id
+        if finished.all():
+            break
+    words = torch.stack(words, 1).tolist()                                      # [B, t]
+    total_logp = torch.stack(logps, 1).sum(1).tolist()
+    results = []
+    for b in range(batch):
+        n = words[b].index(end_id) if end_id in words[b] else len(words[b])
+        attention = torch.stack([a[b] for a in alphas[:n]]).float().cpu() if alphas[0] is not None and n else None
+        results.append({"tokens": words[b][:n], "score": total_logp[b] / (min(n + 1, len(words[b]))), "attention": attention})
+    return results
+
+
+@torch.no_grad()
+def beam_search(model, features, beam_size: int, max_len: int, length_penalty: float = 1.0,
+                start_id: int = 1, end_id: int = 2):
+    """Batched beam search. features [B,...] -> list of B dicts {tokens, score, attention, beams}.
+
+    Score = sum of log-probs / length ** length_penalty, length counting <end>. A hypothesis
+    is finished when it emits <end> within the top beam_size candidates; an image stops when
+    beam_size hypotheses are finished. If none finishes by max_len, the best unfinished one
+    is returned, so a model that never says <end> still gets a caption.
+    """
+    batch, k, device = features.size(0), beam_size, features.device
+    state = tuple(s.repeat_interleave(k, dim=0) for s in model.init_state(features))   # [B*K, ...]
+    scores = torch.full((batch, k), float("-inf"), device=device)
+    scores[:, 0] = 0.0                      # all beams start identical: keep one so they differ after step 1
+    tokens = torch.full((batch * k,), start_id, dtype=torch.long, device=device)
+    history = torch.zeros(batch * k, 0, dtype=torch.long, device=device)            # [B*K, t]
+    attn_history = None                                                              # [B*K, t, P]
+    finished = [[] for _ in range(batch)]   # per image: (normalised score, tokens, attention)
+    done = [False] * batch
+    for t in range(max_len):
+        logits, state, alpha = model.step(tokens, state)
+        logp = F.log_softmax(logits.float(), dim=-1)                                  # [B*K, V]
+        vocab = logp.size(1)
+        candidates = (scores.view(-1, 1) + logp).view(batch, k * vocab)              # [B, K*V]
+        top_scores, top_index = candidates.topk(min(2 * k, k * vocab), dim=1)       # [B, n]
+        top_beam, top_word = top_index // vocab, top_index % vocab
+        is_end = top_word == end_id
+        # Candidates ending in <end> among the best K become finished hypotheses.
+        ranks = torch.arange(top_index.size(1), device=device).expand_as(top_index)
+        for b, j in (is_end & (ranks < k) & top_scores.isfinite()).nonzero().tolist():
+            if not done[b]:
+                row = b * k + top_beam[b, j].item()
+                finished[b].append((top_scores[b, j].item() / (t + 1) ** length_penalty, history[row].tolist(),
+                                    None if attn_history is None else attn_history[row]))
+        # The first K candidates that did not end stay alive (ends sort to the back).
+        order = (is_end.long() * top_index.size(1) + ranks).argsort(dim=1)[:, :k]   # [B, K]
+        if order.size(1) < k:               # K*V < K: pad with dead beams
+            order = torch.cat([order, order[:, :1].expand(-1, k - order.size(1))], 1)
+        scores = top_scores.gather(1, order).masked_fill(is_end.gather(1, order), float("-inf"))
+        rows = (top_beam.gather(1, order) + torch.arange(batch, device=device).view(-1, 1) * k).view(-1)
+        tokens = top_word.gather(1, order).view(-1)
+        history = torch.cat([history[rows], tokens.unsqueeze(1)], dim=1)
+        state = tuple(s.index_select(0, rows) for s in state)
+        if alpha is not None:
+            alpha = alpha.index_select(0, rows).float().unsqueeze(1)                  # [B*K, 1, P]
+            attn_history = alpha if attn_history is None else torch.cat([attn_history[rows], alpha], 1)
+        for b in range(batch):
+            done[b] = done[b] or len(finished[b]) >= k
+        if all(done):
+            break
+    results = []
+    for b in range(batch):
+        hyps = list(finished[b])
+        if not done[b]:                      # unfinished beams compete at max_len
+            for j in range(k):
+                if scores[b, j].isfinite():
+                    row = b * k + j
+                    hyps.append((scores[b, j].item() / history.size(1) ** length_penalty, history[row].tolist(),
+                                 None if attn_history is None else attn_history[row]))
+        hyps.sort(key=lambda h: -h[0])
+        best_score, best_tokens, best_attn = hyps[0]
+        results.append({"tokens": best_tokens, "score": best_score,
+                        "attention": None if best_attn is None else best_attn[:len(best_tokens)].cpu(),
+                        "beams": [(h[1], h[0]) for h in hyps[:k]]})
+    return results
+
+
+def generate(model, features, vocab: Vocabulary, beam_size: int = 1, max_len: int = 30, length_penalty: float = 1.0):
+    """Captions for a batch of features: list of {caption, tokens, score, attention, beams: [(caption, score)]}."""
+    if beam_size <= 1:
+        results = greedy_decode(model, features, max_len, vocab.start_id, vocab.end_id)
+        for r in results:
+            r["beams"] = [(r["tokens"], r["score"])]
+    else:
+        results = beam_search(model, features, beam_size, max_len, length_penalty, vocab.start_id, vocab.end_id)
+    for r in results:
+        r["caption"] = vocab.decode(r["tokens"])
+        r["beams"] = [(vocab.decode(tokens), score) for tokens, score in r["beams"]]
+    return results

@@ -1,0 +1,49 @@
+"""CaptionModel = EncoderCNN + one decoder, built from a config."""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models.encoder import EncoderCNN
+
+DECODERS = ["lstm", "attention", "transformer"]
+
+
+class CaptionModel(nn.Module):
+    def __init__(self, encoder: EncoderCNN, decoder: nn.Module, pad_id: int = 0):
+        super().__init__()
+        self.encoder, self.decoder, self.pad_id = encoder, decoder, pad_id
+
+    def forward(self, features, captions, lengths, label_smoothing: float = 0.0):
+        """Teacher-forced loss. features: cached [B,C] or [B,P,C]; captions [B,L] = <start> .. <end> <pad>..; lengths [B]."""
+        tokens, targets = captions[:, :-1], captions[:, 1:]                          # [B, L-1] each
+        logits, extra_loss = self.decoder(self.encoder.project(features), tokens, lengths - 1)
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
+                               ignore_index=self.pad_id, label_smoothing=label_smoothing)
+        return loss, extra_loss
+
+    def init_state(self, features):
+        return self.decoder.init_state(self.encoder.project(features))
+
+    def step(self, tokens, state):
+        return self.decoder.step(tokens, state)
+
+
+def build_model(config: dict, vocab_size: int) -> CaptionModel:
+    m = config["model"]
+    if m["decoder"] not in DECODERS:
+        raise ValueError(f"model.decoder={m['decoder']!r} is not one of {', '.join(DECODERS)}")
+    spatial = m["decoder"] != "lstm"
+    encoder = EncoderCNN(m["encoder"], m["encoder_weights"], m["embed_size"], spatial,
+                         fine_tune=config["train"]["fine_tune_encoder"])
+    if m["decoder"] == "lstm":
+        from models.decoder_lstm import DecoderRNN
+        decoder = DecoderRNN(m["embed_size"], vocab_size, m["hidden_size"], m["dropout"])
+    elif m["decoder"] == "attention":
+        from models.decoder_attention import AttentionDecoder
+        decoder = AttentionDecoder(encoder.feature_dim, vocab_size, m["embed_size"], m["hidden_size"],
+                                   m["attention_size"], m["dropout"], m["alpha_c"])
+    else:
+        from models.decoder_transformer import TransformerDecoder
+        decoder = TransformerDecoder(encoder.feature_dim, vocab_size, m["embed_size"], m["num_layers"],
+                                     m["num_heads"], m["dropout"])
+    return CaptionModel(encoder, decoder)

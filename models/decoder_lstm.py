@@ -1,0 +1,37 @@
+"""DecoderRNN: Show and Tell (Vinyals et al. 2015).
+
+The projected image feature is the LSTM's first input; its output there is not used.
+Then the caption's words follow, from <start>, each predicting the next one.
+"""
+import torch
+import torch.nn as nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+
+class DecoderRNN(nn.Module):
+    def __init__(self, embed_size: int, vocab_size: int, hidden_size: int = 512, dropout: float = 0.5, pad_id: int = 0):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, embed_size, padding_idx=pad_id)
+        self.lstm = nn.LSTM(embed_size, hidden_size, batch_first=True)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(hidden_size, vocab_size)
+
+    def forward(self, features, tokens, lengths):
+        """features [B,E], tokens [B,T] from <start>, lengths [B] -> (logits [B,T,V], zero extra loss)."""
+        inputs = torch.cat([features.unsqueeze(1), self.embed(tokens)], dim=1)       # [B, 1+T, E]
+        packed = pack_padded_sequence(inputs, (lengths + 1).cpu(), batch_first=True, enforce_sorted=False)
+        hidden, _ = pad_packed_sequence(self.lstm(packed)[0], batch_first=True,
+                                        total_length=tokens.size(1) + 1)             # [B, 1+T, H]
+        logits = self.fc(self.dropout(hidden[:, 1:]))                                # [B, T, V]
+        return logits, logits.new_zeros(())
+
+    def init_state(self, features):
+        """Feed the image: returns (h, c), each [B, 1, H] (batch first, so beam search can reorder it)."""
+        _, (h, c) = self.lstm(features.unsqueeze(1))                                  # [1, B, H] each
+        return h.transpose(0, 1), c.transpose(0, 1)
+
+    def step(self, tokens, state):
+        """tokens [B] -> (logits [B,V], state, no attention)."""
+        h, c = (s.transpose(0, 1).contiguous() for s in state)
+        out, (h, c) = self.lstm(self.embed(tokens).unsqueeze(1), (h, c))             # out [B, 1, H]
+        return self.fc(out[:, 0]), (h.transpose(0, 1), c.transpose(0, 1)), None

@@ -1,0 +1,300 @@
+"""Train an image-captioning model.
+
+    python train.py                                    # embedded demo dataset (config.yaml)
+    python train.py --config configs/flickr8k.yaml     # Flickr8k, ResNet-50 + LSTM
+    python train.py --config configs/flickr8k.yaml --set train.epochs=5 train.batch_size=128
+    python train.py --resume runs/demo                 # continue an interrupted run
+
+With a frozen encoder, every image goes through the CNN once (features are cached on disk
+under train.cache_dir); each training step then only runs the decoder on cached features.
+Writes into train.out_dir: checkpoint_last.pth, checkpoint_best.pth, loss_log.txt,
+config.yaml, vocab.json. Ctrl-C saves checkpoint_last.pth; --resume continues from it.
+"""
+import argparse
+import math
+import os
+import random
+import sys
+import time
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from config import DEFAULTS, load_config, merge, parse_overrides
+from data.dataset import load_splits
+from data.features import extract_features
+from data.vocab import Vocabulary
+from decoding import generate
+from models import build_model
+from utils import load_checkpoint, load_weights, pick_device, run_main, save_checkpoint, seed_everything
+
+LOG_HEADER = "step\tepoch\tsplit\tloss\tlr\telapsed\tbleu4\n"
+
+
+def encode_captions(names, captions, vocab, max_words):
+    """All captions of the given images -> (tokens [N,L] padded, lengths [N], image index [N])."""
+    rows, image_index = [], []
+    for i, name in enumerate(names):
+        for caption in captions[name]:
+            ids = vocab.encode(caption)
+            rows.append(ids[:max_words + 1] + [vocab.end_id] if len(ids) > max_words + 2 else ids)
+            image_index.append(i)
+    lengths = torch.tensor([len(r) for r in rows])
+    tokens = torch.full((len(rows), int(lengths.max())), vocab.pad_id, dtype=torch.long)
+    for j, r in enumerate(rows):
+        tokens[j, :len(r)] = torch.tensor(r)
+    return tokens, lengths, torch.tensor(image_index)
+
+
+def load_inputs(model, config, names, device, desc):
+    """Per image: cached CNN features (frozen encoder) or resized uint8 images (fine-tuning)."""
+    data, train = config["data"], config["train"]
+    paths = [os.path.join(data["images"], n) for n in names]
+    if train["fine_tune_encoder"]:
+        from data.dataset import image_loader
+        from models.encoder import input_size
+        images, ok = [], [False] * len(paths)
+        for batch, good, _ in tqdm(image_loader(paths, input_size(model.encoder.name, data["image_size"]), 64,
+                                                train["num_workers"]), desc=desc, unit="batch"):
+            if batch is not None:
+                images.append(batch)
+                for i in good:
+                    ok[i] = True
+        return torch.cat(images), ok
+    cache_dir = train["cache_dir"] if train["cache_features"] else None
+    return extract_features(model.encoder, paths, data["image_size"], cache_dir, device,
+                            num_workers=train["num_workers"], desc=desc)
+
+
+def batch_loss(model, inputs, tokens, lengths, config, amp):
+    if config["train"]["fine_tune_encoder"]:
+        inputs = model.encoder.extract(inputs)
+    length = int(lengths.max())
+    with amp:
+        loss, extra = model(inputs, tokens[:, :length], lengths, config["train"]["label_smoothing"])
+    return loss, extra
+
+
+@torch.no_grad()
+def validate(model, val, config, vocab, device, amp):
+    """Validation loss over all val captions, and greedy BLEU-4 on the first val_bleu_images images."""
+    model.eval()
+    total, count = 0.0, 0
+    bs = config["train"]["batch_size"]
+    for start in range(0, len(val["tokens"]), bs):
+        sl = slice(start, start + bs)
+        loss, _ = batch_loss(model, val["inputs"][val["image_index"][sl].to(device)], val["tokens"][sl].to(device),
+                             val["lengths"][sl], config, amp)
+        n_rows = len(val["tokens"][sl])
+        total, count = total + loss.item() * n_rows, count + n_rows
+    bleu4 = float("nan")
+    n = min(config["train"]["val_bleu_images"], len(val["names"]))
+    if n:
+        from metrics import bleu4_quick
+        hypotheses = {}
+        for start in range(0, n, 256):
+            inputs = val["inputs"][start:min(start + 256, n)].to(device)
+            if config["train"]["fine_tune_encoder"]:
+                inputs = model.encoder.extract(inputs)
+            with amp:
+                results = generate(model, inputs, vocab, beam_size=1, max_len=config["decode"]["max_len"])
+            hypotheses.update({val["names"][start + j]: r["caption"] for j, r in enumerate(results)})
+        bleu4 = bleu4_quick(hypotheses, {name: val["references"][name] for name in hypotheses})
+    model.train()
+    return total / max(count, 1), bleu4
+
+
+def prepare(config, vocab, model, device):
+    captions, train_names, val_names = load_splits(config["data"])
+    splits = {}
+    for split, names in (("train", train_names), ("val", val_names)):
+        if not names:
+            splits[split] = None
+            continue
+        inputs, ok = load_inputs(model, config, names, device, f"{split} features")
+        names = [n for n, good in zip(names, ok) if good]
+        tokens, lengths, image_index = encode_captions(names, captions, vocab, config["data"]["max_caption_len"])
+        splits[split] = {"inputs": inputs, "tokens": tokens, "lengths": lengths, "image_index": image_index,
+                         "names": names, "references": {n: captions[n] for n in names}}
+    return splits
+
+
+def make_amp(device, enabled):
+    if not (enabled and device.type == "cuda"):
+        return torch.autocast("cpu", enabled=False), None
+    if torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16), None
+    return torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
+
+
+def lr_lambda(config, total_steps):
+    t = config["train"]
+    def factor(step):
+        if step < t["warmup_steps"]:
+            return (step + 1) / t["warmup_steps"]
+        if t["lr_schedule"] == "cosine":
+            progress = (step - t["warmup_steps"]) / max(1, total_steps - t["warmup_steps"])
+            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        return 1.0
+    return factor
+
+
+def train(config, checkpoint=None, resume=None):
+    """Train from scratch, or continue from `checkpoint` (loaded from the path `resume`)."""
+    t = config["train"]
+    out_dir = t["out_dir"]
+    if not checkpoint and os.path.exists(os.path.join(out_dir, "checkpoint_last.pth")):
+        raise ValueError(f"{out_dir} already holds a run; continue it with --resume {out_dir}, "
+                         f"or start a new one with --set train.out_dir=runs/NEW_NAME")
+    seed_everything(t["seed"])
+    device = pick_device(t["device"])
+    if checkpoint:
+        vocab = Vocabulary(checkpoint["vocab"])
+    else:
+        captions, train_names, _ = load_splits(config["data"])
+        vocab = Vocabulary.build((c for n in train_names for c in captions[n]), config["data"]["min_word_freq"])
+    model = build_model(config, len(vocab)).to(device)
+    if checkpoint:
+        load_weights(model, checkpoint["model"], resume, checkpoint["config"])
+    os.makedirs(out_dir, exist_ok=True)
+    vocab.save(os.path.join(out_dir, "vocab.json"))
+    with open(os.path.join(out_dir, "config.yaml"), "w", encoding="utf-8") as f:
+        yaml.safe_dump(config, f, sort_keys=False)
+    data = prepare(config, vocab, model, device)
+    train_set, val_set = data["train"], data["val"]
+    if val_set:
+        val_set["inputs"] = val_set["inputs"].to(device)
+    # Cached features are small: keep them on the device so a step never waits for a copy.
+    inputs = train_set["inputs"].to(device)
+    n_captions, bs = len(train_set["tokens"]), t["batch_size"]
+    steps_per_epoch = math.ceil(n_captions / bs)
+
+    decoder_params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("encoder.backbone")]
+    groups = [{"params": decoder_params, "lr": t["lr"]}]
+    if t["fine_tune_encoder"]:
+        groups.append({"params": list(model.encoder.last_block().parameters()), "lr": t["encoder_lr"]})
+    optimizer = torch.optim.AdamW(groups, weight_decay=t["weight_decay"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, t["epochs"] * steps_per_epoch))
+    amp, scaler = make_amp(device, t["amp"])
+    higher_is_better = t["select_metric"] == "bleu4" and t["val_bleu_images"] > 0
+    progress = {"epoch": 0, "batch": 0, "step": 0, "best": None, "stale_epochs": 0, "elapsed": 0.0}
+    if checkpoint:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        if scaler and checkpoint.get("scaler"):
+            scaler.load_state_dict(checkpoint["scaler"])
+        progress.update(checkpoint["progress"])
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+        random.setstate(checkpoint["rng"]["python"])
+        if torch.cuda.is_available() and checkpoint["rng"].get("cuda"):
+            torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
+    decoder_step = torch.compile(model) if t["compile"] else model
+
+    def save(name):
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+        save_checkpoint(os.path.join(out_dir, name), model, vocab, config, optimizer=optimizer.state_dict(),
+                        scheduler=scheduler.state_dict(), scaler=scaler.state_dict() if scaler else None,
+                        progress=dict(progress), rng=rng)
+
+    log_path = os.path.join(out_dir, "loss_log.txt")
+    new_log = not os.path.exists(log_path)
+    log = open(log_path, "a", encoding="utf-8")
+    if new_log:
+        log.write(LOG_HEADER)
+    started = time.time() - progress["elapsed"]
+    print(f"device {device} | {len(train_set['names'])} train images, {n_captions} captions | "
+          f"{len(val_set['names']) if val_set else 0} val images | vocab {len(vocab)} | {steps_per_epoch} steps/epoch",
+          file=sys.stderr)
+    model.train()
+    try:
+        while progress["epoch"] < t["epochs"]:
+            epoch = progress["epoch"]
+            order = torch.randperm(n_captions, generator=torch.Generator().manual_seed(t["seed"] * 1000 + epoch))
+            bar = tqdm(range(progress["batch"], steps_per_epoch), desc=f"epoch {epoch + 1}/{t['epochs']}",
+                       unit="step", dynamic_ncols=True, initial=progress["batch"], total=steps_per_epoch)
+            running, running_n = 0.0, 0
+            for b in bar:
+                idx = order[b * bs:(b + 1) * bs]
+                tokens = train_set["tokens"][idx].to(device, non_blocking=True)
+                loss, extra = batch_loss(decoder_step, inputs[train_set["image_index"][idx].to(device)], tokens,
+                                         train_set["lengths"][idx], config, amp)
+                optimizer.zero_grad(set_to_none=True)
+                total = loss + extra
+                if scaler:
+                    scaler.scale(total).backward()
+                    scaler.unscale_(optimizer)
+                else:
+                    total.backward()
+                torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], t["grad_clip"])
+                if scaler:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                scheduler.step()
+                progress["step"] += 1
+                progress["batch"] = b + 1
+                running += loss.item()
+                running_n += 1
+                if progress["step"] % t["log_every"] == 0 or b + 1 == steps_per_epoch:
+                    lr = optimizer.param_groups[0]["lr"]
+                    log.write(f"{progress['step']}\t{epoch + 1}\ttrain\t{running / running_n:.5f}\t{lr:.3e}\t"
+                              f"{time.time() - started:.1f}\tnan\n")
+                    log.flush()
+                    bar.set_postfix(loss=f"{running / running_n:.3f}", lr=f"{lr:.1e}")
+                    running, running_n = 0.0, 0
+            bar.close()
+            progress.update(epoch=epoch + 1, batch=0, elapsed=time.time() - started)
+            improved = True
+            if val_set:
+                val_loss, val_bleu4 = validate(model, val_set, config, vocab, device, amp)
+                log.write(f"{progress['step']}\t{epoch + 1}\tval\t{val_loss:.5f}\t{optimizer.param_groups[0]['lr']:.3e}\t"
+                          f"{time.time() - started:.1f}\t{val_bleu4:.5f}\n")
+                log.flush()
+                metric = val_bleu4 if higher_is_better else val_loss
+                improved = progress["best"] is None or (metric > progress["best"] if higher_is_better else metric < progress["best"])
+                print(f"epoch {epoch + 1}: val loss {val_loss:.4f} (perplexity {math.exp(min(val_loss, 50)):.2f}), "
+                      f"val BLEU-4 {val_bleu4:.4f}{' *best*' if improved else ''}", file=sys.stderr)
+            progress["stale_epochs"] = 0 if improved else progress["stale_epochs"] + 1
+            if improved:
+                progress["best"] = metric if val_set else None
+                save("checkpoint_best.pth")
+            save("checkpoint_last.pth")
+            if t["early_stop_patience"] and progress["stale_epochs"] >= t["early_stop_patience"]:
+                print(f"early stop: no improvement for {progress['stale_epochs']} epochs", file=sys.stderr)
+                break
+    except KeyboardInterrupt:
+        progress["elapsed"] = time.time() - started
+        save("checkpoint_last.pth")
+        print(f"\ninterrupted: saved {out_dir}/checkpoint_last.pth; continue with --resume {out_dir}", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        log.close()
+    print(f"done: {out_dir}/checkpoint_best.pth", file=sys.stderr)
+    return out_dir
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="config.yaml", help="YAML config (default: config.yaml, the demo)")
+    parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        help="override config keys, e.g. --set train.epochs=5 model.decoder=attention")
+    parser.add_argument("--resume", metavar="RUN_DIR_OR_CHECKPOINT", help="continue a run from its checkpoint_last.pth")
+    args = parser.parse_args(argv)
+    if not args.resume:
+        return train(load_config(args.config, args.set))
+    checkpoint = load_checkpoint(args.resume)
+    config = merge(merge(DEFAULTS, checkpoint["config"], args.resume), parse_overrides(args.set), "--set")
+    for section in ("model", "data"):
+        changed = [k for k in config[section] if config[section][k] != checkpoint["config"][section].get(k)]
+        if changed:
+            raise ValueError(f"--resume: the run was trained with {section}.{changed[0]}="
+                             f"{checkpoint['config'][section].get(changed[0])!r}; a resumed run keeps its "
+                             f"{section}.* settings: start a new run to change them")
+    return train(config, checkpoint, args.resume)
+
+
+if __name__ == "__main__":
+    run_main(main)

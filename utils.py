@@ -1,0 +1,114 @@
+"""Checkpoint I/O, device choice, seeding and the one-line error handler every script uses."""
+import os
+import pickle
+import random
+import sys
+import tempfile
+import zipfile
+
+import torch
+
+CHECKPOINT_FORMAT = 1
+
+
+def atomic_save(obj, path: str) -> None:
+    """torch.save to a temp file in the same folder, then rename: a crash never leaves half a file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; checkpoints are ordinary files
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_checkpoint(path: str, model, vocab, config: dict, **state) -> None:
+    """Model weights plus everything needed to caption (vocab, config) or resume (**state)."""
+    atomic_save({"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "vocab": vocab.itos,
+                 "config": config, **state}, path)
+
+
+def load_checkpoint(path: str, map_location="cpu") -> dict:
+    """Load with weights_only=True (pickled code is refused, never run) and check the contents."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "checkpoint_last.pth")
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such checkpoint; train.py writes RUN_DIR/checkpoint_best.pth and checkpoint_last.pth")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = str(e).split("\n")[0] if "Unsupported" not in str(e) else "it contains pickled Python objects"
+        raise ValueError(f"{path}: refused to load: {reason[:120]}. Only checkpoints written by train.py are accepted") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        raise ValueError(f"{path}: the checkpoint is truncated or corrupt ({str(e).splitlines()[0][:80]}); "
+                         f"use the other checkpoint in the run folder or train again") from None
+    required = {"format", "model", "vocab", "config"}
+    if not isinstance(checkpoint, dict) or not required <= checkpoint.keys():
+        raise ValueError(f"{path}: not a checkpoint written by this project's train.py (missing {sorted(required - set(checkpoint or {}))})")
+    if checkpoint["format"] != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: checkpoint format {checkpoint['format']} is not {CHECKPOINT_FORMAT}; retrain with this version")
+    return checkpoint
+
+
+def load_model(checkpoint: dict, path: str = "checkpoint"):
+    """Rebuild (model, vocab) from a checkpoint alone: no pretrained weights are fetched."""
+    from config import DEFAULTS, merge
+    from data.vocab import Vocabulary
+    from models import build_model
+    vocab = Vocabulary(checkpoint["vocab"])
+    config = merge(DEFAULTS, checkpoint["config"], path)
+    config["model"]["encoder_weights"] = "none"   # the checkpoint holds the encoder's weights
+    model = build_model(config, len(vocab))
+    load_weights(model, checkpoint["model"], path, checkpoint["config"])
+    return model.eval(), vocab, config
+
+
+def load_weights(model, state: dict, path: str, config: dict) -> None:
+    """load_state_dict with one readable line when vocabulary or architecture differ."""
+    own = model.state_dict()
+    missing, unexpected = own.keys() - state.keys(), state.keys() - own.keys()
+    shapes = [k for k in own.keys() & state.keys() if own[k].shape != state[k].shape]
+    if missing or unexpected or shapes:
+        m = config.get("model", {})
+        detail = (f"shape of {shapes[0]} is {tuple(state[shapes[0]].shape)}, expected {tuple(own[shapes[0]].shape)}"
+                  if shapes else f"{len(missing)} missing and {len(unexpected)} unexpected weights, e.g. {sorted(missing or unexpected)[0]}")
+        raise ValueError(f"{path}: weights do not fit this model (checkpoint: encoder={m.get('encoder')}, "
+                         f"decoder={m.get('decoder')}; {detail}): a different vocabulary or architecture")
+    model.load_state_dict(state)
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda was asked for, but this machine has no CUDA GPU (or this torch build has no CUDA); use --device cpu or auto")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError("device mps was asked for, but MPS is not available here; use auto or cpu")
+    if name not in ("cpu", "cuda", "mps") and not name.startswith("cuda:"):
+        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda or mps")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def run_main(main) -> None:
+    """Run a script's main(); a user's mistake (ValueError) ends with one line and exit code 2."""
+    try:
+        main()
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,149 @@
+"""Plot the training curves of a run from its loss_log.txt (written by train.py).
+
+Usage:
+    python visualize_loss.py runs/demo                          # -> runs/demo/loss_curve.png
+    python visualize_loss.py --log runs/demo/loss_log.txt --out curve.png
+
+The plot shows the training loss per logged step (thin, light), an exponential
+moving average of it (bias-corrected EMA, span = number of train rows / 10,
+clamped to 1..100), the validation loss per epoch as markers at the step where
+the epoch ended and, when any validation BLEU-4 was computed, BLEU-4 on a
+second y-axis. Logs from older runs without the bleu4 column are accepted.
+"""
+import argparse
+import math
+import os
+import sys
+
+REQUIRED_COLUMNS = ("step", "epoch", "split", "loss")
+EXPECTED_HEADER = "step\tepoch\tsplit\tloss\tlr\telapsed\tbleu4"
+
+
+def read_loss_log(path: str) -> list[dict]:
+    """Parse loss_log.txt into dicts with step/epoch (int), split (str), loss/lr/elapsed/bleu4 (float, nan if absent).
+
+    Raises FileNotFoundError for a missing file and ValueError (one line) for an empty
+    log, a wrong header or a malformed row.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such loss log; pass a run folder containing loss_log.txt "
+                                f"(written by train.py) or --log PATH")
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    if not lines or not lines[0].strip():
+        raise ValueError(f"{path}: file is empty; expected the header line '{EXPECTED_HEADER}' "
+                         f"(tab-separated) followed by rows; train for at least one log step first")
+    columns = lines[0].strip().split("\t")
+    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+    if missing:
+        raise ValueError(f"{path}: wrong header {lines[0].strip()!r} (missing {', '.join(missing)}); "
+                         f"expected the tab-separated header '{EXPECTED_HEADER}' written by train.py")
+    rows = []
+    for line_number, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        values = dict(zip(columns, line.rstrip("\n").split("\t")))
+        try:
+            row = {"step": int(values["step"]), "epoch": int(values["epoch"]), "split": values["split"],
+                   "loss": float(values["loss"])}
+            for name in ("lr", "elapsed", "bleu4"):
+                row[name] = float(values[name]) if values.get(name, "") != "" else math.nan
+        except (KeyError, ValueError):
+            raise ValueError(f"{path}: line {line_number} is malformed ({line.strip()!r}); "
+                             f"delete or fix that line (a run killed mid-write can leave one)") from None
+        if row["split"] not in ("train", "val"):
+            raise ValueError(f"{path}: line {line_number} has split {row['split']!r}; "
+                             f"expected 'train' or 'val', fix or delete that line")
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"{path}: log has a header but no rows; train for at least one log step "
+                         f"(train.log_every) before plotting")
+    return rows
+
+
+def smooth(values: list[float], span: int) -> list[float]:
+    """Bias-corrected exponential moving average (span as in pandas ewm); non-finite values are skipped."""
+    beta = 1.0 - 2.0 / (span + 1)
+    average, weight, smoothed = 0.0, 0.0, []
+    for value in values:
+        if math.isfinite(value):
+            average = beta * average + (1 - beta) * value
+            weight = beta * weight + (1 - beta)
+        # dividing by the accumulated weight removes the pull towards 0 at the start
+        smoothed.append(average / weight if weight > 0 else math.nan)
+    return smoothed
+
+
+def _latest_per_step(rows: list[dict], split: str) -> list[dict]:
+    # After a resume a step can be logged twice; the later row belongs to the run that continued.
+    by_step = {}
+    for row in rows:
+        if row["split"] == split:
+            by_step[row["step"]] = row
+    return [by_step[step] for step in sorted(by_step)]
+
+
+def plot_loss(rows: list[dict], out_path: str, title: str) -> str:
+    """Draw train loss (raw + EMA), val loss and val BLEU-4 (if any) to out_path as PNG; returns out_path."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = _latest_per_step(rows, "train")
+    val = _latest_per_step(rows, "val")
+    fig, loss_axis = plt.subplots(figsize=(9, 5), dpi=100)
+    if train:
+        steps = [r["step"] for r in train]
+        losses = [r["loss"] if math.isfinite(r["loss"]) else math.nan for r in train]
+        span = min(100, max(1, len(train) // 10))
+        loss_axis.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=0.8, label="train loss")
+        loss_axis.plot(steps, smooth(losses, span), color="tab:blue", linewidth=2,
+                       label=f"train loss (EMA, span {span})")
+    if val:
+        loss_axis.plot([r["step"] for r in val], [r["loss"] for r in val], "o-", color="tab:orange",
+                       markersize=6, label="val loss (per epoch)")
+    loss_axis.set_xlabel("step")
+    loss_axis.set_ylabel("cross-entropy loss")
+    loss_axis.grid(True, alpha=0.3)
+    handles, labels = loss_axis.get_legend_handles_labels()
+
+    bleu = [r for r in val if math.isfinite(r["bleu4"])]
+    if bleu:
+        bleu_axis = loss_axis.twinx()
+        bleu_axis.plot([r["step"] for r in bleu], [r["bleu4"] for r in bleu], "s--", color="tab:green",
+                       markersize=6, label="val BLEU-4")
+        bleu_axis.set_ylabel("val BLEU-4 (0..1)", color="tab:green")
+        bleu_axis.tick_params(axis="y", colors="tab:green")
+        extra_handles, extra_labels = bleu_axis.get_legend_handles_labels()
+        handles, labels = handles + extra_handles, labels + extra_labels
+    loss_axis.legend(handles, labels, loc="upper right")
+    loss_axis.set_title(f"run: {title}")
+    fig.tight_layout()
+    fig.savefig(out_path)
+    plt.close(fig)
+    return out_path
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Plot train/val loss and val BLEU-4 from a run's loss_log.txt.")
+    parser.add_argument("run_dir", nargs="?", help="run folder containing loss_log.txt (train.out_dir)")
+    parser.add_argument("--log", help="path to a loss_log.txt (instead of RUN_DIR)")
+    parser.add_argument("--out", help="output PNG (default: <run dir>/loss_curve.png)")
+    args = parser.parse_args(argv)
+    if bool(args.run_dir) == bool(args.log):
+        parser.error("give either RUN_DIR or --log PATH (exactly one)")
+    log_path = args.log or os.path.join(args.run_dir, "loss_log.txt")
+    run_dir = os.path.dirname(os.path.abspath(log_path))
+    out_path = args.out or os.path.join(run_dir, "loss_curve.png")
+    try:
+        rows = read_loss_log(log_path)
+        plot_loss(rows, out_path, os.path.basename(run_dir))
+    except (OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(out_path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
