@@ -33,13 +33,14 @@ METEOR_TIMEOUT_S = 600
 # Behaviour measured against stanford-corenlp-3.4.1 (the jar coco-caption ships), not a
 # full port: it covers what captions contain. Brackets come out as -lrb- etc. because
 # -lowerCase lower-cases them and coco's PUNCTUATIONS list only holds the upper-case forms.
-_UNICODE = str.maketrans({"\u201c": '"', "\u201d": '"', "\u201e": '"', "\u2018": "'", "\u2019": "'",
+_UNICODE = str.maketrans({"\u201c": '"', "\u201d": '"', "\u201e": '"', "\u2018": " ` ", "\u2019": "'",
                           "\u201a": "'", "\u2014": " -- ", "\u2013": " -- ", "\u2015": " -- ",
                           "\u2026": " ... "})
 _BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
 # Pieces that become tokens of their own wherever they stand (commas/colons/semicolons
 # stay inside numbers such as 1,000 and 10:30).
-_SEPARATE = re.compile(r'(\.{2,}|-{2,}|[()\[\]{}"]|(?<!\d)[,;:](?!//)|[,;:](?!\d|//))')
+_SEPARATE = re.compile(r'(\.{2,}|-{2,}|[()\[\]{}"\u00a1-\u00bf\u00d7\u00f7\u2000-\u2bff]'
+                       r'|(?<!\d)[,;:](?!//)|[,;:](?!\d|//))')
 # "x." keeps its period in these cases (3.4.1 treats them as abbreviations).
 _ABBREV = set("""mr mrs ms messrs mme mlle dr st jr sr vs etc inc ltd co corp cos bros esq prof mt
     ave rd blvd gen sen rep reps gov capt lt col sgt cpl pvt maj adm cmdr rev hon ph wm jos elec
@@ -90,7 +91,8 @@ def _chunk_tokens(chunk: str, follower: str | None) -> list[str]:
         if trail and trail.start() > 0:
             tail.insert(0, trail.group())
             chunk = chunk[:trail.start()]
-        elif len(chunk) > 1 and chunk.endswith(".") and not _keeps_period(chunk[:-1], tail[0] if tail else follower):
+        elif len(chunk) > 1 and chunk.endswith(".") and \
+                not _keeps_period(chunk[:-1], tail[0] if tail else follower):
             tail.insert(0, ".")
             chunk = chunk[:-1]
         else:
@@ -109,7 +111,9 @@ def tokenize_ptb(captions: list[str]) -> list[str]:
     for caption in captions:
         text = " ".join(caption.translate(_UNICODE).replace("&amp;", "&").split())
         text = re.sub(r"(?<=[^\s.])\.(?=\.)", ". ", text)  # "etc..." -> "etc." + ".."
-        lines.append(_SEPARATE.sub(r" \1 ", text).split())
+        # Java keeps "3 1/2" as one token joined by a no-break space (str.split() splits it)
+        text = re.sub(r"(?<![\w.,:/])(\d{1,4}) (\d{1,4}/\d{1,4})(?![\w/])", "\\1\u00a0\\2", text)
+        lines.append([c for c in _SEPARATE.sub(r" \1 ", text).split(" ") if c])
     out = []
     for line, next_line in zip(lines, lines[1:] + [[]]):
         tokens = []
@@ -121,3 +125,162 @@ def tokenize_ptb(captions: list[str]) -> list[str]:
             tokens += _chunk_tokens(chunk, follower)
         out.append(" ".join(t.lower() for t in tokens if t and t not in PUNCTUATIONS))
     return out
+
+
+# ---------------------------------------------------------------- Java helpers
+@functools.lru_cache(maxsize=1)
+def java_available() -> bool:
+    """True when `java -version` runs (checked once per process)."""
+    try:
+        return subprocess.run(["java", "-version"], capture_output=True, timeout=15).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+def _java_tokenize(captions: list[str]) -> list[str]:
+    """pycocoevalcap's PTBTokenizer, called with a timeout and without writing into site-packages."""
+    # Any line break inside a caption would shift every later line of the Java output.
+    lines = [re.sub(r"[\n\r\v\f\x1c-\x1e\x85\u2028\u2029]", " ", c) for c in captions]
+    with tempfile.NamedTemporaryFile("wb", suffix=".txt", delete=False) as tmp:
+        tmp.write("\n".join(lines).encode())
+    try:
+        done = subprocess.run(["java", "-cp", TOKENIZER_JAR, "edu.stanford.nlp.process.PTBTokenizer",
+                               "-preserveLines", "-lowerCase", tmp.name],
+                              capture_output=True, timeout=TOKENIZER_TIMEOUT_S)
+    finally:
+        os.remove(tmp.name)
+    out = done.stdout.decode(errors="replace").split("\n")
+    if done.returncode != 0 or len(out) != len(lines):
+        raise RuntimeError(f"PTBTokenizer exit code {done.returncode}, "
+                           f"{len(out)} lines for {len(lines)} captions")
+    return [" ".join(w for w in line.rstrip().split(" ") if w not in PUNCTUATIONS) for line in out]
+
+
+def _meteor(gts: dict, res: dict) -> tuple[float, list[float]]:
+    """pycocoevalcap's Meteor with a time limit; the Java process is always ended."""
+    scorer = meteor_module.Meteor()
+    result = {}
+
+    def work():
+        try:
+            result["value"] = scorer.compute_score(gts, res)
+        except Exception as error:  # reported below, in the caller's thread
+            result["error"] = error
+
+    worker = threading.Thread(target=work, daemon=True)
+    worker.start()
+    worker.join(METEOR_TIMEOUT_S)
+    # Killing the JVM unblocks a worker stuck on readline. Meteor.__del__ takes its lock,
+    # which a failed worker never released, so hand it a fresh one.
+    with contextlib.suppress(OSError):
+        scorer.meteor_p.stdin.close()
+    scorer.meteor_p.kill()
+    scorer.meteor_p.wait()
+    scorer.lock = threading.Lock()
+    if "value" not in result:
+        raise result.get("error") or TimeoutError(f"no answer within {METEOR_TIMEOUT_S} s")
+    score, scores = result["value"]
+    return float(score), [float(s) for s in scores]
+
+
+# ---------------------------------------------------------------- scoring
+def _check_inputs(hypotheses: dict, references: dict) -> list:
+    """Image ids in hypothesis order; ValueError with a one-line fix for bad input."""
+    if not isinstance(hypotheses, dict) or not isinstance(references, dict):
+        raise ValueError("score_captions: hypotheses and references must be dicts keyed by image id")
+    if not hypotheses:
+        raise ValueError("score_captions: no hypotheses to score; pass at least one image")
+    if hypotheses.keys() != references.keys():
+        only_hyp = [k for k in hypotheses if k not in references]
+        only_ref = [k for k in references if k not in hypotheses]
+        raise ValueError(f"score_captions: hypotheses and references must have the same image ids "
+                         f"({len(only_hyp)} only in hypotheses, e.g. {only_hyp[:1]}; {len(only_ref)} only in "
+                         f"references, e.g. {only_ref[:1]}); score the same set of images")
+    for image_id, hyp in hypotheses.items():
+        refs = references[image_id]
+        if not isinstance(hyp, str):
+            raise ValueError(f"score_captions: hypothesis for image {image_id!r} is {type(hyp).__name__}, "
+                             f"not a caption string")
+        if isinstance(refs, str) or not isinstance(refs, (list, tuple)) or not refs \
+                or not all(isinstance(r, str) for r in refs):
+            raise ValueError(f"score_captions: references for image {image_id!r} must be a non-empty list "
+                             f"of caption strings")
+    return list(hypotheses)
+
+
+def _tokenize_all(ids: list, hypotheses: dict, references: dict, tokenize) -> tuple[dict, dict]:
+    """coco-style gts/res dicts: image id -> list of tokenized captions."""
+    flat_refs = [r for i in ids for r in references[i]]
+    tok_refs = iter(tokenize(flat_refs))
+    gts = {i: [next(tok_refs) for _ in references[i]] for i in ids}
+    tok_hyps = tokenize([hypotheses[i] for i in ids])
+    return gts, {i: [h] for i, h in zip(ids, tok_hyps)}
+
+
+def _check_references(gts: dict) -> None:
+    if not any(r.split() for refs in gts.values() for r in refs):  # CIDEr's idf would crash
+        raise ValueError("score_captions: every reference caption is empty after tokenization; "
+                         "check the references")
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(f"{type(error).__name__}: {error}".split())
+
+
+def _bleu(gts: dict, res: dict) -> tuple[list[float], list[list[float]]]:
+    with contextlib.redirect_stdout(io.StringIO()):  # BleuScorer prints its length ratio
+        score, scores = Bleu(4).compute_score(gts, res, verbose=0)
+    return [float(s) for s in score], scores
+
+
+def score_captions(hypotheses: dict[str, str], references: dict[str, list[str]],
+                   use_java: bool | None = None) -> tuple[dict, dict[str, dict], list[str]]:
+    """(metrics, per_image, notes) on the coco 0..1 scale; use_java=None means use it if present."""
+    ids = _check_inputs(hypotheses, references)
+    notes = []
+    if use_java is None:
+        use_java = java_available()
+        if not use_java:
+            notes.append("java not found: METEOR is None and captions use the Python PTB tokenizer")
+    elif use_java and not java_available():
+        notes.append("java requested but `java -version` failed: METEOR is None, Python PTB tokenizer used")
+        use_java = False
+    elif not use_java:
+        notes.append("use_java=False: METEOR is None and captions use the Python PTB tokenizer")
+
+    gts = res = None
+    if use_java:
+        try:
+            gts, res = _tokenize_all(ids, hypotheses, references, _java_tokenize)
+        except Exception as error:
+            notes.append(f"Java PTBTokenizer failed ({_one_line(error)}); used the Python PTB tokenizer")
+    if gts is None:
+        gts, res = _tokenize_all(ids, hypotheses, references, tokenize_ptb)
+    _check_references(gts)
+
+    bleu, bleu_per_image = _bleu(gts, res)
+    with contextlib.redirect_stdout(io.StringIO()):
+        rouge, rouge_per_image = Rouge().compute_score(gts, res)
+        cider, cider_per_image = Cider().compute_score(gts, res)
+    meteor, meteor_per_image = None, [None] * len(ids)
+    if use_java:
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                meteor, meteor_per_image = _meteor(gts, res)
+        except Exception as error:
+            notes.append(f"METEOR failed ({_one_line(error)}); METEOR is None")
+
+    metrics = {f"BLEU-{n + 1}": bleu[n] for n in range(4)}
+    metrics.update({"METEOR": meteor, "ROUGE-L": float(rouge), "CIDEr": float(cider)})
+    per_image = {i: {"BLEU-4": float(bleu_per_image[3][k]), "ROUGE-L": float(rouge_per_image[k]),
+                     "CIDEr": float(cider_per_image[k]), "METEOR": meteor_per_image[k]}
+                 for k, i in enumerate(ids)}
+    return metrics, per_image, notes
+
+
+def bleu4_quick(hypotheses: dict[str, str], references: dict[str, list[str]]) -> float:
+    """Corpus BLEU-4 with the Python tokenizer only; equals score_captions(..., use_java=False)["BLEU-4"]."""
+    ids = _check_inputs(hypotheses, references)
+    gts, res = _tokenize_all(ids, hypotheses, references, tokenize_ptb)
+    _check_references(gts)
+    return _bleu(gts, res)[0][3]

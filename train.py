@@ -179,6 +179,8 @@ def train(config, checkpoint=None, resume=None):
     amp, scaler = make_amp(device, t["amp"])
     higher_is_better = t["select_metric"] == "bleu4" and t["val_bleu_images"] > 0
     progress = {"epoch": 0, "batch": 0, "step": 0, "best": None, "stale_epochs": 0, "elapsed": 0.0}
+    # Reading images draws from the global RNG only on a cache miss; re-seed so dropout never depends on the cache.
+    torch.manual_seed(t["seed"] + 1)
     if checkpoint:
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])

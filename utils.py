@@ -43,9 +43,9 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
         raise ValueError(f"{path}: no such checkpoint; train.py writes RUN_DIR/checkpoint_best.pth and checkpoint_last.pth")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        reason = str(e).split("\n")[0] if "Unsupported" not in str(e) else "it contains pickled Python objects"
-        raise ValueError(f"{path}: refused to load: {reason[:120]}. Only checkpoints written by train.py are accepted") from None
+    except pickle.UnpicklingError:
+        raise ValueError(f"{path}: refused to load: it holds pickled Python objects, which could run code. "
+                         f"Only tensors and plain data are accepted, as in checkpoints written by train.py") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
         raise ValueError(f"{path}: the checkpoint is truncated or corrupt ({str(e).splitlines()[0][:80]}); "
                          f"use the other checkpoint in the run folder or train again") from None

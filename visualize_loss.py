@@ -6,9 +6,11 @@ Usage:
 
 The plot shows the training loss per logged step (thin, light), an exponential
 moving average of it (bias-corrected EMA, span = number of train rows / 10,
-clamped to 1..100), the validation loss per epoch as markers at the step where
-the epoch ended and, when any validation BLEU-4 was computed, BLEU-4 on a
-second y-axis. Logs from older runs without the bleu4 column are accepted.
+clamped to 1..100; under 20 rows only the raw curve is drawn), the validation
+loss per epoch as markers at the step where the epoch ended and, when any
+validation BLEU-4 was computed, BLEU-4 on a second y-axis. Logs from older runs
+without the bleu4 column are accepted; a step logged twice after a resume is
+plotted once, with the later (resumed) value.
 """
 import argparse
 import math
@@ -96,9 +98,12 @@ def plot_loss(rows: list[dict], out_path: str, title: str) -> str:
         steps = [r["step"] for r in train]
         losses = [r["loss"] if math.isfinite(r["loss"]) else math.nan for r in train]
         span = min(100, max(1, len(train) // 10))
-        loss_axis.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=0.8, label="train loss")
-        loss_axis.plot(steps, smooth(losses, span), color="tab:blue", linewidth=2,
-                       label=f"train loss (EMA, span {span})")
+        if span == 1:  # too few rows to smooth: the raw curve is the main line
+            loss_axis.plot(steps, losses, color="tab:blue", linewidth=1.5, label="train loss")
+        else:
+            loss_axis.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=0.8, label="train loss (raw)")
+            loss_axis.plot(steps, smooth(losses, span), color="tab:blue", linewidth=2,
+                           label=f"train loss (EMA, span {span})")
     if val:
         loss_axis.plot([r["step"] for r in val], [r["loss"] for r in val], "o-", color="tab:orange",
                        markersize=6, label="val loss (per epoch)")
@@ -116,7 +121,9 @@ def plot_loss(rows: list[dict], out_path: str, title: str) -> str:
         bleu_axis.tick_params(axis="y", colors="tab:green")
         extra_handles, extra_labels = bleu_axis.get_legend_handles_labels()
         handles, labels = handles + extra_handles, labels + extra_labels
-    loss_axis.legend(handles, labels, loc="upper right")
+    # Below the axes so it never hides the curves.
+    loss_axis.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=len(handles),
+                     frameon=False)
     loss_axis.set_title(f"run: {title}")
     fig.tight_layout()
     fig.savefig(out_path)

@@ -1,4 +1,32 @@
+"""Shared fixtures: a tiny generated dataset and a config that trains in seconds on a CPU."""
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """24 demo shape images with 5 captions each: (captions.csv, image folder)."""
+    from data.demo import make_demo_dataset
+    folder = tmp_path_factory.mktemp("tiny")
+    make_demo_dataset(str(folder / "images"), str(folder / "captions.csv"), n_images=24, seed=1)
+    return str(folder / "captions.csv"), str(folder / "images")
+
+
+@pytest.fixture
+def tiny_overrides(tiny_data, tmp_path):
+    """--set pairs for a tiny random-weights model on tiny_data, writing under tmp_path."""
+    captions, images = tiny_data
+    return [f"data.captions={captions}", f"data.images={images}", "data.val_fraction=0.25", "data.min_word_freq=1",
+            "data.image_size=32", "model.encoder=resnet18", "model.encoder_weights=none", "model.embed_size=16",
+            "model.hidden_size=32", "model.attention_size=16", "train.epochs=2", "train.batch_size=8",
+            "train.val_bleu_images=4", "train.num_workers=0", "train.log_every=2", "train.lr=3e-3",
+            f"train.out_dir={tmp_path / 'run'}", f"train.cache_dir={tmp_path / 'cache'}", "decode.max_len=12"]

@@ -1,0 +1,34 @@
+import pytest
+
+from config import DEFAULTS, load_config
+
+
+def test_defaults_and_overrides():
+    config = load_config(None, ["train.lr=1e-3", "train.epochs=3", "model.decoder=attention"])
+    assert config["train"]["lr"] == 0.001 and config["train"]["epochs"] == 3
+    assert config["model"]["decoder"] == "attention"
+    assert config["model"]["hidden_size"] == DEFAULTS["model"]["hidden_size"] == 512
+    assert DEFAULTS["model"]["embed_size"] == 256 and DEFAULTS["model"]["encoder"] == "resnet50"
+
+
+def test_yaml_file_then_set(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  epochs: 7\n  batch_size: 16\n")
+    config = load_config(str(path), ["train.epochs=2"])
+    assert config["train"]["epochs"] == 2 and config["train"]["batch_size"] == 16
+
+
+@pytest.mark.parametrize("pairs, message", [
+    (["train.lrr=1"], "unknown config key 'train.lrr'"),
+    (["train.epochs=ten"], "train.epochs must be a int"),
+    (["epochs"], "expected KEY=VALUE"),
+])
+def test_bad_overrides_are_rejected(pairs, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(None, pairs)
+
+
+def test_repo_configs_load():
+    for path in ["config.yaml", "configs/flickr8k.yaml", "configs/flickr8k_lite2_lstm.yaml",
+                 "configs/flickr8k_lite2_attention.yaml"]:
+        assert load_config(path)["model"]["encoder"]

@@ -1,0 +1,95 @@
+import pytest
+import torch
+from PIL import Image
+
+from data.dataset import ImageFiles, collate_images, list_images, load_image, load_splits, read_captions, split_images
+from config import DEFAULTS, merge
+
+
+def write(path, text, encoding="utf-8"):
+    path.write_bytes(text.encode(encoding))
+    return str(path)
+
+
+def test_reads_csv_and_token_formats(tmp_path):
+    csv_path = write(tmp_path / "c.csv", 'image,caption\na.jpg,"A dog, running."\na.jpg,A dog\nb.jpg,A cat\n')
+    token_path = write(tmp_path / "t.txt", "a.jpg#0\tA dog, running.\na.jpg#1\tA dog\nb.jpg#0\tA cat\n")
+    expected = {"a.jpg": ["A dog, running.", "A dog"], "b.jpg": ["A cat"]}
+    assert read_captions(csv_path) == expected
+    assert read_captions(token_path) == expected
+
+
+def test_empty_caption_is_skipped_with_warning(tmp_path, capsys):
+    path = write(tmp_path / "c.csv", "image,caption\na.jpg,   \na.jpg,a dog\nb.jpg,\n")
+    assert read_captions(path) == {"a.jpg": ["a dog"]}
+    err = capsys.readouterr().err
+    assert "line 2" in err and "skipped 2 rows" in err
+
+
+def test_wrong_header_names_file_and_fix(tmp_path):
+    path = write(tmp_path / "c.csv", "filename,text\na.jpg,a dog\n")
+    with pytest.raises(ValueError, match=r"c\.csv: line 1 .* header must be `image,caption`"):
+        read_captions(path)
+
+
+def test_non_utf8_names_line(tmp_path):
+    path = write(tmp_path / "c.csv", "image,caption\na.jpg,a dog\nb.jpg,caf\xe9 scene\n", encoding="latin-1")
+    with pytest.raises(ValueError, match=r"line 3 is not UTF-8.*re-save"):
+        read_captions(path)
+
+
+def test_split_is_by_image_deterministic_and_disjoint():
+    names = [f"{i}.jpg" for i in range(100)]
+    train, val = split_images(names, 0.2, seed=3)
+    assert len(val) == 20 and not set(train) & set(val) and set(train) | set(val) == set(names)
+    assert split_images(list(reversed(names)), 0.2, seed=3) == (train, val)
+    assert split_images(names, 0.2, seed=4) != (train, val)
+
+
+def test_load_splits_skips_missing_images_and_uses_split_files(tiny_data, tmp_path, capsys):
+    captions, images = tiny_data
+    train_file = write(tmp_path / "train.txt", "shape_0000.png\nshape_0001.png\nnot_there.png\n")
+    val_file = write(tmp_path / "val.txt", "shape_0002.png\n")
+    data = merge(DEFAULTS, {"data": {"captions": captions, "images": images, "train_split": train_file,
+                                     "val_split": val_file}}, "test")["data"]
+    all_captions, train, val = load_splits(data)
+    assert train == ["shape_0000.png", "shape_0001.png"] and val == ["shape_0002.png"]
+    assert "not_there.png" in capsys.readouterr().err
+    # every caption row of an image stays with that image
+    assert len(all_captions["shape_0000.png"]) == 5
+
+
+def test_image_folder_without_images(tmp_path, tiny_data):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("hi")
+    data = merge(DEFAULTS, {"data": {"captions": tiny_data[0], "images": str(tmp_path / "empty")}}, "test")["data"]
+    with pytest.raises(ValueError, match="has no images"):
+        load_splits(data)
+    with pytest.raises(ValueError, match="no images found"):
+        list_images([str(tmp_path / "empty")])
+
+
+def test_bad_images_are_skipped_not_fatal(tmp_path, tiny_data):
+    good = f"{tiny_data[1]}/shape_0000.png"
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(open(good, "rb").read()[:40])
+    text = tmp_path / "text.jpg"
+    text.write_text("not an image")
+    for bad in (corrupt, text, tmp_path / "missing.jpg"):
+        with pytest.raises(ValueError, match=str(bad.name)):
+            load_image(str(bad))
+    files = ImageFiles([good, str(corrupt), str(text)], size=32)
+    images, ok, failed = collate_images([files[i] for i in range(3)])
+    assert images.shape == (1, 3, 32, 32) and images.dtype == torch.uint8
+    assert ok == [0] and failed == [1, 2]
+
+
+def test_decompression_bomb_is_refused(tmp_path):
+    Image.MAX_IMAGE_PIXELS, saved = 10_000, Image.MAX_IMAGE_PIXELS
+    try:
+        path = tmp_path / "bomb.png"
+        Image.new("RGB", (200, 200)).save(path)    # 40,000 pixels > 10,000
+        with pytest.raises(ValueError, match="too large"):
+            load_image(str(path))
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved

@@ -1,0 +1,64 @@
+import os
+import shutil
+
+import torch
+
+from data.dataset import ImageFiles
+from data.features import cache_key, extract_features
+from models.encoder import EncoderCNN
+
+CPU = torch.device("cpu")
+
+
+def encoder(seed=0):
+    torch.manual_seed(seed)
+    return EncoderCNN("resnet18", "none", 16, spatial=True)
+
+
+def paths(tiny_data, n=6):
+    return [os.path.join(tiny_data[1], f"shape_{i:04d}.png") for i in range(n)]
+
+
+def test_cache_is_reused_and_matches_fresh_features(tiny_data, tmp_path):
+    enc = encoder()
+    first, ok = extract_features(enc, paths(tiny_data), 32, str(tmp_path), CPU, num_workers=0)
+    assert first.shape == (6, 1, 512) and first.dtype == torch.float16 and all(ok)   # 32px -> 1x1 grid
+    images = ImageFiles(paths(tiny_data), 32)
+    fresh = enc.extract(torch.stack([images[i][0] for i in range(6)])).half()
+    assert torch.allclose(first.float(), fresh.float(), atol=1e-2)
+    enc.extract = None   # any recomputation would now fail: the second call must come from the cache
+    again, _ = extract_features(enc, paths(tiny_data), 32, str(tmp_path), CPU, num_workers=0)
+    assert torch.equal(first, again)
+
+
+def test_changed_file_weights_or_transform_never_reuse_stale_features(tiny_data, tmp_path):
+    images = tmp_path / "images"
+    shutil.copytree(tiny_data[1], images)
+    files = [str(images / f"shape_{i:04d}.png") for i in range(4)]
+    enc = encoder()
+    before, _ = extract_features(enc, files, 32, str(tmp_path / "c"), CPU, num_workers=0)
+    shutil.copy(images / "shape_0010.png", files[0])                 # new content under the same name
+    after, _ = extract_features(enc, files, 32, str(tmp_path / "c"), CPU, num_workers=0)
+    assert not torch.equal(before[0], after[0]) and torch.equal(before[1:], after[1:])
+    assert cache_key(encoder(seed=1), 32) != cache_key(enc, 32)      # other weights
+    assert cache_key(enc, 64) != cache_key(enc, 32)                  # other transform
+
+
+def test_truncated_shard_is_detected_and_rebuilt(tiny_data, tmp_path, capsys):
+    enc = encoder()
+    good, _ = extract_features(enc, paths(tiny_data), 32, str(tmp_path), CPU, num_workers=0)
+    folder = os.path.join(tmp_path, cache_key(enc, 32))
+    shard = os.path.join(folder, os.listdir(folder)[0])
+    with open(shard, "r+b") as f:
+        f.truncate(os.path.getsize(shard) // 2)
+    rebuilt, _ = extract_features(enc, paths(tiny_data), 32, str(tmp_path), CPU, num_workers=0)
+    assert "damaged" in capsys.readouterr().err
+    assert torch.equal(good, rebuilt)
+
+
+def test_unreadable_image_is_skipped_and_counted(tiny_data, tmp_path, capsys):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG garbage")
+    feats, ok = extract_features(encoder(), paths(tiny_data, 3) + [str(bad)], 32, None, CPU, num_workers=0)
+    assert ok == [True, True, True, False] and len(feats) == 3
+    assert "1 of 4 images could not be read" in capsys.readouterr().err

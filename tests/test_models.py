@@ -1,0 +1,66 @@
+import pytest
+import torch
+
+from config import load_config
+from models import build_model
+from models.decoder_lstm import DecoderRNN
+from models.encoder import EncoderCNN
+
+
+def test_encoder_shapes_frozen_and_batchnorm_eval():
+    enc = EncoderCNN("resnet18", "none", embed_size=16, spatial=False)
+    grid = enc.extract(torch.zeros(2, 3, 64, 64, dtype=torch.uint8))
+    assert grid.shape == (2, 4, 512)                                  # 64px / 32 = 2x2 cells
+    assert enc.project(grid).shape == (2, 16)
+    assert not any(p.requires_grad for p in enc.backbone.parameters())
+    enc.train()
+    assert not enc.backbone.training and enc.embed.training
+
+
+def test_fine_tune_trains_last_block_only():
+    enc = EncoderCNN("resnet18", "none", embed_size=16, spatial=False, fine_tune=True)
+    trainable = {n.split(".")[1] for n, p in enc.named_parameters() if p.requires_grad and n.startswith("backbone")}
+    assert trainable == {"7"}                                        # layer4
+    enc.train()
+    assert enc.backbone[7].training and not enc.backbone[0].training
+
+
+def test_resnet50_feature_dim_and_local_weights(tmp_path):
+    import torchvision
+    state = torchvision.models.resnet50().state_dict()
+    torch.save(state, tmp_path / "r50.pth")
+    enc = EncoderCNN("resnet50", str(tmp_path / "r50.pth"), 256, spatial=False)
+    assert enc.feature_dim == 2048 and torch.equal(enc.backbone[0].weight, state["conv1.weight"])
+    with pytest.raises(ValueError, match="no such file"):
+        EncoderCNN("resnet50", str(tmp_path / "missing.pth"), 256, spatial=False)
+
+
+def test_lstm_decoder_shapes_and_step_matches_forward():
+    torch.manual_seed(0)
+    dec = DecoderRNN(embed_size=8, vocab_size=11, hidden_size=12).eval()
+    features, tokens = torch.randn(3, 8), torch.randint(4, 11, (3, 5))
+    lengths = torch.tensor([5, 3, 4])
+    logits, extra = dec(features, tokens, lengths)
+    assert logits.shape == (3, 5, 11) and extra.item() == 0
+    state = dec.init_state(features)
+    assert all(s.size(0) == 3 for s in state)
+    for t in range(5):
+        step_logits, state, alpha = dec.step(tokens[:, t], state)
+        assert alpha is None
+        for b in range(3):
+            if t < lengths[b]:
+                assert torch.allclose(step_logits[b], logits[b, t], atol=1e-5)
+
+
+@pytest.mark.parametrize("decoder", ["lstm", "attention"])
+def test_build_model_loss_backward(decoder):
+    config = load_config(None, ["model.encoder=resnet18", "model.encoder_weights=none", f"model.decoder={decoder}",
+                                "model.embed_size=16", "model.hidden_size=16", "model.attention_size=8"])
+    model = build_model(config, vocab_size=20)
+    grid = torch.randn(2, 4, 512).half()
+    captions = torch.tensor([[1, 5, 6, 7, 2], [1, 8, 2, 0, 0]])
+    loss, extra = model(grid, captions, torch.tensor([5, 3]))
+    (loss + extra).backward()
+    assert loss.item() > 0 and model.decoder.fc.weight.grad is not None
+    with pytest.raises(ValueError, match="model.decoder"):
+        build_model(load_config(None, ["model.decoder=gru"]), 20)

@@ -1,0 +1,74 @@
+"""train.py end to end on a tiny model: outputs, resume equivalence, Ctrl-C, refusals."""
+import os
+
+import pytest
+import torch
+
+import train
+from utils import load_checkpoint
+
+
+def run(overrides, *extra):
+    train.main(["--set", *overrides, *extra])
+
+
+def weights(path):
+    return load_checkpoint(path)["model"]
+
+
+def test_writes_checkpoints_log_config_vocab(tiny_overrides, tmp_path):
+    run(tiny_overrides)
+    out = tmp_path / "run"
+    assert {"checkpoint_last.pth", "checkpoint_best.pth", "loss_log.txt", "config.yaml", "vocab.json"} <= set(os.listdir(out))
+    lines = (out / "loss_log.txt").read_text().splitlines()
+    assert lines[0].split("\t") == ["step", "epoch", "split", "loss", "lr", "elapsed", "bleu4"]
+    rows = [line.split("\t") for line in lines[1:]]
+    val = [r for r in rows if r[2] == "val"]
+    assert len(val) == 2 and all(0.0 <= float(r[6]) <= 1.0 for r in val)
+    train_losses = [float(r[3]) for r in rows if r[2] == "train"]
+    assert train_losses[-1] < train_losses[0]
+    checkpoint = load_checkpoint(str(out / "checkpoint_last.pth"))
+    assert checkpoint["progress"]["epoch"] == 2 and checkpoint["vocab"][:4] == ["<pad>", "<start>", "<end>", "<unk>"]
+    assert {"optimizer", "scheduler", "rng", "config"} <= checkpoint.keys()
+
+
+def test_interrupted_then_resumed_equals_uninterrupted(tiny_overrides, tmp_path, monkeypatch):
+    straight = [o for o in tiny_overrides if not o.startswith("train.out_dir")] + [f"train.out_dir={tmp_path / 'a'}"]
+    run(straight)
+    interrupted = [o for o in tiny_overrides if not o.startswith("train.out_dir")] + [f"train.out_dir={tmp_path / 'b'}"]
+    real_batch_loss, calls = train.batch_loss, {"n": 0}
+
+    def ctrl_c_at_step_17(*args, **kwargs):     # epoch 2, mid-epoch (12 steps per epoch)
+        if not torch.is_grad_enabled():
+            return real_batch_loss(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 17:
+            raise KeyboardInterrupt
+        return real_batch_loss(*args, **kwargs)
+
+    monkeypatch.setattr(train, "batch_loss", ctrl_c_at_step_17)
+    with pytest.raises(SystemExit) as stop:
+        run(interrupted)
+    assert stop.value.code == 130
+    saved = load_checkpoint(str(tmp_path / "b" / "checkpoint_last.pth"))["progress"]
+    assert saved["step"] == 16 and saved["epoch"] == 1 and saved["batch"] == 4
+    monkeypatch.setattr(train, "batch_loss", real_batch_loss)
+    train.main(["--resume", str(tmp_path / "b")])
+    a, b = weights(str(tmp_path / "a" / "checkpoint_last.pth")), weights(str(tmp_path / "b" / "checkpoint_last.pth"))
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_existing_run_is_not_overwritten(tiny_overrides, tmp_path):
+    run(tiny_overrides + ["train.epochs=1"])
+    before = (tmp_path / "run" / "checkpoint_last.pth").read_bytes()
+    with pytest.raises(ValueError, match="already holds a run; continue it with --resume"):
+        run(tiny_overrides)
+    with pytest.raises(ValueError, match="resumed run keeps its model"):
+        train.main(["--resume", str(tmp_path / "run"), "--set", "model.decoder=attention"])
+    assert (tmp_path / "run" / "checkpoint_last.pth").read_bytes() == before
+
+
+def test_attention_decoder_trains(tiny_overrides, tmp_path):
+    run(tiny_overrides + ["model.decoder=attention", "train.epochs=1"])
+    assert (tmp_path / "run" / "checkpoint_best.pth").exists()
