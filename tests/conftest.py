@@ -24,9 +24,25 @@ def tiny_data(tmp_path_factory):
 @pytest.fixture
 def tiny_overrides(tiny_data, tmp_path):
     """--set pairs for a tiny random-weights model on tiny_data, writing under tmp_path."""
+    return tiny_settings(tiny_data, tmp_path)
+
+
+def tiny_settings(tiny_data, folder):
     captions, images = tiny_data
     return [f"data.captions={captions}", f"data.images={images}", "data.val_fraction=0.25", "data.min_word_freq=1",
             "data.image_size=32", "model.encoder=resnet18", "model.encoder_weights=none", "model.embed_size=16",
             "model.hidden_size=32", "model.attention_size=16", "train.epochs=2", "train.batch_size=8",
             "train.val_bleu_images=4", "train.num_workers=0", "train.log_every=2", "train.lr=3e-3",
-            f"train.out_dir={tmp_path / 'run'}", f"train.cache_dir={tmp_path / 'cache'}", "decode.max_len=12"]
+            f"train.out_dir={folder / 'run'}", f"train.cache_dir={folder / 'cache'}", "decode.max_len=12"]
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tiny_data, tmp_path_factory):
+    """{decoder: checkpoint_best.pth} for tiny trained lstm and attention models (trained once per session)."""
+    import train
+    paths = {}
+    for decoder in ("lstm", "attention"):
+        folder = tmp_path_factory.mktemp(decoder)
+        train.main(["--set", *tiny_settings(tiny_data, folder), f"model.decoder={decoder}", "train.epochs=1"])
+        paths[decoder] = str(folder / "run" / "checkpoint_best.pth")
+    return paths

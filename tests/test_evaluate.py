@@ -1,0 +1,38 @@
+"""evaluate.py: real decoding, coco metrics, per-image captions JSON, and bad splits."""
+import json
+import os
+
+import pytest
+
+import evaluate
+
+
+def test_metrics_json_and_captions_file(tiny_checkpoints, tiny_data, tmp_path, capsys):
+    captions, images = tiny_data
+    split = tmp_path / "split.txt"
+    split.write_text("shape_0001.png\nshape_0002.png\nnot_captioned.png\n")
+    out = tmp_path / "m" / "metrics.json"
+    evaluate.main(["--checkpoint", tiny_checkpoints["lstm"], "--captions", captions, "--images", images,
+                   "--split-file", str(split), "--beam-size", "3", "--out", str(out), "--num-workers", "0"])
+    captured = capsys.readouterr()
+    printed = json.loads(captured.out.strip().splitlines()[-1])
+    assert printed == json.loads(out.read_text())
+    for key in ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr"):
+        assert 0.0 <= printed[key] <= 10.0
+    assert printed["n_images"] == 2 and printed["n_skipped"] == 1 and "not_captioned.png" in captured.err
+    per_image = json.loads((tmp_path / "m" / "metrics_captions.json").read_text())
+    assert [p["image"] for p in per_image] == ["shape_0001.png", "shape_0002.png"]
+    assert all(len(p["references"]) == 5 and "CIDEr" in p["scores"] for p in per_image)
+
+
+def test_empty_split_and_missing_images(tiny_checkpoints, tiny_data, tmp_path):
+    captions, images = tiny_data
+    split = tmp_path / "split.txt"
+    split.write_text("nowhere.png\n")
+    with pytest.raises(ValueError, match="nothing to evaluate"):
+        evaluate.main(["--checkpoint", tiny_checkpoints["lstm"], "--captions", captions, "--images", images,
+                       "--split-file", str(split)])
+    split.write_text("")
+    with pytest.raises(ValueError, match="lists no images"):
+        evaluate.main(["--checkpoint", tiny_checkpoints["lstm"], "--captions", captions, "--images", images,
+                       "--split-file", str(split)])
