@@ -4,6 +4,7 @@
     python train.py --config configs/flickr8k.yaml     # Flickr8k, ResNet-50 + LSTM
     python train.py --config configs/flickr8k.yaml --set train.epochs=5 train.batch_size=128
     python train.py --resume runs/demo                 # continue an interrupted run
+    torchrun --nproc_per_node=4 train.py --config configs/flickr8k.yaml   # several GPUs
 
 With a frozen encoder, every image goes through the CNN once (features are cached on disk
 under train.cache_dir); each training step then only runs the decoder on cached features.
@@ -18,12 +19,13 @@ import sys
 import time
 
 import torch
+import torch.distributed as dist
 import yaml
 from tqdm import tqdm
 
 from config import DEFAULTS, load_config, merge, parse_overrides
 from data.dataset import load_splits
-from data.features import extract_features
+from data.prepare import prepare_splits
 from data.vocab import Vocabulary
 from decoding import generate
 from models import build_model
@@ -32,48 +34,11 @@ from utils import load_checkpoint, load_weights, pick_device, run_main, save_che
 LOG_HEADER = "step\tepoch\tsplit\tloss\tlr\telapsed\tbleu4\n"
 
 
-def encode_captions(names, captions, vocab, max_words):
-    """All captions of the given images -> (tokens [N,L] padded, lengths [N], image index [N])."""
-    rows, image_index = [], []
-    for i, name in enumerate(names):
-        for caption in captions[name]:
-            ids = vocab.encode(caption)
-            rows.append(ids[:max_words + 1] + [vocab.end_id] if len(ids) > max_words + 2 else ids)
-            image_index.append(i)
-    lengths = torch.tensor([len(r) for r in rows])
-    tokens = torch.full((len(rows), int(lengths.max())), vocab.pad_id, dtype=torch.long)
-    for j, r in enumerate(rows):
-        tokens[j, :len(r)] = torch.tensor(r)
-    return tokens, lengths, torch.tensor(image_index)
-
-
-def load_inputs(model, config, names, device, desc):
-    """Per image: cached CNN features (frozen encoder) or resized uint8 images (fine-tuning)."""
-    data, train = config["data"], config["train"]
-    paths = [os.path.join(data["images"], n) for n in names]
-    if train["fine_tune_encoder"]:
-        from data.dataset import image_loader
-        from models.encoder import input_size
-        images, ok = [], [False] * len(paths)
-        for batch, good, _ in tqdm(image_loader(paths, input_size(model.encoder.name, data["image_size"]), 64,
-                                                train["num_workers"]), desc=desc, unit="batch"):
-            if batch is not None:
-                images.append(batch)
-                for i in good:
-                    ok[i] = True
-        return torch.cat(images), ok
-    cache_dir = train["cache_dir"] if train["cache_features"] else None
-    return extract_features(model.encoder, paths, data["image_size"], cache_dir, device,
-                            num_workers=train["num_workers"], desc=desc)
-
-
-def batch_loss(model, inputs, tokens, lengths, config, amp):
-    if config["train"]["fine_tune_encoder"]:
-        inputs = model.encoder.extract(inputs)
-    length = int(lengths.max())
+def batch_loss(model, inputs, tokens, lengths, config, amp, normalizer=None):
+    """Loss of one batch; tokens are cut to the batch's longest caption."""
     with amp:
-        loss, extra = model(inputs, tokens[:, :length], lengths, config["train"]["label_smoothing"])
-    return loss, extra
+        return model(inputs, tokens[:, :int(lengths.max())], lengths, config["train"]["label_smoothing"],
+                     normalizer, from_images=config["train"]["fine_tune_encoder"])
 
 
 @torch.no_grad()
@@ -81,13 +46,11 @@ def validate(model, val, config, vocab, device, amp):
     """Validation loss over all val captions, and greedy BLEU-4 on the first val_bleu_images images."""
     model.eval()
     total, count = 0.0, 0
-    bs = config["train"]["batch_size"]
-    for start in range(0, len(val["tokens"]), bs):
-        sl = slice(start, start + bs)
-        loss, _ = batch_loss(model, val["inputs"][val["image_index"][sl].to(device)], val["tokens"][sl].to(device),
-                             val["lengths"][sl], config, amp)
-        n_rows = len(val["tokens"][sl])
-        total, count = total + loss.item() * n_rows, count + n_rows
+    for start in range(0, len(val["tokens"]), config["train"]["batch_size"]):
+        rows = slice(start, start + config["train"]["batch_size"])
+        loss, _ = batch_loss(model, val["inputs"][val["image_index"][rows].to(device)], val["tokens"][rows].to(device),
+                             val["lengths"][rows], config, amp)
+        total, count = total + loss.item() * len(val["tokens"][rows]), count + len(val["tokens"][rows])
     bleu4 = float("nan")
     n = min(config["train"]["val_bleu_images"], len(val["names"]))
     if n:
@@ -95,32 +58,17 @@ def validate(model, val, config, vocab, device, amp):
         hypotheses = {}
         for start in range(0, n, 256):
             inputs = val["inputs"][start:min(start + 256, n)].to(device)
-            if config["train"]["fine_tune_encoder"]:
-                inputs = model.encoder.extract(inputs)
             with amp:
-                results = generate(model, inputs, vocab, beam_size=1, max_len=config["decode"]["max_len"])
+                features = model.encoder.extract(inputs) if config["train"]["fine_tune_encoder"] else inputs
+                results = generate(model, features, vocab, beam_size=1, max_len=config["decode"]["max_len"])
             hypotheses.update({val["names"][start + j]: r["caption"] for j, r in enumerate(results)})
         bleu4 = bleu4_quick(hypotheses, {name: val["references"][name] for name in hypotheses})
     model.train()
     return total / max(count, 1), bleu4
 
 
-def prepare(config, vocab, model, device):
-    captions, train_names, val_names = load_splits(config["data"])
-    splits = {}
-    for split, names in (("train", train_names), ("val", val_names)):
-        if not names:
-            splits[split] = None
-            continue
-        inputs, ok = load_inputs(model, config, names, device, f"{split} features")
-        names = [n for n, good in zip(names, ok) if good]
-        tokens, lengths, image_index = encode_captions(names, captions, vocab, config["data"]["max_caption_len"])
-        splits[split] = {"inputs": inputs, "tokens": tokens, "lengths": lengths, "image_index": image_index,
-                         "names": names, "references": {n: captions[n] for n in names}}
-    return splits
-
-
 def make_amp(device, enabled):
+    """bf16 autocast on CUDA where supported, else fp16 with a GradScaler; nothing on CPU/MPS."""
     if not (enabled and device.type == "cuda"):
         return torch.autocast("cpu", enabled=False), None
     if torch.cuda.is_bf16_supported():
@@ -130,6 +78,7 @@ def make_amp(device, enabled):
 
 def lr_lambda(config, total_steps):
     t = config["train"]
+
     def factor(step):
         if step < t["warmup_steps"]:
             return (step + 1) / t["warmup_steps"]
@@ -140,6 +89,18 @@ def lr_lambda(config, total_steps):
     return factor
 
 
+def setup_distributed(config):
+    """(rank, world size, device). Under torchrun: one process per GPU (or CPU process with gloo)."""
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return 0, 1, pick_device(config["train"]["device"])
+    use_cuda = torch.cuda.is_available() and config["train"]["device"] in ("auto", "cuda")
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
 def train(config, checkpoint=None, resume=None):
     """Train from scratch, or continue from `checkpoint` (loaded from the path `resume`)."""
     t = config["train"]
@@ -147,8 +108,9 @@ def train(config, checkpoint=None, resume=None):
     if not checkpoint and os.path.exists(os.path.join(out_dir, "checkpoint_last.pth")):
         raise ValueError(f"{out_dir} already holds a run; continue it with --resume {out_dir}, "
                          f"or start a new one with --set train.out_dir=runs/NEW_NAME")
+    rank, world, device = setup_distributed(config)
+    main_process = rank == 0
     seed_everything(t["seed"])
-    device = pick_device(t["device"])
     if checkpoint:
         vocab = Vocabulary(checkpoint["vocab"])
     else:
@@ -157,16 +119,17 @@ def train(config, checkpoint=None, resume=None):
     model = build_model(config, len(vocab)).to(device)
     if checkpoint:
         load_weights(model, checkpoint["model"], resume, checkpoint["config"])
-    os.makedirs(out_dir, exist_ok=True)
-    vocab.save(os.path.join(out_dir, "vocab.json"))
-    with open(os.path.join(out_dir, "config.yaml"), "w", encoding="utf-8") as f:
-        yaml.safe_dump(config, f, sort_keys=False)
-    data = prepare(config, vocab, model, device)
+    if main_process:
+        os.makedirs(out_dir, exist_ok=True)
+        vocab.save(os.path.join(out_dir, "vocab.json"))
+        with open(os.path.join(out_dir, "config.yaml"), "w", encoding="utf-8") as f:
+            yaml.safe_dump(config, f, sort_keys=False)
+    data = prepare_splits(config, vocab, model.encoder, device, show_progress=main_process)
     train_set, val_set = data["train"], data["val"]
+    # The cached features are small: keep them on the device, so a step is pure device work.
+    inputs = train_set["inputs"].to(device)
     if val_set:
         val_set["inputs"] = val_set["inputs"].to(device)
-    # Cached features are small: keep them on the device so a step never waits for a copy.
-    inputs = train_set["inputs"].to(device)
     n_captions, bs = len(train_set["tokens"]), t["batch_size"]
     steps_per_epoch = math.ceil(n_captions / bs)
 
@@ -180,7 +143,7 @@ def train(config, checkpoint=None, resume=None):
     higher_is_better = t["select_metric"] == "bleu4" and t["val_bleu_images"] > 0
     progress = {"epoch": 0, "batch": 0, "step": 0, "best": None, "stale_epochs": 0, "elapsed": 0.0}
     # Reading images draws from the global RNG only on a cache miss; re-seed so dropout never depends on the cache.
-    torch.manual_seed(t["seed"] + 1)
+    torch.manual_seed(t["seed"] + 1 + rank)
     if checkpoint:
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
@@ -191,37 +154,50 @@ def train(config, checkpoint=None, resume=None):
         random.setstate(checkpoint["rng"]["python"])
         if torch.cuda.is_available() and checkpoint["rng"].get("cuda"):
             torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
-    decoder_step = torch.compile(model) if t["compile"] else model
+    step_model = model
+    if world > 1:
+        step_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if t["compile"]:
+        step_model = torch.compile(step_model)
 
     def save(name):
+        if not main_process:
+            return
         rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
         save_checkpoint(os.path.join(out_dir, name), model, vocab, config, optimizer=optimizer.state_dict(),
                         scheduler=scheduler.state_dict(), scaler=scaler.state_dict() if scaler else None,
                         progress=dict(progress), rng=rng)
 
-    log_path = os.path.join(out_dir, "loss_log.txt")
-    new_log = not os.path.exists(log_path)
-    log = open(log_path, "a", encoding="utf-8")
-    if new_log:
-        log.write(LOG_HEADER)
+    log = None
+    if main_process:
+        new_log = not os.path.exists(os.path.join(out_dir, "loss_log.txt"))
+        log = open(os.path.join(out_dir, "loss_log.txt"), "a", encoding="utf-8")
+        if new_log:
+            log.write(LOG_HEADER)
+        print(f"device {device} x{world} | {len(train_set['names'])} train images, {n_captions} captions | "
+              f"{len(val_set['names']) if val_set else 0} val images | vocab {len(vocab)} | {steps_per_epoch} steps/epoch",
+              file=sys.stderr)
     started = time.time() - progress["elapsed"]
-    print(f"device {device} | {len(train_set['names'])} train images, {n_captions} captions | "
-          f"{len(val_set['names']) if val_set else 0} val images | vocab {len(vocab)} | {steps_per_epoch} steps/epoch",
-          file=sys.stderr)
     model.train()
     try:
         while progress["epoch"] < t["epochs"]:
             epoch = progress["epoch"]
             order = torch.randperm(n_captions, generator=torch.Generator().manual_seed(t["seed"] * 1000 + epoch))
-            bar = tqdm(range(progress["batch"], steps_per_epoch), desc=f"epoch {epoch + 1}/{t['epochs']}",
-                       unit="step", dynamic_ncols=True, initial=progress["batch"], total=steps_per_epoch)
+            bar = tqdm(range(progress["batch"], steps_per_epoch), desc=f"epoch {epoch + 1}/{t['epochs']}", unit="step",
+                       dynamic_ncols=True, initial=progress["batch"], total=steps_per_epoch, disable=not main_process)
             running, running_n = 0.0, 0
             for b in bar:
-                idx = order[b * bs:(b + 1) * bs]
-                tokens = train_set["tokens"][idx].to(device, non_blocking=True)
-                loss, extra = batch_loss(decoder_step, inputs[train_set["image_index"][idx].to(device)], tokens,
-                                         train_set["lengths"][idx], config, amp)
+                batch = order[b * bs:(b + 1) * bs]
+                # Each rank takes every world-th caption of the global batch and divides its loss sum by the
+                # global token count (times world, as DDP averages): the same gradient as one process.
+                normalizer = (train_set["lengths"][batch] - 1).sum().item() / world
+                rows = batch[rank::world]
+                if len(rows) == 0:              # a last batch smaller than the world: join with zero weight
+                    rows, normalizer = batch[:1], float("inf")
+                tokens = train_set["tokens"][rows].to(device, non_blocking=True)
+                loss, extra = batch_loss(step_model, inputs[train_set["image_index"][rows].to(device)], tokens,
+                                         train_set["lengths"][rows], config, amp, normalizer)
                 optimizer.zero_grad(set_to_none=True)
                 total = loss + extra
                 if scaler:
@@ -238,9 +214,8 @@ def train(config, checkpoint=None, resume=None):
                 scheduler.step()
                 progress["step"] += 1
                 progress["batch"] = b + 1
-                running += loss.item()
-                running_n += 1
-                if progress["step"] % t["log_every"] == 0 or b + 1 == steps_per_epoch:
+                running, running_n = running + loss.item() * world, running_n + 1
+                if main_process and (progress["step"] % t["log_every"] == 0 or b + 1 == steps_per_epoch):
                     lr = optimizer.param_groups[0]["lr"]
                     log.write(f"{progress['step']}\t{epoch + 1}\ttrain\t{running / running_n:.5f}\t{lr:.3e}\t"
                               f"{time.time() - started:.1f}\tnan\n")
@@ -249,33 +224,52 @@ def train(config, checkpoint=None, resume=None):
                     running, running_n = 0.0, 0
             bar.close()
             progress.update(epoch=epoch + 1, batch=0, elapsed=time.time() - started)
-            improved = True
-            if val_set:
-                val_loss, val_bleu4 = validate(model, val_set, config, vocab, device, amp)
-                log.write(f"{progress['step']}\t{epoch + 1}\tval\t{val_loss:.5f}\t{optimizer.param_groups[0]['lr']:.3e}\t"
-                          f"{time.time() - started:.1f}\t{val_bleu4:.5f}\n")
-                log.flush()
-                metric = val_bleu4 if higher_is_better else val_loss
-                improved = progress["best"] is None or (metric > progress["best"] if higher_is_better else metric < progress["best"])
-                print(f"epoch {epoch + 1}: val loss {val_loss:.4f} (perplexity {math.exp(min(val_loss, 50)):.2f}), "
-                      f"val BLEU-4 {val_bleu4:.4f}{' *best*' if improved else ''}", file=sys.stderr)
-            progress["stale_epochs"] = 0 if improved else progress["stale_epochs"] + 1
-            if improved:
-                progress["best"] = metric if val_set else None
-                save("checkpoint_best.pth")
-            save("checkpoint_last.pth")
-            if t["early_stop_patience"] and progress["stale_epochs"] >= t["early_stop_patience"]:
-                print(f"early stop: no improvement for {progress['stale_epochs']} epochs", file=sys.stderr)
+            stop = torch.zeros(1)
+            if main_process:
+                stop[0] = end_of_epoch(model, val_set, config, vocab, device, amp, progress, higher_is_better,
+                                       log, started, optimizer, save)
+            if world > 1:
+                dist.broadcast(stop, 0)
+            if stop.item():
                 break
     except KeyboardInterrupt:
         progress["elapsed"] = time.time() - started
         save("checkpoint_last.pth")
-        print(f"\ninterrupted: saved {out_dir}/checkpoint_last.pth; continue with --resume {out_dir}", file=sys.stderr)
+        if main_process:
+            print(f"\ninterrupted: saved {out_dir}/checkpoint_last.pth; continue with --resume {out_dir}", file=sys.stderr)
         sys.exit(130)
     finally:
-        log.close()
-    print(f"done: {out_dir}/checkpoint_best.pth", file=sys.stderr)
+        if log:
+            log.close()
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+    if main_process:
+        print(f"done: {out_dir}/checkpoint_best.pth", file=sys.stderr)
     return out_dir
+
+
+def end_of_epoch(model, val_set, config, vocab, device, amp, progress, higher_is_better, log, started, optimizer, save):
+    """Validate, log, write checkpoints; returns True when early stopping says stop."""
+    epoch, improved, metric = progress["epoch"], True, None
+    if val_set:
+        val_loss, val_bleu4 = validate(model, val_set, config, vocab, device, amp)
+        log.write(f"{progress['step']}\t{epoch}\tval\t{val_loss:.5f}\t{optimizer.param_groups[0]['lr']:.3e}\t"
+                  f"{time.time() - started:.1f}\t{val_bleu4:.5f}\n")
+        log.flush()
+        metric = val_bleu4 if higher_is_better else val_loss
+        improved = progress["best"] is None or (metric > progress["best"] if higher_is_better else metric < progress["best"])
+        print(f"epoch {epoch}: val loss {val_loss:.4f} (perplexity {math.exp(min(val_loss, 50)):.2f}), "
+              f"val BLEU-4 {val_bleu4:.4f}{' *best*' if improved else ''}", file=sys.stderr)
+    progress["stale_epochs"] = 0 if improved else progress["stale_epochs"] + 1
+    if improved:
+        progress["best"] = metric
+        save("checkpoint_best.pth")
+    save("checkpoint_last.pth")
+    patience = config["train"]["early_stop_patience"]
+    if patience and progress["stale_epochs"] >= patience:
+        print(f"early stop: no improvement for {progress['stale_epochs']} epochs", file=sys.stderr)
+        return True
+    return False
 
 
 def main(argv=None):

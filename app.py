@@ -1,0 +1,171 @@
+"""Web demo: upload images (or click a bundled example) and see the caption, the top beams and,
+for attention and Transformer decoders, a heatmap per word. Runs on a CPU.
+
+    pip install -r requirements.txt -r requirements-app.txt
+    streamlit run app.py
+    CAPTION_APP_CHECKPOINT=runs/demo/checkpoint_best.pth streamlit run app.py   # preselect a checkpoint
+
+The sidebar lists every checkpoint_*.pth under runs/ (or under $CAPTION_APP_RUNS_DIR) and takes
+any other checkpoint path; train one first with `python train.py`. The model is loaded once
+per checkpoint file (path + modification time) and shared by all reruns and visitors.
+"""
+import io
+import math
+import os
+
+import streamlit as st
+import torch
+from PIL import Image
+
+from data.dataset import load_image
+from decoding import generate
+from gallery import attention_overlay
+from models.encoder import input_size, resize_image
+from utils import load_checkpoint, load_model, pick_device
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+MAX_UPLOAD_MB = 10                  # bigger files are refused; the pixel limit is data.dataset's Image.MAX_IMAGE_PIXELS
+UPLOAD_TYPES = ["jpg", "jpeg", "png", "webp"]
+EXAMPLES_DIR = os.path.join(ROOT, "demo_images")
+N_EXAMPLES = 4
+MAX_HEATMAPS = 20                   # words shown with an attention map
+
+
+def find_checkpoints(folder: str) -> list[str]:
+    """Every checkpoint_*.pth under folder (recursively), sorted."""
+    found = []
+    for parent, _, files in os.walk(folder):
+        found += [os.path.join(parent, f) for f in files if f.startswith("checkpoint_") and f.endswith(".pth")]
+    return sorted(found)
+
+
+@st.cache_resource(show_spinner="Loading the model...", max_entries=2)
+def load_captioner(path: str, mtime: float):
+    """(model, vocab, config, device) for a checkpoint; mtime is only part of the cache key, so a retrained file reloads."""
+    model, vocab, config = load_model(load_checkpoint(path), path)
+    device = pick_device("auto")
+    return model.to(device), vocab, config, device
+
+
+class NamedBytes(io.BytesIO):
+    """Uploaded bytes that print as their file name, so load_image's error messages name the upload."""
+
+    def __init__(self, data: bytes, name: str):
+        super().__init__(data)
+        self.name = name
+
+    def __str__(self):
+        return self.name
+
+    __repr__ = __str__
+
+
+def read_image(data: bytes, name: str) -> Image.Image:
+    """Uploaded bytes -> RGB image, or ValueError naming the file (not an image, over MAX_UPLOAD_MB, too many pixels)."""
+    if len(data) > MAX_UPLOAD_MB * 2**20:
+        raise ValueError(f"{name}: the file is {len(data) / 2**20:.1f} MB, over the {MAX_UPLOAD_MB} MB limit; "
+                         f"upload a smaller image")
+    return load_image(NamedBytes(data, name))
+
+
+def caption(captioner, image: Image.Image, beam_size: int, max_len: int) -> dict:
+    """One image -> decoding.generate's result plus `heatmaps`: [(word, overlay image)] when the model attends."""
+    model, vocab, config, device = captioner
+    size = input_size(config["model"]["encoder"], config["data"]["image_size"])
+    with torch.inference_mode():
+        features = model.encoder.extract(resize_image(image, size).unsqueeze(0).to(device))   # [1,3,S,S] -> [1,P,C]
+        result = generate(model, features, vocab, beam_size, max_len, config["decode"]["length_penalty"])[0]
+    attention, result["heatmaps"] = result["attention"], []
+    if attention is not None and len(attention):                                            # [n_words, P]
+        side = math.isqrt(attention.size(1))
+        if side * side == attention.size(1):
+            words = result["caption"].split()
+            result["heatmaps"] = [(word, attention_overlay(image, weights, (side, side)))
+                                  for word, weights in list(zip(words, attention))[:MAX_HEATMAPS]]
+    return result
+
+
+def show_result(name: str, image: Image.Image, result: dict) -> None:
+    st.divider()
+    picture, text = st.columns([1, 2])
+    picture.image(image, caption=name, width="stretch")
+    text.subheader(result["caption"] or "(empty caption)")
+    text.caption("Top beams (score: length-normalised log-probability, higher is better)")
+    text.dataframe([{"rank": i + 1, "caption": beam, "score": round(float(score), 3)}
+                    for i, (beam, score) in enumerate(result["beams"])], hide_index=True, width="stretch")
+    if result["heatmaps"]:
+        st.caption("Attention per word: where the model looked while saying it")
+        st.image([overlay for _, overlay in result["heatmaps"]], caption=[word for word, _ in result["heatmaps"]], width=96)
+
+
+def sidebar_checkpoint() -> str | None:
+    """The checkpoint path the sidebar selects: the typed path if any, else the selectbox's choice."""
+    runs_dir = os.environ.get("CAPTION_APP_RUNS_DIR", os.path.join(ROOT, "runs"))
+    options = [os.path.relpath(p, ROOT) if p.startswith(ROOT + os.sep) else p for p in find_checkpoints(runs_dir)]
+    preset = os.environ.get("CAPTION_APP_CHECKPOINT")
+    if preset:
+        options = [preset] + [o for o in options if o != preset]
+    st.sidebar.header("Model")
+    chosen = st.sidebar.selectbox("Checkpoint", options, index=0, placeholder="none found under runs/") if options else None
+    typed = st.sidebar.text_input("...or any checkpoint path", placeholder="runs/my_run/checkpoint_best.pth").strip()
+    return typed or chosen
+
+
+def example_buttons() -> None:
+    """Thumbnails of a few bundled images; clicking one remembers it in the session."""
+    if not os.path.isdir(EXAMPLES_DIR):
+        return
+    names = sorted(n for n in os.listdir(EXAMPLES_DIR) if n.lower().endswith(tuple(UPLOAD_TYPES)))[:N_EXAMPLES]
+    if not names:
+        return
+    st.write("...or try an example:")
+    for column, name in zip(st.columns(len(names)), names):
+        path = os.path.join(EXAMPLES_DIR, name)
+        column.image(path, width="stretch")
+        if column.button(name, key=f"example_{name}", width="stretch"):
+            st.session_state["example"] = path
+
+
+def main() -> None:
+    st.set_page_config(page_title="Image captioning", page_icon="🖼️", layout="wide")
+    st.title("Image captioning")
+    path = sidebar_checkpoint()
+    if not path:
+        st.error("No checkpoint found under runs/. Train one with `python train.py` (it writes "
+                 "runs/<name>/checkpoint_best.pth), or type a checkpoint path in the sidebar.")
+        st.stop()
+    try:
+        captioner = load_captioner(path, os.path.getmtime(path) if os.path.exists(path) else 0.0)
+    except ValueError as e:
+        st.error(f"Cannot load the checkpoint: {e}. Train one with `python train.py`, or pick another in the sidebar.")
+        st.stop()
+    _, _, config, device = captioner
+    st.sidebar.header("Decoding")
+    beam_size = st.sidebar.slider("Beam size", 1, 10, min(max(config["decode"]["beam_size"], 1), 10))
+    max_len = st.sidebar.slider("Max caption length (words)", 5, 60, min(max(config["decode"]["max_len"], 5), 60))
+    st.sidebar.caption(f"{config['model']['encoder']} + {config['model']['decoder']} on {device.type}; "
+                       f"uploads up to {MAX_UPLOAD_MB} MB and {Image.MAX_IMAGE_PIXELS:,} pixels")
+
+    uploads = st.file_uploader(f"Upload images ({', '.join(UPLOAD_TYPES)}; up to {MAX_UPLOAD_MB} MB each)",
+                               type=UPLOAD_TYPES, accept_multiple_files=True)
+    example_buttons()
+    inputs = [(upload.name, upload.getvalue()) for upload in uploads or []]
+    if st.session_state.get("example"):
+        example = st.session_state["example"]
+        with open(example, "rb") as f:
+            inputs.append((os.path.basename(example), f.read()))
+    if not inputs:
+        st.info("Upload an image or click an example to caption it.")
+    for name, data in inputs:
+        try:
+            image = read_image(data, name)
+        except ValueError as e:
+            st.error(str(e))
+            continue
+        with st.spinner(f"Captioning {name}..."):
+            result = caption(captioner, image, beam_size, max_len)
+        show_result(name, image, result)
+
+
+if __name__ == "__main__":   # `streamlit run` executes this file as __main__; `import app` (tests) does not
+    main()

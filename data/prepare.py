@@ -1,0 +1,69 @@
+"""A config's splits as tensors ready for training: encoded captions and per-image inputs.
+
+Inputs are the cached CNN feature grids when the encoder is frozen, or resized uint8
+images when it is fine-tuned. Under torchrun, each rank first extracts features for its
+own share of the images into the shared cache, then all ranks read the whole cache.
+"""
+import os
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from data.dataset import image_loader, load_splits
+from data.features import extract_features
+from models.encoder import input_size
+
+
+def encode_captions(names, captions, vocab, max_words):
+    """All captions of the given images -> (tokens [N,L] padded, lengths [N], image index [N])."""
+    rows, image_index = [], []
+    for i, name in enumerate(names):
+        for caption in captions[name]:
+            ids = vocab.encode(caption)
+            rows.append(ids[:max_words + 1] + [vocab.end_id] if len(ids) > max_words + 2 else ids)
+            image_index.append(i)
+    lengths = torch.tensor([len(r) for r in rows])
+    tokens = torch.full((len(rows), int(lengths.max())), vocab.pad_id, dtype=torch.long)
+    for j, r in enumerate(rows):
+        tokens[j, :len(r)] = torch.tensor(r)
+    return tokens, lengths, torch.tensor(image_index)
+
+
+def load_inputs(encoder, config, paths, device, desc, show_progress=True):
+    """(inputs [n_ok, ...], ok per path): cached feature grids, or uint8 images when fine-tuning."""
+    data, train = config["data"], config["train"]
+    if train["fine_tune_encoder"]:
+        images, ok = [], [False] * len(paths)
+        loader = image_loader(paths, input_size(encoder.name, data["image_size"]), 64, train["num_workers"])
+        for batch, good, _ in tqdm(loader, desc=desc, unit="batch", disable=not show_progress):
+            if batch is not None:
+                images.append(batch)
+                for i in good:
+                    ok[i] = True
+        return torch.cat(images), ok
+    cache_dir = train["cache_dir"] if train["cache_features"] else None
+    if cache_dir and dist.is_initialized() and dist.get_world_size() > 1:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        extract_features(encoder, paths[rank::world], data["image_size"], cache_dir, device,
+                         num_workers=train["num_workers"], desc=f"{desc} (rank {rank} share)")
+        dist.barrier()
+    return extract_features(encoder, paths, data["image_size"], cache_dir, device,
+                            num_workers=train["num_workers"], desc=desc)
+
+
+def prepare_splits(config, vocab, encoder, device, show_progress=True):
+    """{"train": ..., "val": ... or None}, each with inputs, tokens, lengths, image_index, names, references."""
+    captions, train_names, val_names = load_splits(config["data"])
+    splits = {}
+    for split, names in (("train", train_names), ("val", val_names)):
+        if not names:
+            splits[split] = None
+            continue
+        paths = [os.path.join(config["data"]["images"], n) for n in names]
+        inputs, ok = load_inputs(encoder, config, paths, device, f"{split} features", show_progress)
+        names = [n for n, good in zip(names, ok) if good]
+        tokens, lengths, image_index = encode_captions(names, captions, vocab, config["data"]["max_caption_len"])
+        splits[split] = {"inputs": inputs, "tokens": tokens, "lengths": lengths, "image_index": image_index,
+                         "names": names, "references": {n: captions[n] for n in names}}
+    return splits

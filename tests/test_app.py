@@ -1,0 +1,132 @@
+"""app.py (Streamlit demo) through streamlit.testing's AppTest, plus its plain helpers called directly."""
+import io
+import os
+
+import pytest
+
+pytest.importorskip("streamlit")
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from streamlit.testing.v1 import AppTest  # noqa: E402
+
+import app  # noqa: E402
+from utils import load_checkpoint, load_model  # noqa: E402
+
+APP = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "app.py")
+EXAMPLE = sorted(n for n in os.listdir(app.EXAMPLES_DIR) if n.endswith(".png"))[0] if os.path.isdir(app.EXAMPLES_DIR) else None
+can_upload = hasattr(AppTest, "file_uploader")   # AppTest simulates uploads in newer Streamlit only
+
+
+def png_bytes(path=None, size=(64, 48)) -> bytes:
+    image = Image.open(path).convert("RGB") if path else Image.new("RGB", size, (200, 30, 30))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def captioner_for(path):
+    model, vocab, config = load_model(load_checkpoint(path), path)
+    return model, vocab, config, torch.device("cpu")
+
+
+def start(monkeypatch, tmp_path, checkpoint=None) -> AppTest:
+    """Run the app with `checkpoint` preselected and an empty runs folder (so the repo's runs/ is not listed)."""
+    runs = tmp_path / "empty_runs"
+    runs.mkdir(exist_ok=True)
+    monkeypatch.setenv("CAPTION_APP_RUNS_DIR", str(runs))
+    if checkpoint:
+        monkeypatch.setenv("CAPTION_APP_CHECKPOINT", checkpoint)
+    else:
+        monkeypatch.delenv("CAPTION_APP_CHECKPOINT", raising=False)
+    return AppTest.from_file(APP, default_timeout=60).run()
+
+
+def beam_rows(at) -> list:
+    return at.dataframe[0].value["caption"].tolist()
+
+
+@pytest.mark.skipif(EXAMPLE is None, reason="demo_images/ is missing")
+def test_example_click_shows_caption_beams_and_attention(tiny_checkpoints, monkeypatch, tmp_path):
+    checkpoint = tiny_checkpoints["attention"]
+    at = start(monkeypatch, tmp_path, checkpoint)
+    assert not at.exception and not at.error
+    assert at.info and "Upload an image" in at.info[0].value
+    at.button(key=f"example_{EXAMPLE}").click().run()
+    assert not at.exception and not at.error
+    expected = app.caption(captioner_for(checkpoint), Image.open(os.path.join(app.EXAMPLES_DIR, EXAMPLE)).convert("RGB"),
+                           beam_size=at.slider[0].value, max_len=at.slider[1].value)
+    assert at.subheader[0].value == expected["caption"]
+    assert beam_rows(at) == [beam for beam, _ in expected["beams"]]
+    heatmaps = [image for image in at.image if image.captions and image.captions == expected["caption"].split()[:app.MAX_HEATMAPS]]
+    assert expected["caption"] and len(heatmaps) == 1
+    # The chosen example stays shown on the next rerun (a slider change).
+    at.slider[0].set_value(1).run()
+    assert at.subheader[0].value and len(beam_rows(at)) == 1
+
+
+@pytest.mark.skipif(EXAMPLE is None, reason="demo_images/ is missing")
+def test_beam_slider_changes_number_of_beams(tiny_checkpoints, monkeypatch, tmp_path):
+    checkpoint = tiny_checkpoints["lstm"]
+    at = start(monkeypatch, tmp_path, checkpoint)
+    at.slider[0].set_value(1).run()
+    at.button(key=f"example_{EXAMPLE}").click().run()
+    assert len(beam_rows(at)) == 1
+    at.slider[0].set_value(4).run()
+    image = Image.open(os.path.join(app.EXAMPLES_DIR, EXAMPLE)).convert("RGB")
+    expected = app.caption(captioner_for(checkpoint), image, beam_size=4, max_len=at.slider[1].value)
+    assert len(beam_rows(at)) == len(expected["beams"]) > 1
+    assert at.subheader[0].value == expected["caption"]
+
+
+def test_no_checkpoint_found_says_how_to_train(monkeypatch, tmp_path):
+    at = start(monkeypatch, tmp_path)
+    assert not at.exception
+    assert "No checkpoint found" in at.error[0].value and "python train.py" in at.error[0].value
+    assert not at.file_uploader if can_upload else not at.button
+
+
+def test_missing_and_corrupt_checkpoints_show_errors(monkeypatch, tmp_path):
+    at = start(monkeypatch, tmp_path, str(tmp_path / "missing.pth"))
+    assert not at.exception
+    assert "no such checkpoint" in at.error[0].value and "python train.py" in at.error[0].value
+    corrupt = tmp_path / "checkpoint_best.pth"
+    corrupt.write_bytes(b"not a checkpoint at all")
+    at.text_input[0].input(str(corrupt)).run()
+    assert not at.exception
+    assert str(corrupt) in at.error[0].value and "corrupt" in at.error[0].value
+
+
+def test_checkpoints_under_runs_are_listed(tiny_checkpoints, monkeypatch, tmp_path):
+    runs = tmp_path / "runs" / "a"
+    runs.mkdir(parents=True)
+    (runs / "checkpoint_best.pth").write_bytes(open(tiny_checkpoints["lstm"], "rb").read())
+    (runs / "notes.txt").write_text("not a checkpoint")
+    assert app.find_checkpoints(str(tmp_path / "runs")) == [str(runs / "checkpoint_best.pth")]
+    monkeypatch.setenv("CAPTION_APP_RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.delenv("CAPTION_APP_CHECKPOINT", raising=False)
+    at = AppTest.from_file(APP, default_timeout=60).run()
+    assert not at.exception and not at.error
+    assert at.selectbox[0].options == [str(runs / "checkpoint_best.pth")]
+
+
+def test_read_image_refuses_non_images_and_too_large_files(monkeypatch):
+    assert app.read_image(png_bytes(), "ok.png").size == (64, 48)
+    with pytest.raises(ValueError, match=r"^notes\.png: not a readable image"):
+        app.read_image(b"hello, I am a text file", "notes.png")
+    with pytest.raises(ValueError, match=r"^big\.jpg: the file is 10\.5 MB, over the 10 MB limit"):
+        app.read_image(b"\0" * int(10.5 * 2**20), "big.jpg")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)   # 64x48 = 3072 pixels > 2 * 500: a "decompression bomb"
+    with pytest.raises(ValueError, match=r"^huge\.png: image too large"):
+        app.read_image(png_bytes(), "huge.png")
+
+
+@pytest.mark.skipif(not can_upload, reason="this Streamlit's AppTest cannot simulate st.file_uploader")
+def test_uploads_caption_good_images_and_report_bad_ones(tiny_checkpoints, monkeypatch, tmp_path):
+    checkpoint = tiny_checkpoints["lstm"]
+    at = start(monkeypatch, tmp_path, checkpoint)
+    good = png_bytes()
+    at.file_uploader[0].set_value([("renamed.png", b"just some text\n", "image/png"), ("red.png", good, "image/png")]).run()
+    assert not at.exception
+    assert len(at.error) == 1 and at.error[0].value.startswith("renamed.png: not a readable image")
+    expected = app.caption(captioner_for(checkpoint), app.read_image(good, "red.png"), at.slider[0].value, at.slider[1].value)
+    assert [h.value for h in at.subheader] == [expected["caption"] or "(empty caption)"]
