@@ -1,7 +1,7 @@
 """Web demo: upload images (or click a bundled example) and see the caption, the top beams and,
 for attention and Transformer decoders, a heatmap per word. Runs on a CPU.
 
-    pip install -r requirements.txt -r requirements-app.txt
+    pip install -r requirements-app.txt            # requirements.txt plus streamlit
     streamlit run app.py
     CAPTION_APP_CHECKPOINT=runs/demo/checkpoint_best.pth streamlit run app.py   # preselect a checkpoint
 
@@ -118,11 +118,11 @@ def example_buttons() -> None:
     names = sorted(n for n in os.listdir(EXAMPLES_DIR) if n.lower().endswith(tuple(UPLOAD_TYPES)))[:N_EXAMPLES]
     if not names:
         return
-    st.write("...or try an example:")
-    for column, name in zip(st.columns(len(names)), names):
+    st.write("...or click an example:")
+    for number, (column, name) in enumerate(zip(st.columns(len(names)), names), 1):
         path = os.path.join(EXAMPLES_DIR, name)
         column.image(path, width="stretch")
-        if column.button(name, key=f"example_{name}", width="stretch"):
+        if column.button(f"Example {number}", key=f"example_{name}", help=name, width="stretch"):
             st.session_state["example"] = path
 
 
@@ -146,9 +146,11 @@ def main() -> None:
     st.sidebar.caption(f"{config['model']['encoder']} + {config['model']['decoder']} on {device.type}; "
                        f"uploads up to {MAX_UPLOAD_MB} MB and {Image.MAX_IMAGE_PIXELS:,} pixels")
 
-    uploads = st.file_uploader(f"Upload images ({', '.join(UPLOAD_TYPES)}; up to {MAX_UPLOAD_MB} MB each)",
-                               type=UPLOAD_TYPES, accept_multiple_files=True)
-    example_buttons()
+    upload_column, example_column = st.columns([2, 3], gap="large")
+    uploads = upload_column.file_uploader(f"Upload images ({', '.join(UPLOAD_TYPES)}; up to {MAX_UPLOAD_MB} MB each)",
+                                          type=UPLOAD_TYPES, accept_multiple_files=True)
+    with example_column:
+        example_buttons()
     inputs = [(upload.name, upload.getvalue()) for upload in uploads or []]
     if st.session_state.get("example"):
         example = st.session_state["example"]

@@ -1,13 +1,14 @@
 """Score a checkpoint on a split with real decoding (never teacher forcing).
 
-    python evaluate.py --checkpoint runs/demo/checkpoint_best.pth --captions captions.csv --images demo_images
+    python evaluate.py --checkpoint runs/demo/checkpoint_best.pth --split val --beam-size 3
     python evaluate.py --checkpoint CKPT --captions ../shared/flickr8k/captions.txt --images ../shared/flickr8k/Images \\
         --split-file ../shared/flickr8k/Flickr_8k.devImages.txt --beam-size 3 --out runs/x/metrics.json
 
 Generates a caption for every image of the split (greedy, or beam search with
 --beam-size K) and scores them against all reference captions with the coco-caption
 toolkit: BLEU-1..4, METEOR, ROUGE-L, CIDEr-D. Prints the metrics as one JSON object on
-the last line of stdout. With --out, writes that object to the file, and beside it
+the last line of stdout (plus exact_match: the share of captions equal to a reference
+word for word, n_empty_captions and n_skipped). With --out, writes that object to the file, and beside it
 <stem>_captions.json (image, caption, references, per-image scores), which grows as
 captions are produced, so an interrupted run keeps what it generated.
 """
@@ -19,10 +20,11 @@ import sys
 import torch
 from tqdm import tqdm
 
-from data.dataset import image_loader, read_captions, read_split_file, warn
+from data.dataset import load_splits, read_captions, read_split_file, warn
+from data.features import extract_features
+from data.vocab import tokenize
 from decoding import generate
 from metrics import score_captions
-from models.encoder import input_size
 from utils import load_checkpoint, load_model, pick_device, run_main
 
 
@@ -36,15 +38,18 @@ def write_json(obj, path: str) -> None:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--captions", required=True, help="captions file (image,caption CSV or Flickr8k.token.txt)")
-    parser.add_argument("--images", required=True, help="image folder")
+    parser.add_argument("--captions", help="captions file (image,caption CSV or Flickr8k.token.txt)")
+    parser.add_argument("--images", help="image folder")
     parser.add_argument("--split-file", help="image names to evaluate, one per line (default: every captioned image)")
+    parser.add_argument("--split", choices=["train", "val"],
+                        help="instead of --captions/--images/--split-file: that split of the checkpoint's own dataset")
     parser.add_argument("--beam-size", type=int, default=1, help="1 = greedy (default)")
     parser.add_argument("--max-len", type=int, default=None, help="maximum caption length (default: the checkpoint's)")
     parser.add_argument("--out", help="write the metrics JSON here, and <stem>_captions.json beside it")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--no-cache", action="store_true", help="recompute CNN features instead of reading train.cache_dir")
     args = parser.parse_args(argv)
     if args.beam_size < 1:
         raise ValueError("--beam-size must be at least 1")
@@ -52,8 +57,15 @@ def main(argv=None):
     device = pick_device(args.device)
     model, vocab, config = load_model(load_checkpoint(args.checkpoint), args.checkpoint)
     model.to(device)
-    references = read_captions(args.captions)
-    names = read_split_file(args.split_file) if args.split_file else list(references)
+    if args.split:
+        references, train_names, val_names = load_splits(config["data"])
+        names = train_names if args.split == "train" else val_names
+        args.captions, args.images = config["data"]["captions"], config["data"]["images"]
+    elif not (args.captions and args.images):
+        raise ValueError("give --captions and --images (and optionally --split-file), or --split val")
+    else:
+        references = read_captions(args.captions)
+        names = read_split_file(args.split_file) if args.split_file else list(references)
     not_captioned = [n for n in names if n not in references]
     missing = [n for n in names if n in references and not os.path.isfile(os.path.join(args.images, n))]
     if not_captioned:
@@ -69,19 +81,22 @@ def main(argv=None):
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         captions_path = os.path.splitext(args.out)[0] + "_captions.json"
-    produced, unreadable = [], 0
-    size = input_size(config["model"]["encoder"], config["data"]["image_size"])
+    produced = []
+    paths = [os.path.join(args.images, n) for n in names]
     max_len = args.max_len or config["decode"]["max_len"]
-    loader = image_loader([os.path.join(args.images, n) for n in names], size, args.batch_size, args.num_workers)
-    for images, good, bad in tqdm(loader, desc=f"captioning (beam {args.beam_size})", unit="batch", file=sys.stderr):
-        unreadable += len(bad)
-        if images is None:
-            continue
+    # A frozen encoder's features come from the training cache when they are there (same key, same weights).
+    cache_dir = None if args.no_cache or config["train"]["fine_tune_encoder"] else config["train"]["cache_dir"]
+    features, ok = extract_features(model.encoder, paths, config["data"]["image_size"], cache_dir, device,
+                                    args.batch_size, args.num_workers)
+    readable = [n for n, good in zip(names, ok) if good]
+    unreadable = len(names) - len(readable)
+    for start in tqdm(range(0, len(readable), args.batch_size), desc=f"captioning (beam {args.beam_size})",
+                      unit="batch", file=sys.stderr):
         with torch.no_grad():
-            results = generate(model, model.encoder.extract(images.to(device)), vocab, args.beam_size, max_len,
-                               config["decode"]["length_penalty"])
-        produced += [{"image": names[i], "caption": r["caption"], "references": references[names[i]]}
-                     for i, r in zip(good, results)]
+            results = generate(model, features[start:start + args.batch_size].to(device), vocab, args.beam_size,
+                               max_len, config["decode"]["length_penalty"])
+        produced += [{"image": name, "caption": r["caption"], "references": references[name]}
+                     for name, r in zip(readable[start:], results)]
         if captions_path:
             write_json(produced, captions_path)
     if not produced:
@@ -94,6 +109,8 @@ def main(argv=None):
     for note in notes:
         warn(note)
     result = {**{k: (round(v, 4) if v is not None else None) for k, v in metrics.items()}, "n_images": len(produced),
+              "exact_match": round(sum(tokenize(p["caption"]) in [tokenize(r) for r in p["references"]]
+                                       for p in produced) / len(produced), 4),
               "beam_size": args.beam_size, "n_empty_captions": empty,
               "n_skipped": len(not_captioned) + len(missing) + unreadable}
     if args.out:

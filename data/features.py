@@ -1,16 +1,26 @@
 """The feature cache: each image goes through the frozen CNN once, ever.
 
-Layout: <cache_dir>/<key>/shard_NNNNN.pt, each {"files": [[path, size, mtime_ns], ...],
+Layout: <cache_dir>/<key>/shard_*.pt, each {"files": [[path, size, mtime_ns], ...],
 "features": fp16 [n, ...]}. The key hashes the encoder name, its weights, the transform
 and the layout (fp16 grids [P,C], which every decoder reads); each entry also records its file's size and mtime, so a changed
 file, encoder, weight or transform never reuses stale features. Shards are written
 atomically as extraction goes, so a killed run resumes where it stopped, and a truncated
 shard is detected, deleted and recomputed.
+
+On CUDA, JPEGs are read by a thread pool, decoded on the GPU in batches (nvjpeg) and
+resized there; other files, and any JPEG the GPU cannot decode, take the PIL path. The
+cache key does not name the decode path: nvjpeg and libjpeg differ by a grey level or so
+in some pixels, less than bf16 (CUDA) and fp32 (CPU) CNNs already differ, and a cache
+built on a GPU machine should stay valid on a laptop.
 """
 import hashlib
 import os
+import warnings
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from data.dataset import image_loader, warn
@@ -18,6 +28,9 @@ from models.encoder import input_size, transform_id
 from utils import atomic_save
 
 SHARD_SIZE = 1024
+CUDA_BATCH = 256        # images per CNN batch on CUDA at least: smaller batches leave the GPU idle
+JPEG_EXTENSIONS = (".jpg", ".jpeg")
+_gpu_jpeg = {}          # device -> whether torchvision decodes JPEGs there
 
 
 def cache_key(encoder, image_size: int) -> str:
@@ -50,13 +63,103 @@ def _read_shards(folder: str) -> dict:
     return rows
 
 
+def _decode_jpeg(data, device):
+    """torchvision's decode_jpeg (deprecated in favour of TorchCodec from 0.29 on, still there) into RGB."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+
+
+def gpu_jpeg_available(device) -> bool:
+    """True when JPEGs can be decoded on this CUDA device (torchvision built with nvjpeg); probed once."""
+    if device.type != "cuda":
+        return False
+    if device not in _gpu_jpeg:
+        try:
+            from torchvision.io import encode_jpeg
+            _decode_jpeg([encode_jpeg(torch.zeros(3, 8, 8, dtype=torch.uint8))], device)
+            _gpu_jpeg[device] = True
+        except Exception as e:   # no nvjpeg in this build, or an old torchvision: the PIL path does it all
+            warn(f"JPEG decoding on {device} is not available ({str(e).splitlines()[0][:80]}); decoding with PIL")
+            _gpu_jpeg[device] = False
+    return _gpu_jpeg[device]
+
+
+def _read_bytes(path: str):
+    try:
+        with open(path, "rb") as f:
+            return torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
+    except OSError:
+        return None
+
+
+def decode_resize(data: list, size: int, device):
+    """Raw JPEG bytes -> (uint8 [n_ok,3,size,size] on device, ok: list[bool]); the same squash resize as
+    models.encoder.resize_image (bilinear, antialiased), done on the device."""
+    try:
+        decoded = _decode_jpeg(data, device)
+    except Exception:                 # one bad file fails the whole batch: find it by decoding one at a time
+        decoded = []
+        for d in data:
+            try:
+                decoded.append(_decode_jpeg(d, device))
+            except Exception:
+                decoded.append(None)
+    good = [j for j, image in enumerate(decoded) if image is not None]
+    batch = torch.empty((len(good), 3, size, size), dtype=torch.uint8, device=device)
+    by_shape = {}
+    for row, j in enumerate(good):
+        by_shape.setdefault(tuple(decoded[j].shape), []).append(row)
+    for rows in by_shape.values():    # one interpolate per distinct image size (Flickr8k has few)
+        x = torch.stack([decoded[good[r]] for r in rows]).float()                     # [k, 3, H, W]
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        batch[rows] = x.round_().clamp_(0, 255).to(torch.uint8)                       # [k, 3, S, S]
+    return batch, [image is not None for image in decoded]
+
+
+def _decode_batch(first: int, reads: list, size: int, device):
+    data = [r.result() for r in reads]
+    readable = [j for j, d in enumerate(data) if d is not None]
+    images, ok = decode_resize([data[j] for j in readable], size, device)
+    good = [first + j for j, decoded in zip(readable, ok) if decoded]
+    return images, good, sorted(set(range(first, first + len(data))) - set(good))
+
+
+def jpeg_batches(paths: list[str], size: int, batch_size: int, threads: int, device):
+    """Yield (images uint8 [b,3,S,S] on device, indices decoded, indices rejected) per batch of paths."""
+    with ThreadPoolExecutor(threads) as pool:
+        reads = deque()
+        for start in range(0, len(paths), batch_size):
+            reads.append((start, [pool.submit(_read_bytes, p) for p in paths[start:start + batch_size]]))
+            if len(reads) > 2:        # the threads read two batches ahead while the device decodes this one
+                yield _decode_batch(*reads.popleft(), size, device)
+        while reads:
+            yield _decode_batch(*reads.popleft(), size, device)
+
+
+def _batches(paths, size, batch_size, num_workers, device):
+    """(images [b,3,S,S], indices into paths, indices of unreadable files): the GPU JPEG path, then PIL."""
+    pil = list(range(len(paths)))
+    if gpu_jpeg_available(device):
+        jpegs = [i for i in pil if paths[i].lower().endswith(JPEG_EXTENSIONS)]
+        pil = [i for i in pil if not paths[i].lower().endswith(JPEG_EXTENSIONS)]
+        for images, good, rejected in jpeg_batches([paths[i] for i in jpegs], size, batch_size, max(4, num_workers), device):
+            pil += [jpegs[j] for j in rejected]       # PIL decides whether they are unreadable, and says why
+            yield images, [jpegs[j] for j in good], []
+    if pil:
+        loader = image_loader([paths[i] for i in pil], size, batch_size, num_workers, pin_memory=device.type == "cuda")
+        for images, good, failed in loader:
+            yield images, [pil[j] for j in good], [pil[j] for j in failed]
+
+
 @torch.no_grad()
 def extract_features(encoder, paths: list[str], image_size: int, cache_dir: str | None, device,
                      batch_size: int = 64, num_workers: int = 2, desc: str = "features"):
     """Features for image files, from the cache where valid, else computed (and cached).
 
     Returns (features [n_ok, ...] fp16 on CPU, ok: list[bool] per path). Unreadable images are
-    skipped with a warning and counted.
+    skipped with a warning and counted. On CUDA, batches hold at least CUDA_BATCH images.
     """
     stamps = [file_stamp(p) if os.path.exists(p) else None for p in paths]
     cached, folder = {}, None
@@ -68,13 +171,17 @@ def extract_features(encoder, paths: list[str], image_size: int, cache_dir: str 
     if todo:
         encoder.eval()
         size = input_size(encoder.name, image_size)
-        loader = image_loader([paths[i] for i in todo], size, batch_size, num_workers, pin_memory=device.type == "cuda")
-        pending_files, pending_feats, shard_id = [], [], len(os.listdir(folder)) if folder else 0
+        if device.type == "cuda":
+            batch_size = max(batch_size, CUDA_BATCH)
+        batches = _batches([paths[i] for i in todo], size, batch_size, num_workers, device)
+        pending_files, pending_feats, shard_id = [], [], 0
         bad = 0
         amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-        for images, good, failed in tqdm(loader, desc=desc, unit="batch", dynamic_ncols=True):
+        bar = tqdm(total=len(todo), desc=desc, unit="image", dynamic_ncols=True)
+        for images, good, failed in batches:
             bad += len(failed)
-            if images is None:
+            bar.update(len(good) + len(failed))
+            if images is None or not len(images):
                 continue
             with amp:
                 feats = encoder.extract(images.to(device, non_blocking=True)).half().cpu()   # [b, ...]
@@ -85,6 +192,7 @@ def extract_features(encoder, paths: list[str], image_size: int, cache_dir: str 
             if folder and len(pending_files) >= SHARD_SIZE:
                 shard_id = _write_shard(folder, shard_id, pending_files, pending_feats)
                 pending_files, pending_feats = [], []
+        bar.close()
         if folder and pending_files:
             _write_shard(folder, shard_id, pending_files, pending_feats)
         if bad:
@@ -96,7 +204,8 @@ def extract_features(encoder, paths: list[str], image_size: int, cache_dir: str 
 
 
 def _write_shard(folder: str, shard_id: int, files: list, feats: list) -> int:
-    while os.path.exists(os.path.join(folder, f"shard_{shard_id:05d}.pt")):
+    # The pid keeps processes that fill one cache at once (torchrun ranks) from replacing each other's shards.
+    while os.path.exists(os.path.join(folder, f"shard_{os.getpid()}_{shard_id:05d}.pt")):
         shard_id += 1
-    atomic_save({"files": files, "features": torch.stack(feats)}, os.path.join(folder, f"shard_{shard_id:05d}.pt"))
+    atomic_save({"files": files, "features": torch.stack(feats)}, os.path.join(folder, f"shard_{os.getpid()}_{shard_id:05d}.pt"))
     return shard_id + 1

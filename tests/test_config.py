@@ -30,5 +30,5 @@ def test_bad_overrides_are_rejected(pairs, message):
 
 def test_repo_configs_load():
     for path in ["config.yaml", "configs/flickr8k.yaml", "configs/flickr8k_lite2_lstm.yaml",
-                 "configs/flickr8k_lite2_attention.yaml"]:
+                 "configs/flickr8k_lite2_attention.yaml", "configs/flickr8k_lite2_transformer.yaml"]:
         assert load_config(path)["model"]["encoder"]

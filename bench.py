@@ -1,0 +1,410 @@
+"""Benchmark this project's pipeline against the classic captioning loop: same images, captions, model and device.
+
+    python bench.py --quick --device cpu                       # under 2 minutes on a CPU
+    python bench.py --device cuda --data devdata/flickr8k --out bench.json
+
+Ours is the project's own code: data.features.extract_features (on CUDA: JPEGs decoded on
+the GPU, bf16, channels_last), train-style decoder steps on cached features kept on the
+device (train.batch_loss), train.train for end to end, decoding.generate for inference.
+Naive is the classic loop, written here: PIL + torchvision.transforms, DataLoader(num_workers=2),
+a fp32 ResNet-50 run on every batch, an LSTM (Linear+BatchNorm head) trained on its output, no cache.
+Data: --data DIR, else $FLICKR8K_DIR, else ../shared/flickr8k (captions.txt, Images/,
+Flickr_8k.trainImages.txt), else (or --data generated) 500x375 JPEGs of the demo's shapes. Encoder weights are random (ImageNet
+weights are a download): the speed is the same. Prints a table on stderr and, as the last line of
+stdout, one JSON object (also written to --out). Every ratio is "times better for ours" (>1 = ours wins).
+"""
+import argparse
+import json
+import math
+import os
+import resource
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from PIL import Image
+
+import train
+from config import DEFAULTS, merge
+from data.dataset import read_captions, read_split_file
+from data.features import CUDA_BATCH, extract_features
+from data.prepare import encode_captions
+from data.vocab import Vocabulary
+from decoding import generate
+from models import build_model
+from models.decoder_lstm import DecoderRNN
+from models.encoder import IMAGENET_MEAN, IMAGENET_STD
+from utils import load_checkpoint, load_model, pick_device, run_main
+
+FLICKR8K = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "flickr8k")
+EPOCH_CAPTIONS = 30_000       # Flickr8k's train split: 6,000 images x 5 captions
+MAX_LEN = DEFAULTS["decode"]["max_len"]
+
+
+def now(device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+    return time.perf_counter()
+
+
+def reset_peak(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    elif os.path.exists("/proc/self/clear_refs"):
+        with open("/proc/self/clear_refs", "w") as f:   # Linux: restart this process's peak RSS (VmHWM)
+            f.write("5")
+
+
+def peak_memory(device) -> int:
+    """Bytes: peak CUDA allocation; on CPU, this process's peak RSS plus its largest child's (DataLoader workers)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    unit = 1 if sys.platform == "darwin" else 1024
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit
+    if os.path.exists("/proc/self/status"):
+        with open("/proc/self/status") as f:
+            own = next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:")), own)
+    return own + resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * unit
+
+
+# ---- data ----------------------------------------------------------------------------------------
+
+def find_data(args, tmp, n_images):
+    """(images dir, captions file, image names, source): Flickr8k's train split, or generated JPEGs."""
+    folder = args.data or os.environ.get("FLICKR8K_DIR") or (FLICKR8K if os.path.isdir(FLICKR8K) else "generated")
+    if folder == "generated":
+        return make_jpegs(tmp, n_images)
+    images, captions_path = os.path.join(folder, "Images"), os.path.join(folder, "captions.txt")
+    if not os.path.isdir(images) or not os.path.isfile(captions_path):
+        raise ValueError(f"--data {folder}: expected {captions_path} and the folder {images}; "
+                         f"or leave --data out to use generated images")
+    captions, on_disk = read_captions(captions_path), set(os.listdir(images))
+    split = os.path.join(folder, "Flickr_8k.trainImages.txt")
+    names = read_split_file(split) if os.path.isfile(split) else sorted(captions)
+    names = [n for n in names if n in captions and n in on_disk][:n_images]
+    if not names:
+        raise ValueError(f"--data {folder}: no image of {split} is both in {images} and in {captions_path}")
+    return images, captions_path, names, f"flickr8k ({os.path.abspath(folder)})"
+
+
+def make_jpegs(tmp, n):
+    """The demo's shape images, upscaled to Flickr8k's usual 500x375 and saved as JPEGs."""
+    from data.demo import make_demo_dataset
+    make_demo_dataset(os.path.join(tmp, "png"), os.path.join(tmp, "png.csv"), n_images=n)
+    images = os.path.join(tmp, "Images")
+    os.makedirs(images)
+    captions = read_captions(os.path.join(tmp, "png.csv"))
+    for name in captions:
+        Image.open(os.path.join(tmp, "png", name)).resize((500, 375), 2).save(os.path.join(images, name[:-3] + "jpg"), quality=90)
+    with open(os.path.join(tmp, "captions.csv"), "w", encoding="utf-8") as f:
+        f.write("image,caption\n" + "".join(f"{n[:-3]}jpg,{c}\n" for n in captions for c in captions[n]))
+    return images, os.path.join(tmp, "captions.csv"), [n[:-3] + "jpg" for n in captions], "generated JPEGs"
+
+
+# ---- the naive baseline --------------------------------------------------------------------------
+
+def naive_transform(size):
+    return torchvision.transforms.Compose([torchvision.transforms.Resize((size, size)), torchvision.transforms.ToTensor(),
+                                           torchvision.transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+class NaiveCaptioner(nn.Module):
+    """Show and Tell as in the classic tutorials: fp32 ResNet-50 on every batch, Linear+BatchNorm, LSTM."""
+
+    def __init__(self, vocab_size: int):
+        super().__init__()
+        self.cnn = nn.Sequential(*list(torchvision.models.resnet50(weights=None).children())[:-1])   # to avgpool
+        self.cnn.requires_grad_(False)
+        self.embed = nn.Sequential(nn.Linear(2048, 256), nn.BatchNorm1d(256))
+        self.decoder = DecoderRNN(256, vocab_size, 512)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.cnn.eval()            # frozen: keep its BatchNorm statistics
+        return self
+
+    def init_state(self, images):  # images [B,3,S,S] normalised -> LSTM state; lets decoding.generate drive it
+        with torch.no_grad():
+            features = self.cnn(images).flatten(1)                                  # [B, 2048]
+        return self.decoder.init_state(self.embed(features))
+
+    def step(self, tokens, state):
+        return self.decoder.step(tokens, state)
+
+    def forward(self, images, captions, lengths):
+        with torch.no_grad():
+            features = self.cnn(images).flatten(1)
+        logits, _ = self.decoder(self.embed(features), captions[:, :-1], lengths - 1)  # [B, T, V]
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), captions[:, 1:].reshape(-1), ignore_index=0)
+
+    def copy_from(self, model):
+        """Take a project LSTM model's weights, so both pipelines compute the same captions."""
+        self.cnn[:8].load_state_dict(model.encoder.backbone.state_dict())
+        self.embed.load_state_dict(model.encoder.embed.state_dict())
+        self.decoder.load_state_dict(model.decoder.state_dict())
+
+
+class NaiveImages(torch.utils.data.Dataset):
+    """Caption rows (or images) -> (normalised float image, tokens, length), opened with PIL every time."""
+
+    def __init__(self, paths, size, tokens=None, lengths=None, image_index=None):
+        self.paths, self.transform = paths, naive_transform(size)
+        self.tokens, self.lengths, self.image_index = tokens, lengths, image_index
+
+    def __len__(self):
+        return len(self.paths) if self.tokens is None else len(self.tokens)
+
+    def __getitem__(self, i):
+        if self.tokens is None:
+            return self.transform(Image.open(self.paths[i]).convert("RGB"))
+        image = Image.open(self.paths[self.image_index[i]]).convert("RGB")
+        return self.transform(image), self.tokens[i], self.lengths[i]
+
+
+@torch.no_grad()
+def naive_extract(naive, paths, size, bs, device):
+    naive.cnn(torch.zeros(2, 3, size, size, device=device))            # warm-up
+    start = now(device)
+    for images in torch.utils.data.DataLoader(NaiveImages(paths, size), batch_size=bs, num_workers=2):
+        naive.cnn(images.to(device)).flatten(1).cpu()                   # [b, 2048]
+    return len(paths) / (now(device) - start)
+
+
+def naive_train(vocab_size, paths, rows, size, bs, device, max_epochs, budget_s, folder):
+    """The classic loop from JPEGs to a checkpoint per epoch: (model, epochs done, wall s, captions/s in epoch 1)."""
+    start = now(device)
+    naive = NaiveCaptioner(vocab_size).to(device)
+    optimizer = torch.optim.Adam([p for p in naive.parameters() if p.requires_grad], lr=1e-3)
+    loader = torch.utils.data.DataLoader(NaiveImages(paths, size, *rows), batch_size=bs, shuffle=True, num_workers=2)
+    epochs, step_ends = 0, []
+    while epochs < max_epochs and (epochs == 0 or now(device) - start < budget_s):
+        naive.train()
+        for images, tokens, lengths in loader:
+            loss = naive(images.to(device), tokens[:, :int(lengths.max())].to(device), lengths)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            loss.item()                                                 # the classic loop prints it
+            if epochs == 0:
+                step_ends.append((time.perf_counter(), len(tokens)))
+        torch.save(naive.state_dict(), os.path.join(folder, "naive.pth"))
+        epochs += 1
+    wall = now(device) - start
+    if len(step_ends) > 1:   # steady state: from the end of step 1 to the end of the epoch's last step
+        rate = sum(n for _, n in step_ends[1:]) / (step_ends[-1][0] - step_ends[0][0])
+    else:
+        rate = step_ends[0][1] / wall
+    return naive, epochs, wall, rate
+
+
+@torch.no_grad()
+def naive_infer(naive, vocab, paths, size, bs, beam, device):
+    naive.eval()
+    transform = naive_transform(size)
+    start = now(device)
+    for first in range(0, len(paths), bs):
+        images = torch.stack([transform(Image.open(p).convert("RGB")) for p in paths[first:first + bs]])
+        generate(naive, images.to(device), vocab, beam_size=beam, max_len=MAX_LEN)
+    return len(paths) / (now(device) - start)
+
+
+# ---- ours ----------------------------------------------------------------------------------------
+
+def ours_train_rate(model, feats, rows, config, device, budget_s):
+    """train.py's step on cached features on the device, over shuffled captions (cycled), until one
+    30,000-caption epoch or the time budget: (captions/s, whether the whole epoch was run)."""
+    tokens, lengths, image_index = rows
+    inputs, bs, warmup = feats.to(device), config["train"]["batch_size"], 3
+    amp, scaler = train.make_amp(device, True)
+    params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("encoder.backbone")]
+    optimizer = torch.optim.AdamW(params, lr=config["train"]["lr"])
+    order = torch.cat([torch.randperm(len(tokens)) for _ in range(math.ceil((EPOCH_CAPTIONS + warmup * bs) / len(tokens)))])
+    model.train()
+    done, step, start = 0, 0, None
+    while done < EPOCH_CAPTIONS and (start is None or now(device) - start < budget_s):
+        if step == warmup:
+            start, done = now(device), 0
+        idx = order[step * bs:(step + 1) * bs]
+        loss, extra = train.batch_loss(model, inputs[image_index[idx].to(device)], tokens[idx].to(device, non_blocking=True),
+                                       lengths[idx], config, amp)
+        optimizer.zero_grad(set_to_none=True)
+        (scaler.scale(loss + extra) if scaler else loss + extra).backward()
+        if scaler:
+            scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, config["train"]["grad_clip"])
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        loss.item()                                                     # train.py logs every step's loss
+        done, step = done + len(idx), step + 1
+    return done / (now(device) - start), done >= EPOCH_CAPTIONS
+
+
+@torch.no_grad()
+def ours_infer(model, vocab, paths, size, bs, beam, device):
+    amp, _ = train.make_amp(device, True)
+    model.eval()
+    start = now(device)
+    for first in range(0, len(paths), bs):
+        feats, _ = extract_features(model.encoder, paths[first:first + bs], size, None, device, batch_size=bs,
+                                    num_workers=0, desc="ours: infer")
+        with amp:
+            generate(model, feats.to(device, non_blocking=True), vocab, beam_size=beam, max_len=MAX_LEN)
+    return len(paths) / (now(device) - start)
+
+
+# ---- the run -------------------------------------------------------------------------------------
+
+def infer_rates(infer, model, vocab, paths, size, batches, device):
+    """{(batch, beam): images/s} for beams 1 and 3; on CUDA each after a one-image warm-up."""
+    rates = {}
+    for bs, n in batches:
+        for beam in (1, 3):
+            if device.type == "cuda":
+                infer(model, vocab, paths[:1], size, 1, beam, device)
+            rates[bs, beam] = infer(model, vocab, paths[:n], size, bs, beam, device)
+    return rates
+
+
+def figure(ours, naive, higher_is_better=True, **extra):
+    ratio = ours / naive if higher_is_better else naive / ours
+    return {"ours": round(ours, 4), "naive": round(naive, 4), "ratio": round(ratio, 3), **extra}
+
+
+def run(args):
+    device = pick_device(args.device)
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        return measure(args, device, tmp)
+
+
+def measure(args, device, tmp):
+    quick, cpu = args.quick, device.type == "cpu"
+    n_images, epochs = args.images or (12 if quick and cpu else 256 if quick else 1500), args.epochs or (2 if quick else 10)
+    bs, size = args.batch_size or (16 if quick and cpu else 64), args.image_size
+    images_dir, captions_path, names, source = find_data(args, tmp, n_images)
+    paths = [os.path.join(images_dir, n) for n in names]
+    for p in paths:                                  # warm the page cache, so neither side pays for the first read
+        with open(p, "rb") as f:
+            f.read()
+    captions, min_freq = read_captions(captions_path), 5 if len(names) >= 1000 else 1
+    vocab = Vocabulary.build((c for n in names for c in captions[n]), min_freq)
+    rows = encode_captions(names, captions, vocab, DEFAULTS["data"]["max_caption_len"])
+    batches = ((1, 2), (min(bs, len(paths)), min(bs, len(paths)))) if quick else ((1, 32), (bs, min(4 * bs, len(paths))))
+    for split, listed in (("train", names), ("val", names[:1])):   # train.py needs a val split: 1 image, already cached
+        with open(os.path.join(tmp, f"{split}.txt"), "w") as f:
+            f.write("\n".join(listed) + "\n")
+    config = merge(DEFAULTS, {
+        "data": {"captions": captions_path, "images": images_dir, "train_split": os.path.join(tmp, "train.txt"),
+                 "val_split": os.path.join(tmp, "val.txt"), "min_word_freq": min_freq, "image_size": size},
+        "model": {"encoder": "resnet50", "encoder_weights": "none", "decoder": args.decoder},
+        "train": {"epochs": epochs, "batch_size": bs, "lr": 1e-3, "out_dir": os.path.join(tmp, "run"),
+                  "cache_dir": os.path.join(tmp, "cache"), "val_bleu_images": 0, "select_metric": "loss",
+                  "device": str(device), "num_workers": 2, "log_every": 10 ** 9}}, "bench.py")
+    print(f"bench: {len(paths)} images from {source}, {len(rows[0])} captions, {device}; ours first", file=sys.stderr)
+
+    reset_peak(device)
+    model = build_model(config, len(vocab)).to(device)
+    extract_features(model.encoder, paths[:2], size, None, device, num_workers=0, desc="warm-up")
+    start = now(device)
+    feats, _ = extract_features(model.encoder, paths, size, None, device, batch_size=bs, num_workers=2, desc="ours: features")
+    ours_extract = len(paths) / (now(device) - start)
+    ours_rate, ours_full_epoch = ours_train_rate(model, feats, rows, config, device, 5 if quick else 30)
+    del model, feats
+    start = now(device)
+    train.train(config)
+    ours_e2e = now(device) - start
+    model, vocab, _ = load_model(load_checkpoint(os.path.join(config["train"]["out_dir"], "checkpoint_best.pth")))
+    ours_infer_rates = infer_rates(ours_infer, model.to(device), vocab, paths, size, batches, device)
+    ours_peak = peak_memory(device)
+    model.cpu()
+
+    print("bench: naive", file=sys.stderr)
+    reset_peak(device)
+    naive_extract_rate = naive_extract(NaiveCaptioner(len(vocab)).to(device), paths, size, bs, device)
+    naive, naive_epochs, naive_e2e, naive_rate = naive_train(len(vocab), paths, rows, size, bs, device, epochs,
+                                                             0 if quick else 45, tmp)
+    if args.decoder == "lstm":
+        naive.copy_from(model)
+    naive_infer_rates = infer_rates(naive_infer, naive, vocab, paths, size, batches, device)
+    naive_peak = peak_memory(device)
+
+    name = {1: "greedy", 3: "beam3"}
+    figures = {
+        "extraction_images_per_s": figure(ours_extract, naive_extract_rate),
+        "train_captions_per_s": figure(ours_rate, naive_rate),
+        "epoch_30k_captions_s": figure(EPOCH_CAPTIONS / ours_rate, EPOCH_CAPTIONS / naive_rate, False,
+                                       ours_extrapolated=not ours_full_epoch, naive_extrapolated=True),
+        "end_to_end_per_epoch_s": figure(ours_e2e / epochs, naive_e2e / naive_epochs, False, ours_epochs=epochs,
+                                         naive_epochs=naive_epochs, ours_total_s=round(ours_e2e, 3),
+                                         naive_total_s=round(naive_e2e, 3)),
+        **{f"infer_{name[k]}_bs{b}_images_per_s": figure(ours_infer_rates[b, k], naive_infer_rates[b, k])
+           for b, k in ours_infer_rates},
+        "peak_memory_bytes": figure(ours_peak, naive_peak, False, kind="torch.cuda.max_memory_allocated" if not cpu
+                                    else "peak RSS of this process (reset per side) + of its largest child"),
+    }
+    notes = [
+        "ratio = times better for ours: rates ours/naive, times and memory naive/ours",
+        "train_captions_per_s: ours = train.py's step (train.batch_loss, AdamW, grad clip, loss.item()) on cached features "
+        "on the device, after 3 warm-up steps; naive = the classic loop's steps after its first, in its first epoch",
+        f"epoch_30k_captions_s: ours {'measured, captions cycled' if ours_full_epoch else 'extrapolated'}; naive extrapolated",
+        f"end_to_end_per_epoch_s: JPEGs to checkpoint; ours = train.train for {epochs} epochs, naive measured for "
+        f"{naive_epochs}; each side's wall time divided by its epochs" + (" (the counts differ)" if naive_epochs != epochs else ""),
+        "infer: image file to caption with decoding.generate; " + ("both with ours' trained weights" if args.decoder == "lstm"
+                                                                    else f"naive LSTM vs ours {args.decoder}: decoders differ"),
+        "encoder weights are random (ImageNet weights are a download): the speed is the same",
+    ]
+    return {
+        "device": str(device), "device_name": "cpu" if cpu else torch.cuda.get_device_name(device),
+        "torch": torch.__version__, "torchvision": torchvision.__version__, "python": sys.version.split()[0],
+        "quick": quick, "data": source, "images": len(paths), "captions": len(rows[0]), "vocab": len(vocab),
+        "decoder": args.decoder, "batch_size": bs, "image_size": size,
+        "extraction_batch_size": bs if cpu else max(bs, CUDA_BATCH), "inference_batches": [list(b) for b in batches],
+        "figures": figures, "notes": notes,
+        "extrapolated": ["epoch_30k_captions_s.naive"] + ([] if ours_full_epoch else ["epoch_30k_captions_s.ours"]),
+    }
+
+
+def print_table(result):
+    lines = [f"{'figure':<40}{'ours':>14}{'naive':>14}{'ratio':>9}"]
+    for name, f in result["figures"].items():
+        lines.append(f"{name:<40}{f['ours']:>14.4g}{f['naive']:>14.4g}{f['ratio']:>8.2f}x")
+    print(f"\n{result['device_name']} | {result['images']} images, {result['captions']} captions | batch "
+          f"{result['batch_size']}\n" + "\n".join(lines) + "\nextrapolated: " + ", ".join(result["extrapolated"]),
+          file=sys.stderr)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--quick", action="store_true", help="small sizes: under 2 minutes on a CPU")
+    parser.add_argument("--out", help="also write the JSON here")
+    parser.add_argument("--data", help="a Flickr8k folder, or 'generated' (default: $FLICKR8K_DIR, else ../shared/flickr8k, else generated)")
+    parser.add_argument("--images", type=int, help="images used at most (default 1500; --quick: 12 on CPU, 256 on CUDA)")
+    parser.add_argument("--epochs", type=int, help="end-to-end epochs (default 10; --quick: 2)")
+    parser.add_argument("--decoder", default="lstm", choices=["lstm", "attention"])
+    parser.add_argument("--batch-size", type=int, help="training and inference batch (default 64; --quick on CPU: 16)")
+    parser.add_argument("--image-size", type=int, default=224, help="CNN input size (default 224)")
+    args = parser.parse_args(argv)
+    for name in ("images", "epochs", "batch_size", "image_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    result = run(args)
+    print_table(result)
+    text = json.dumps(result)
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+    print(text)
+    return result
+
+
+if __name__ == "__main__":
+    run_main(main)
