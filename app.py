@@ -95,7 +95,8 @@ def show_result(name: str, image: Image.Image, result: dict) -> None:
                     for i, (beam, score) in enumerate(result["beams"])], hide_index=True, width="stretch")
     if result["heatmaps"]:
         st.caption("Attention per word: where the model looked while saying it")
-        st.image([overlay for _, overlay in result["heatmaps"]], caption=[word for word, _ in result["heatmaps"]], width=96)
+        words, overlays = zip(*result["heatmaps"])
+        st.image(list(overlays), caption=list(words), width=96)
 
 
 def sidebar_checkpoint() -> str | None:

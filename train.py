@@ -9,12 +9,13 @@
 With a frozen encoder, every image goes through the CNN once (features are cached on disk
 under train.cache_dir); each training step then only runs the decoder on cached features.
 Writes into train.out_dir: checkpoint_last.pth, checkpoint_best.pth, loss_log.txt,
-config.yaml, vocab.json. Ctrl-C saves checkpoint_last.pth; --resume continues from it.
+config.yaml, vocab.json. Ctrl-C (or SIGTERM) saves checkpoint_last.pth; --resume continues from it.
 """
 import argparse
 import math
 import os
 import random
+import signal
 import sys
 import time
 
@@ -180,6 +181,8 @@ def train(config, checkpoint=None, resume=None):
               file=sys.stderr)
     started = time.time() - progress["elapsed"]
     model.train()
+    # SIGTERM (a scheduler's preemption, `kill`) saves and stops like Ctrl-C.
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
         while progress["epoch"] < t["epochs"]:
             epoch = progress["epoch"]
@@ -246,6 +249,10 @@ def train(config, checkpoint=None, resume=None):
     if main_process:
         print(f"done: {out_dir}/checkpoint_best.pth", file=sys.stderr)
     return out_dir
+
+
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def end_of_epoch(model, val_set, config, vocab, device, amp, progress, higher_is_better, log, started, optimizer, save):

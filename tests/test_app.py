@@ -14,7 +14,8 @@ import app  # noqa: E402
 from utils import load_checkpoint, load_model  # noqa: E402
 
 APP = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "app.py")
-EXAMPLE = sorted(n for n in os.listdir(app.EXAMPLES_DIR) if n.endswith(".png"))[0] if os.path.isdir(app.EXAMPLES_DIR) else None
+EXAMPLES = sorted(os.listdir(app.EXAMPLES_DIR)) if os.path.isdir(app.EXAMPLES_DIR) else []
+EXAMPLE = EXAMPLES[0] if EXAMPLES else None   # the first example button
 can_upload = hasattr(AppTest, "file_uploader")   # AppTest simulates uploads in newer Streamlit only
 
 
@@ -60,8 +61,8 @@ def test_example_click_shows_caption_beams_and_attention(tiny_checkpoints, monke
     assert at.info and "Upload an image" in at.info[0].value
     at.button(key=f"example_{EXAMPLE}").click().run()
     assert not at.exception and not at.error
-    expected = app.caption(captioner_for(checkpoint), Image.open(os.path.join(app.EXAMPLES_DIR, EXAMPLE)).convert("RGB"),
-                           beam_size=at.slider[0].value, max_len=at.slider[1].value)
+    image = Image.open(os.path.join(app.EXAMPLES_DIR, EXAMPLE)).convert("RGB")
+    expected = app.caption(captioner_for(checkpoint), image, beam_size=at.slider[0].value, max_len=at.slider[1].value)
     assert at.subheader[0].value == expected["caption"]
     assert beam_rows(at) == [beam for beam, _ in expected["beams"]]
     assert expected["caption"] and expected["caption"].split()[:app.MAX_HEATMAPS] in image_captions(at)
@@ -131,8 +132,10 @@ def test_uploads_caption_good_images_and_report_bad_ones(tiny_checkpoints, monke
     checkpoint = tiny_checkpoints["lstm"]
     at = start(monkeypatch, tmp_path, checkpoint)
     good = png_bytes()
-    at.file_uploader[0].set_value([("renamed.png", b"just some text\n", "image/png"), ("red.png", good, "image/png")]).run()
+    text_file = ("renamed.png", b"just some text\n", "image/png")
+    at.file_uploader[0].set_value([text_file, ("red.png", good, "image/png")]).run()
     assert not at.exception
     assert len(at.error) == 1 and at.error[0].value.startswith("renamed.png: not a readable image")
-    expected = app.caption(captioner_for(checkpoint), app.read_image(good, "red.png"), at.slider[0].value, at.slider[1].value)
+    image = app.read_image(good, "red.png")
+    expected = app.caption(captioner_for(checkpoint), image, at.slider[0].value, at.slider[1].value)
     assert [h.value for h in at.subheader] == [expected["caption"] or "(empty caption)"]

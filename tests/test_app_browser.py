@@ -91,7 +91,8 @@ def upload_and_read_caption(url: str, image_path: str, profile_dir: str, screens
         wait = WebDriverWait(browser, WAIT_S)
         wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "input[type=file]"))).send_keys(image_path)
         # The caption is the page's only st.subheader (an h3 in the main area).
-        heading = wait.until(EC.visibility_of_element_located((By.CSS_SELECTOR, "section.main h3, [data-testid=stMain] h3")))
+        main_h3 = (By.CSS_SELECTOR, "section.main h3, [data-testid=stMain] h3")
+        heading = wait.until(EC.visibility_of_element_located(main_h3))
         wait.until(lambda _: heading.text.strip())
         time.sleep(1)   # let the beam table and images finish drawing before the screenshot
         browser.save_screenshot(screenshot_path)
@@ -112,7 +113,8 @@ def test_upload_in_browser_shows_caption(tiny_checkpoints, tiny_data, tmp_path):
     finally:
         stop_server(server)
     model, vocab, config = load_model(load_checkpoint(checkpoint), checkpoint)
-    expected = app.caption((model, vocab, config, torch.device("cpu")), app.read_image(pathlib.Path(image_path).read_bytes(), "x"),
-                           config["decode"]["beam_size"], config["decode"]["max_len"])
+    image = app.read_image(pathlib.Path(image_path).read_bytes(), os.path.basename(image_path))
+    expected = app.caption((model, vocab, config, torch.device("cpu")), image,
+                           config["decode"]["beam_size"], config["decode"]["max_len"])   # the sliders' defaults
     assert shown == (expected["caption"] or "(empty caption)")
     assert (tmp_path / "page.png").stat().st_size > 10_000
