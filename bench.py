@@ -8,10 +8,12 @@ the GPU, bf16, channels_last), train-style decoder steps on cached features kept
 device (train.batch_loss), train.train for end to end, decoding.generate for inference.
 Naive is the classic loop, written here: PIL + torchvision.transforms, DataLoader(num_workers=2),
 a fp32 ResNet-50 run on every batch, an LSTM (Linear+BatchNorm head) trained on its output, no cache.
+
 Data: --data DIR, else $FLICKR8K_DIR, else ../shared/flickr8k (captions.txt, Images/,
-Flickr_8k.trainImages.txt), else (or --data generated) 500x375 JPEGs of the demo's shapes. Encoder weights are random (ImageNet
-weights are a download): the speed is the same. Prints a table on stderr and, as the last line of
-stdout, one JSON object (also written to --out). Every ratio is "times better for ours" (>1 = ours wins).
+Flickr_8k.trainImages.txt), else (or with --data generated) 500x375 JPEGs of the demo's shapes.
+Encoder weights are random (ImageNet weights are a download): the speed is the same.
+Prints a table on stderr and, as the last line of stdout, one JSON object (also written to
+--out). Every ratio is "times better for ours" (>1: ours wins).
 """
 import argparse
 import json
@@ -101,7 +103,8 @@ def make_jpegs(tmp, n):
     os.makedirs(images)
     captions = read_captions(os.path.join(tmp, "png.csv"))
     for name in captions:
-        Image.open(os.path.join(tmp, "png", name)).resize((500, 375), 2).save(os.path.join(images, name[:-3] + "jpg"), quality=90)
+        image = Image.open(os.path.join(tmp, "png", name)).resize((500, 375), resample=2)   # 2 = bilinear
+        image.save(os.path.join(images, name[:-3] + "jpg"), quality=90)
     with open(os.path.join(tmp, "captions.csv"), "w", encoding="utf-8") as f:
         f.write("image,caption\n" + "".join(f"{n[:-3]}jpg,{c}\n" for n in captions for c in captions[n]))
     return images, os.path.join(tmp, "captions.csv"), [n[:-3] + "jpg" for n in captions], "generated JPEGs"
@@ -314,7 +317,8 @@ def measure(args, device, tmp):
     model = build_model(config, len(vocab)).to(device)
     extract_features(model.encoder, paths[:2], size, None, device, num_workers=0, desc="warm-up")
     start = now(device)
-    feats, _ = extract_features(model.encoder, paths, size, None, device, batch_size=bs, num_workers=2, desc="ours: features")
+    feats, _ = extract_features(model.encoder, paths, size, None, device, batch_size=bs, num_workers=2,
+                                desc="ours: features")
     ours_extract = len(paths) / (now(device) - start)
     ours_rate, ours_full_epoch = ours_train_rate(model, feats, rows, config, device, 5 if quick else 30)
     del model, feats
@@ -354,11 +358,12 @@ def measure(args, device, tmp):
         "ratio = times better for ours: rates ours/naive, times and memory naive/ours",
         "train_captions_per_s: ours = train.py's step (train.batch_loss, AdamW, grad clip, loss.item()) on cached features "
         "on the device, after 3 warm-up steps; naive = the classic loop's steps after its first, in its first epoch",
-        f"epoch_30k_captions_s: ours {'measured, captions cycled' if ours_full_epoch else 'extrapolated'}; naive extrapolated",
+        f"epoch_30k_captions_s: ours {'measured, captions cycled' if ours_full_epoch else 'extrapolated'}; "
+        "naive extrapolated",
         f"end_to_end_per_epoch_s: JPEGs to checkpoint; ours = train.train for {epochs} epochs, naive measured for "
-        f"{naive_epochs}; each side's wall time divided by its epochs" + (" (the counts differ)" if naive_epochs != epochs else ""),
-        "infer: image file to caption with decoding.generate; " + ("both with ours' trained weights" if args.decoder == "lstm"
-                                                                    else f"naive LSTM vs ours {args.decoder}: decoders differ"),
+        f"{naive_epochs}; each side's wall time divided by its epochs" + (" (counts differ)" if naive_epochs != epochs else ""),
+        "infer: image file to caption, decoding.generate in fp32; " +
+        ("both with ours' trained weights" if args.decoder == "lstm" else f"naive LSTM vs ours {args.decoder}"),
         "encoder weights are random (ImageNet weights are a download): the speed is the same",
     ]
     return {
@@ -386,7 +391,8 @@ def main(argv=None):
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--quick", action="store_true", help="small sizes: under 2 minutes on a CPU")
     parser.add_argument("--out", help="also write the JSON here")
-    parser.add_argument("--data", help="a Flickr8k folder, or 'generated' (default: $FLICKR8K_DIR, else ../shared/flickr8k, else generated)")
+    parser.add_argument("--data", help="a Flickr8k folder, or 'generated' "
+                                       "(default: $FLICKR8K_DIR, else ../shared/flickr8k, else generated)")
     parser.add_argument("--images", type=int, help="images used at most (default 1500; --quick: 12 on CPU, 256 on CUDA)")
     parser.add_argument("--epochs", type=int, help="end-to-end epochs (default 10; --quick: 2)")
     parser.add_argument("--decoder", default="lstm", choices=["lstm", "attention"])

@@ -1,6 +1,6 @@
 """The feature cache: each image goes through the frozen CNN once, ever.
 
-Layout: <cache_dir>/<key>/shard_*.pt, each {"files": [[path, size, mtime_ns], ...],
+Layout: <cache_dir>/<key>/shard_<pid>_NNNNN.pt, each {"files": [[path, size, mtime_ns], ...],
 "features": fp16 [n, ...]}. The key hashes the encoder name, its weights, the transform
 and the layout (fp16 grids [P,C], which every decoder reads); each entry also records its file's size and mtime, so a changed
 file, encoder, weight or transform never reuses stale features. Shards are written
@@ -210,7 +210,8 @@ def extract_features(encoder, paths: list[str], image_size: int, cache_dir: str 
 
 def _write_shard(folder: str, shard_id: int, files: list, feats: list) -> int:
     # The pid keeps processes that fill one cache at once (torchrun ranks) from replacing each other's shards.
-    while os.path.exists(os.path.join(folder, f"shard_{os.getpid()}_{shard_id:05d}.pt")):
+    path = lambda n: os.path.join(folder, f"shard_{os.getpid()}_{n:05d}.pt")  # noqa: E731
+    while os.path.exists(path(shard_id)):
         shard_id += 1
-    atomic_save({"files": files, "features": torch.stack(feats)}, os.path.join(folder, f"shard_{os.getpid()}_{shard_id:05d}.pt"))
+    atomic_save({"files": files, "features": torch.stack(feats)}, path(shard_id))
     return shard_id + 1

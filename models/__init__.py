@@ -1,5 +1,4 @@
 """CaptionModel = EncoderCNN + one decoder, built from a config."""
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 

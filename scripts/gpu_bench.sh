@@ -12,7 +12,10 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-.}"
 PYTHON="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1
-[ -d devdata/flickr8k/Images ] || { echo "error: devdata/flickr8k/Images is missing; copy ~1,500 Flickr8k JPEGs there" >&2; exit 2; }
+if [ ! -d devdata/flickr8k/Images ]; then
+    echo "error: devdata/flickr8k/Images is missing; copy ~1,500 Flickr8k JPEGs there" >&2
+    exit 2
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
 "$PYTHON" - <<'PY'
 import glob, sys

@@ -1,6 +1,5 @@
 """evaluate.py: real decoding, coco metrics, per-image captions JSON, and bad splits."""
 import json
-import os
 
 import pytest
 

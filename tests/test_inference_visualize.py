@@ -5,7 +5,6 @@ import shutil
 import subprocess
 import sys
 
-import pytest
 from PIL import Image
 
 import inference_visualize
