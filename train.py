@@ -138,7 +138,7 @@ def train(config, checkpoint=None, resume=None):
     groups = [{"params": decoder_params, "lr": t["lr"]}]
     if t["fine_tune_encoder"]:
         groups.append({"params": list(model.encoder.last_block().parameters()), "lr": t["encoder_lr"]})
-    optimizer = torch.optim.AdamW(groups, weight_decay=t["weight_decay"])
+    optimizer = torch.optim.AdamW(groups, weight_decay=t["weight_decay"], fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, t["epochs"] * steps_per_epoch))
     amp, scaler = make_amp(device, t["amp"])
     higher_is_better = t["select_metric"] == "bleu4" and t["val_bleu_images"] > 0
@@ -217,13 +217,14 @@ def train(config, checkpoint=None, resume=None):
                 scheduler.step()
                 progress["step"] += 1
                 progress["batch"] = b + 1
-                running, running_n = running + loss.item() * world, running_n + 1
+                # Summed on the device: reading loss.item() every step would stall the GPU.
+                running, running_n = running + loss.detach() * world, running_n + 1
                 if main_process and (progress["step"] % t["log_every"] == 0 or b + 1 == steps_per_epoch):
-                    lr = optimizer.param_groups[0]["lr"]
-                    log.write(f"{progress['step']}\t{epoch + 1}\ttrain\t{running / running_n:.5f}\t{lr:.3e}\t"
+                    lr, mean_loss = optimizer.param_groups[0]["lr"], float(running) / running_n
+                    log.write(f"{progress['step']}\t{epoch + 1}\ttrain\t{mean_loss:.5f}\t{lr:.3e}\t"
                               f"{time.time() - started:.1f}\tnan\n")
                     log.flush()
-                    bar.set_postfix(loss=f"{running / running_n:.3f}", lr=f"{lr:.1e}")
+                    bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.1e}")
                     running, running_n = 0.0, 0
             bar.close()
             progress.update(epoch=epoch + 1, batch=0, elapsed=time.time() - started)

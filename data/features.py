@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from tqdm import tqdm
 
 from data.dataset import image_loader, warn
@@ -30,10 +31,12 @@ from models.encoder import input_size, transform_id
 from utils import atomic_save
 
 SHARD_SIZE = 1024
-CUDA_BATCH = 256        # images per CNN batch on CUDA at least: smaller batches leave the GPU idle
-AMP_MIN_BATCH = 16      # below this, casting the weights to bf16 costs more than it saves (H200: 8.4 vs 3.8 ms at 1)
+CUDA_BATCH = 256          # images per CNN batch on CUDA at least: smaller batches leave the GPU idle
+AMP_MIN_BATCH = 16        # below this, casting the weights to bf16 costs more than it saves (H200: 8.4 vs 3.8 ms at 1)
 JPEG_EXTENSIONS = (".jpg", ".jpeg")
-_gpu_jpeg = {}          # device -> whether torchvision decodes JPEGs there
+DECODE_BYTES = 16 << 20   # JPEG bytes decoded on the device at once (~10x that in pixels): 500+ Flickr8k files
+RESIZE_PIXELS = 32 << 20  # pixels resized at once, as float32 (128 MB)
+_gpu_jpeg = {}            # device -> whether torchvision decodes JPEGs there
 
 
 def cache_key(encoder, image_size: int) -> str:
@@ -97,30 +100,50 @@ def _read_bytes(path: str):
         return None
 
 
-def decode_resize(data: list, size: int, device):
-    """Raw JPEG bytes -> (uint8 [n_ok,3,size,size] on device, ok: list[bool]); the same squash resize as
-    models.encoder.resize_image (bilinear, antialiased), done on the device."""
+def _decode_all(data: list, device) -> list:
+    """JPEG bytes -> RGB uint8 [3,H,W] on device, or None for a file the device cannot decode."""
     try:
-        decoded = _decode_jpeg(data, device)
-    except Exception:                 # one bad file fails the whole batch: find it by decoding one at a time
+        return _decode_jpeg(data, device)
+    except Exception:                 # one bad file fails the whole call: find it by decoding one at a time
         decoded = []
         for d in data:
             try:
                 decoded.append(_decode_jpeg(d, device))
             except Exception:
                 decoded.append(None)
-    good = [j for j, image in enumerate(decoded) if image is not None]
-    batch = torch.empty((len(good), 3, size, size), dtype=torch.uint8, device=device)
-    by_shape = {}
-    for row, j in enumerate(good):
-        by_shape.setdefault(tuple(decoded[j].shape), []).append(row)
-    # One interpolate per image size (Flickr8k has few), 32 images at a time: full-size float images are big.
-    chunks = [rows[i:i + 32] for rows in by_shape.values() for i in range(0, len(rows), 32)]
-    for rows in chunks:
-        x = torch.stack([decoded[good[r]] for r in rows]).float()                     # [k, 3, H, W]
-        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        batch[rows] = x.round_().clamp_(0, 255).to(torch.uint8)                       # [k, 3, S, S]
-    return batch, [image is not None for image in decoded]
+        return decoded
+
+
+def _resize_all(images: list, size: int) -> list:
+    """Decoded images (or None) -> uint8 [3,S,S] (or None); the same squash resize as models.encoder.resize_image
+    (bilinear, antialiased). Images of one size are resized together, RESIZE_PIXELS at a time."""
+    out, by_shape = [None] * len(images), {}
+    for j, image in enumerate(images):
+        if image is not None and image.shape[1] * image.shape[2] <= Image.MAX_IMAGE_PIXELS:   # PIL refuses the rest
+            by_shape.setdefault(tuple(image.shape), []).append(j)
+    for (_, height, width), rows in by_shape.items():
+        step = max(1, RESIZE_PIXELS // (height * width))
+        for i in range(0, len(rows), step):
+            x = torch.stack([images[j] for j in rows[i:i + step]]).float()               # [k, 3, H, W]
+            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+            for j, image in zip(rows[i:i + step], x.round_().clamp_(0, 255).to(torch.uint8)):
+                out[j] = image                                                           # [3, S, S]
+    return out
+
+
+def decode_resize(data: list, size: int, device):
+    """Raw JPEG bytes -> (uint8 [n_ok,3,size,size] on device, ok: list[bool]), decoding DECODE_BYTES of
+    files at a time, so a batch of 12-megapixel photos does not fill the device."""
+    resized, start = [], 0
+    while start < len(data):
+        end, total = start + 1, len(data[start])
+        while end < len(data) and total + len(data[end]) <= DECODE_BYTES:
+            total, end = total + len(data[end]), end + 1
+        resized += _resize_all(_decode_all(data[start:end], device), size)
+        start = end
+    good = [image for image in resized if image is not None]
+    batch = torch.stack(good) if good else torch.empty((0, 3, size, size), dtype=torch.uint8)
+    return batch, [image is not None for image in resized]
 
 
 def _decode_batch(first: int, reads: list, size: int, device):

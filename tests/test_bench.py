@@ -80,7 +80,9 @@ def jpegs(tiny_data, tmp_path):
     return paths[:2] + [str(tmp_path / "broken.jpg"), str(tmp_path / "missing.jpg")] + paths[2:]
 
 
-def test_jpeg_path_gives_pils_pixels_and_rejects_bad_files(jpegs):
+@pytest.mark.parametrize("decode_bytes", [features.DECODE_BYTES, 1])     # 1: each file decoded on its own
+def test_jpeg_path_gives_pils_pixels_and_rejects_bad_files(jpegs, decode_bytes, monkeypatch):
+    monkeypatch.setattr(features, "DECODE_BYTES", decode_bytes)
     images, good, rejected = [], [], []
     for batch, decoded, bad in features.jpeg_batches(jpegs, 32, 4, 2, CPU):   # the CUDA code path, on the CPU
         images.append(batch)
