@@ -35,10 +35,12 @@ from utils import load_checkpoint, load_weights, pick_device, run_main, save_che
 LOG_HEADER = "step\tepoch\tsplit\tloss\tlr\telapsed\tbleu4\n"
 
 
-def batch_loss(model, inputs, tokens, lengths, config, amp, normalizer=None):
+def batch_loss(model, inputs, tokens, lengths, config, amp, normalizer=None, label_smoothing=None):
     """Loss of one batch; tokens are cut to the batch's longest caption."""
+    if label_smoothing is None:
+        label_smoothing = config["train"]["label_smoothing"]
     with amp:
-        return model(inputs, tokens[:, :int(lengths.max())], lengths, config["train"]["label_smoothing"],
+        return model(inputs, tokens[:, :int(lengths.max())], lengths, label_smoothing,
                      normalizer, from_images=config["train"]["fine_tune_encoder"])
 
 
@@ -50,7 +52,7 @@ def validate(model, val, config, vocab, device, amp):
     for start in range(0, len(val["tokens"]), config["train"]["batch_size"]):
         rows = slice(start, start + config["train"]["batch_size"])
         loss, _ = batch_loss(model, val["inputs"][val["image_index"][rows].to(device)], val["tokens"][rows].to(device),
-                             val["lengths"][rows], config, amp)
+                             val["lengths"][rows], config, amp, label_smoothing=0.0)   # a true perplexity
         total, count = total + loss.item() * len(val["tokens"][rows]), count + len(val["tokens"][rows])
     bleu4 = float("nan")
     n = min(config["train"]["val_bleu_images"], len(val["names"]))
