@@ -46,3 +46,14 @@ def tiny_checkpoints(tiny_data, tmp_path_factory):
         train.main(["--set", *tiny_settings(tiny_data, folder), f"model.decoder={decoder}", "train.epochs=1"])
         paths[decoder] = str(folder / "run" / "checkpoint_best.pth")
     return paths
+
+
+def random_caption_batch(lengths, grid_cells, feature_dim, vocab_size, start_id=1):
+    """(features [B,P,C], tokens [B,T] starting with start_id, lengths [B]); positions past a row's length hold pad (0)."""
+    torch.manual_seed(1)
+    lengths = torch.tensor(lengths)
+    features = torch.randn(len(lengths), grid_cells, feature_dim)
+    tokens = torch.randint(3, vocab_size, (len(lengths), int(lengths.max())))
+    tokens[:, 0] = start_id
+    tokens[torch.arange(tokens.size(1)) >= lengths.unsqueeze(1)] = 0
+    return features, tokens, lengths

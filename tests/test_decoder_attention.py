@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from models.decoder_attention import AttentionDecoder
+from tests.conftest import random_caption_batch
 
 C, P, V, START, END = 16, 4, 12, 1, 2
 
@@ -14,14 +15,7 @@ def make_decoder(**kwargs) -> AttentionDecoder:
 
 
 def make_batch(lengths):
-    """Random features and tokens; positions past each row's length hold pad (0)."""
-    torch.manual_seed(1)
-    lengths = torch.tensor(lengths)
-    features = torch.randn(len(lengths), P, C)
-    tokens = torch.randint(3, V, (len(lengths), int(lengths.max())))
-    tokens[:, 0] = START
-    tokens[torch.arange(tokens.size(1)) >= lengths.unsqueeze(1)] = 0
-    return features, tokens, lengths
+    return random_caption_batch(lengths, P, C, V, START)
 
 
 def run_steps(decoder, features, tokens, lengths):

@@ -5,6 +5,7 @@ import torch
 
 from decoding import beam_search, greedy_decode
 from models.decoder_transformer import TransformerDecoder
+from tests.conftest import random_caption_batch
 
 C, P, V, START, END = 16, 9, 12, 1, 2   # a 3x3 grid
 
@@ -25,14 +26,7 @@ def make_decoder(**kwargs) -> TransformerDecoder:
 
 
 def make_batch(lengths):
-    """Random features and tokens; positions past each row's length hold pad (0)."""
-    torch.manual_seed(1)
-    lengths = torch.tensor(lengths)
-    features = torch.randn(len(lengths), P, C)
-    tokens = torch.randint(3, V, (len(lengths), int(lengths.max())))
-    tokens[:, 0] = START
-    tokens[torch.arange(tokens.size(1)) >= lengths.unsqueeze(1)] = 0
-    return features, tokens, lengths
+    return random_caption_batch(lengths, P, C, V, START)
 
 
 def cached_logits(decoder, features, tokens):
