@@ -1,6 +1,6 @@
 """Tokenizer and vocabulary.
 
-The tokenizer is a regular expression, so it needs no downloaded data (no NLTK punkt).
+The tokenizer is a regular expression, so it needs no downloaded data files.
 Ids 0..3 are fixed: <pad> <start> <end> <unk>.
 """
 import json
