@@ -33,6 +33,18 @@ class CaptionModel(nn.Module):
         return self.decoder.step(tokens, state)
 
 
+def check_teacher_forcing(features, tokens, lengths, decoder: str):
+    """One readable line when a decoder's forward() gets mismatched inputs; returns lengths on the CPU."""
+    lengths = lengths.cpu()
+    if tokens.size(0) != features.size(0) or lengths.numel() != tokens.size(0):
+        raise ValueError(f"{decoder}: batch sizes differ (features {features.size(0)}, tokens "
+                         f"{tokens.size(0)}, lengths {lengths.numel()}); pass one row per image")
+    if lengths.min() < 1 or lengths.max() > tokens.size(1):
+        raise ValueError(f"{decoder}: lengths must lie in [1, {tokens.size(1)}] (tokens.size(1)), "
+                         f"got {lengths.tolist()}; pass the count of valid input tokens per row")
+    return lengths
+
+
 def build_model(config: dict, vocab_size: int) -> CaptionModel:
     m = config["model"]
     if m["decoder"] not in DECODERS:

@@ -13,6 +13,8 @@ import torch
 import torch.nn as nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
+from models import check_teacher_forcing
+
 
 def _unpack(data: torch.Tensor, like: PackedSequence, total_length: int) -> torch.Tensor:
     """Packed rows [N,D] laid out as `like` -> [B,total_length,D] in the original row order, zero-padded."""
@@ -73,13 +75,7 @@ class AttentionDecoder(nn.Module):
     def forward(self, features: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor):
         """Teacher forcing. features [B,P,C], tokens [B,T], lengths [B] (CPU) -> logits [B,T,V], extra_loss []."""
         self._check(features)
-        lengths = lengths.cpu()
-        if tokens.size(0) != features.size(0) or lengths.numel() != tokens.size(0):
-            raise ValueError(f"decoder_attention.py: batch sizes differ (features {features.size(0)}, tokens "
-                             f"{tokens.size(0)}, lengths {lengths.numel()}); pass one row per image")
-        if lengths.min() < 1 or lengths.max() > tokens.size(1):
-            raise ValueError(f"decoder_attention.py: lengths must lie in [1, {tokens.size(1)}] (tokens.size(1)), "
-                             f"got {lengths.tolist()}; pass the count of valid input tokens per row")
+        lengths = check_teacher_forcing(features, tokens, lengths, "decoder_attention.py")
         # Packing sorts rows by length (descending) and lays the embeddings out step by step, so
         # step t touches just the first batch_sizes[t] rows: finished captions cost nothing.
         packed = pack_padded_sequence(self.embedding(tokens), lengths, batch_first=True, enforce_sorted=False)

@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models import check_teacher_forcing
+
 
 class DecoderBlock(nn.Module):
     """x + SelfAttention(LN x); x + CrossAttention(LN x, grid); x + MLP(LN x)."""
@@ -116,13 +118,7 @@ class TransformerDecoder(nn.Module):
 
         The causal mask alone keeps padding out of the valid logits: pads only follow a row's words.
         """
-        lengths = lengths.cpu()
-        if tokens.size(0) != features.size(0) or lengths.numel() != tokens.size(0):
-            raise ValueError(f"decoder_transformer.py: batch sizes differ (features {features.size(0)}, tokens "
-                             f"{tokens.size(0)}, lengths {lengths.numel()}); pass one row per image")
-        if lengths.min() < 1 or lengths.max() > tokens.size(1):
-            raise ValueError(f"decoder_transformer.py: lengths must lie in [1, {tokens.size(1)}] (tokens.size(1)), "
-                             f"got {lengths.tolist()}; pass the count of valid input tokens per row")
+        lengths = check_teacher_forcing(features, tokens, lengths, "decoder_transformer.py")
         if tokens.size(1) > self.max_len:
             raise ValueError(f"decoder_transformer.py: captions of {tokens.size(1)} tokens exceed the decoder's "
                              f"max_len={self.max_len}; set data.max_caption_len to at most {self.max_len - 1}")
