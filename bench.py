@@ -5,7 +5,8 @@
 
 Ours is the project's own code: data.features.extract_features (on CUDA: JPEGs decoded on
 the GPU, bf16, channels_last), train-style decoder steps on cached features kept on the
-device (train.batch_loss), train.train for end to end, decoding.generate for inference.
+device (train.batch_loss, train.optimizer_step), train.train for end to end, and for inference
+extract_features then decoding.generate, as evaluate.py does. Training batch: 512 on CUDA.
 Naive is the classic loop, in bench_naive.py: PIL + torchvision.transforms, DataLoader(num_workers=2),
 a fp32 ResNet-50 run on every batch, an LSTM (Linear+BatchNorm head) trained on its output, no cache.
 
@@ -102,47 +103,44 @@ def make_jpegs(tmp, n):
 # ---- ours ----------------------------------------------------------------------------------------
 
 def ours_train_rate(model, feats, rows, config, device, budget_s):
-    """train.py's step on cached features on the device, over shuffled captions (cycled), until one
-    30,000-caption epoch or the time budget: (captions/s, whether the whole epoch was run)."""
+    """train.py's step on cached features, captions and order all on the device, over shuffled captions
+    (cycled), until one 30,000-caption epoch or the time budget: (captions/s, whether the whole epoch ran)."""
     tokens, lengths, image_index = rows
-    inputs, bs, warmup = feats.to(device), config["train"]["batch_size"], 3
+    inputs, tokens, image_index = feats.to(device), tokens.to(device), image_index.to(device)
+    bs, warmup = config["train"]["batch_size"], 3
     amp, scaler = train.make_amp(device, True)
     params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("encoder.backbone")]
-    optimizer = torch.optim.AdamW(params, lr=config["train"]["lr"])
+    optimizer = torch.optim.AdamW(params, lr=config["train"]["lr"], fused=device.type == "cuda")
     order = torch.cat([torch.randperm(len(tokens)) for _ in range(math.ceil((EPOCH_CAPTIONS + warmup * bs) / len(tokens)))])
+    order_on_device = order.to(device)
     model.train()
-    done, step, start = 0, 0, None
+    done, step, start, running = 0, 0, None, 0.0
     while done < EPOCH_CAPTIONS and (start is None or now(device) - start < budget_s):
         if step == warmup:
             start, done = now(device), 0
-        idx = order[step * bs:(step + 1) * bs]
-        loss, extra = train.batch_loss(model, inputs[image_index[idx].to(device)], tokens[idx].to(device, non_blocking=True),
-                                       lengths[idx], config, amp)
-        optimizer.zero_grad(set_to_none=True)
-        (scaler.scale(loss + extra) if scaler else loss + extra).backward()
-        if scaler:
-            scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(params, config["train"]["grad_clip"])
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        loss.item()                                                     # train.py logs every step's loss
-        done, step = done + len(idx), step + 1
+        span = slice(step * bs, (step + 1) * bs)
+        rows = order_on_device[span]
+        loss, extra = train.batch_loss(model, inputs[image_index[rows]], tokens[rows], lengths[order[span]], config, amp)
+        train.optimizer_step(optimizer, scaler, loss + extra, config["train"]["grad_clip"])
+        running = running + loss.detach()                             # train.py logs the mean every log_every steps
+        done, step = done + bs, step + 1
+    float(running)
     return done / (now(device) - start), done >= EPOCH_CAPTIONS
 
 
 @torch.no_grad()
 def ours_infer(model, vocab, paths, size, bs, beam, device):
-    """extract_features (GPU JPEG decode, bf16 CNN on big batches), then decoding in fp32, as
-    inference_visualize.py does: under autocast, decoding's per-step weight casts cost more than they save."""
+    """As evaluate.py captions files: extract_features over them (on CUDA: JPEGs decoded on the GPU, the next
+    batch decoded while the bf16 CNN runs this one), then decoding.generate in fp32 (under autocast its per-step
+    weight casts cost more than they save) in batches of bs. Batch 1 is latency: one file at a time through both."""
     model.eval()
+    group = 1 if bs == 1 else len(paths)
     start = now(device)
-    for first in range(0, len(paths), bs):
-        feats, _ = extract_features(model.encoder, paths[first:first + bs], size, None, device, batch_size=bs,
+    for first in range(0, len(paths), group):
+        feats, _ = extract_features(model.encoder, paths[first:first + group], size, None, device, batch_size=bs,
                                     num_workers=0, desc="ours: infer")
-        generate(model, feats.to(device, non_blocking=True), vocab, beam_size=beam, max_len=MAX_LEN)
+        for i in range(0, len(feats), bs):
+            generate(model, feats[i:i + bs].to(device, non_blocking=True), vocab, beam_size=beam, max_len=MAX_LEN)
     return len(paths) / (now(device) - start)
 
 
@@ -173,7 +171,7 @@ def run(args):
 def measure(args, device, tmp):
     quick, cpu = args.quick, device.type == "cpu"
     n_images, epochs = args.images or (12 if quick and cpu else 256 if quick else 1500), args.epochs or (2 if quick else 10)
-    bs, size = args.batch_size or (16 if quick and cpu else 64), args.image_size
+    bs, size = args.batch_size or (16 if quick and cpu else 64 if cpu else 512), args.image_size
     images_dir, captions_path, names, source = find_data(args, tmp, n_images)
     paths = [os.path.join(images_dir, n) for n in names]
     for p in paths:                                  # warm the page cache, so neither side pays for the first read
@@ -182,7 +180,13 @@ def measure(args, device, tmp):
     captions, min_freq = read_captions(captions_path), 5 if len(names) >= 1000 else 1
     vocab = Vocabulary.build((c for n in names for c in captions[n]), min_freq)
     rows = encode_captions(names, captions, vocab, DEFAULTS["data"]["max_caption_len"])
-    batches = ((1, 2), (min(bs, len(paths)), min(bs, len(paths)))) if quick else ((1, 32), (bs, min(4 * bs, len(paths))))
+    n = len(paths)
+    batches = (((1, 2), (min(bs, n), min(bs, n))) if quick else ((1, 32), (64, min(256, n))) if cpu
+               else ((1, 32), (64, min(256, n)), (256, n)))
+    # Extraction reads Flickr8k's 7,000 files' worth on a GPU (these files cycled: a second pass is no
+    # cheaper, as every file is already in the page cache), so the figure is not a few batches' start-up.
+    extraction_paths = paths * math.ceil(7000 / n) if not cpu and not quick else paths
+    extraction_batch = bs if cpu else CUDA_BATCH
     for split, listed in (("train", names), ("val", names[:1])):   # train.py needs a val split: 1 image, already cached
         with open(os.path.join(tmp, f"{split}.txt"), "w") as f:
             f.write("\n".join(listed) + "\n")
@@ -197,11 +201,14 @@ def measure(args, device, tmp):
 
     reset_peak(device)
     model = build_model(config, len(vocab)).to(device)
-    extract_features(model.encoder, paths[:2], size, None, device, num_workers=0, desc="warm-up")
+    warm_up = paths[:2] if cpu else (paths * CUDA_BATCH)[:CUDA_BATCH]      # the bf16 path at the measured batch
+    extract_features(model.encoder, warm_up, size, None, device, batch_size=extraction_batch, num_workers=0,
+                     desc="warm-up")
     start = now(device)
-    feats, _ = extract_features(model.encoder, paths, size, None, device, batch_size=bs, num_workers=2,
-                                desc="ours: features")
-    ours_extract = len(paths) / (now(device) - start)
+    feats, _ = extract_features(model.encoder, extraction_paths, size, None, device, batch_size=extraction_batch,
+                                num_workers=2, desc="ours: features")
+    ours_extract = len(extraction_paths) / (now(device) - start)
+    feats = feats[:n]
     ours_rate, ours_full_epoch = ours_train_rate(model, feats, rows, config, device, 5 if quick else 30)
     del model, feats
     start = now(device)
@@ -214,7 +221,7 @@ def measure(args, device, tmp):
 
     print("bench: naive", file=sys.stderr)
     reset_peak(device)
-    naive_extract_rate = naive_extract(NaiveCaptioner(len(vocab)).to(device), paths, size, bs, device)
+    naive_extract_rate = naive_extract(NaiveCaptioner(len(vocab)).to(device), extraction_paths, size, bs, device)
     naive, naive_epochs, naive_e2e, naive_rate = naive_train(len(vocab), paths, rows, size, bs, device, epochs,
                                                              0 if quick else 90, tmp)
     if args.decoder == "lstm":
@@ -238,13 +245,17 @@ def measure(args, device, tmp):
     }
     notes = [
         "ratio = times better for ours: rates ours/naive, times and memory naive/ours",
-        "train_captions_per_s: ours = train.py's step (train.batch_loss, AdamW, grad clip, loss.item()) on cached features "
-        "on the device, after 3 warm-up steps; naive = the classic loop's steps after its first, in its first epoch",
+        "train_captions_per_s: ours = train.py's step (train.batch_loss, train.optimizer_step) on cached features, "
+        "captions and order on the device, after 3 warm-up steps; naive = the classic loop's steps after its first, "
+        "in its first epoch",
+        f"extraction_images_per_s: both sides read {len(extraction_paths)} files"
+        + (f" ({n} files cycled, all in the page cache)" if len(extraction_paths) > n else ""),
         f"epoch_30k_captions_s: ours {'measured, captions cycled' if ours_full_epoch else 'extrapolated'}; "
         "naive extrapolated",
         f"end_to_end_per_epoch_s: JPEGs to checkpoint; ours = train.train for {epochs} epochs, naive measured for "
         f"{naive_epochs}; each side's wall time divided by its epochs" + (" (counts differ)" if naive_epochs != epochs else ""),
-        "infer: image file to caption, decoding.generate in fp32; " +
+        "infer: image file to caption; ours as evaluate.py: extract_features over the files, then decoding.generate "
+        "in batches (batch 1: one file at a time); " +
         ("both with ours' trained weights" if args.decoder == "lstm" else f"naive LSTM vs ours {args.decoder}"),
         "encoder weights are random (ImageNet weights are a download): the speed is the same",
     ]
@@ -253,7 +264,8 @@ def measure(args, device, tmp):
         "torch": torch.__version__, "torchvision": torchvision.__version__, "python": sys.version.split()[0],
         "quick": quick, "data": source, "images": len(paths), "captions": len(rows[0]), "vocab": len(vocab),
         "decoder": args.decoder, "batch_size": bs, "image_size": size,
-        "extraction_batch_size": bs if cpu else max(bs, CUDA_BATCH), "inference_batches": [list(b) for b in batches],
+        "extraction_batch_size": extraction_batch, "extraction_images_read": len(extraction_paths),
+        "inference_batches": [list(b) for b in batches],
         "figures": figures, "notes": notes,
         "extrapolated": ["epoch_30k_captions_s.naive"] + ([] if ours_full_epoch else ["epoch_30k_captions_s.ours"]),
     }
@@ -278,7 +290,7 @@ def main(argv=None):
     parser.add_argument("--images", type=int, help="images used at most (default 1500; --quick: 12 on CPU, 256 on CUDA)")
     parser.add_argument("--epochs", type=int, help="end-to-end epochs (default 10; --quick: 2)")
     parser.add_argument("--decoder", default="lstm", choices=["lstm", "attention"])
-    parser.add_argument("--batch-size", type=int, help="training and inference batch (default 64; --quick on CPU: 16)")
+    parser.add_argument("--batch-size", type=int, help="training batch (default: 512 on CUDA, 64 on CPU, 16 with --quick on CPU)")
     parser.add_argument("--image-size", type=int, default=224, help="CNN input size (default 224)")
     args = parser.parse_args(argv)
     for name in ("images", "epochs", "batch_size", "image_size"):

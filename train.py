@@ -18,6 +18,7 @@ import random
 import signal
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.distributed as dist
@@ -30,7 +31,8 @@ from data.prepare import prepare_splits
 from data.vocab import Vocabulary
 from decoding import generate
 from models import build_model
-from utils import load_checkpoint, load_weights, pick_device, run_main, save_checkpoint, seed_everything
+from utils import (atomic_link, atomic_save, checkpoint_state, load_checkpoint, load_weights, pick_device, run_main,
+                   seed_everything)
 
 LOG_HEADER = "step\tepoch\tsplit\tloss\tlr\telapsed\tbleu4\n"
 
@@ -77,6 +79,22 @@ def make_amp(device, enabled):
     if torch.cuda.is_bf16_supported():
         return torch.autocast("cuda", dtype=torch.bfloat16), None
     return torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
+
+
+def optimizer_step(optimizer, scaler, loss, grad_clip):
+    """Backward and one update: the loss scaled under fp16 autocast, gradients clipped to grad_clip."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], grad_clip)
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
 
 
 def lr_lambda(config, total_steps):
@@ -129,12 +147,19 @@ def train(config, checkpoint=None, resume=None):
             yaml.safe_dump(config, f, sort_keys=False)
     data = prepare_splits(config, vocab, model.encoder, device, show_progress=main_process)
     train_set, val_set = data["train"], data["val"]
-    # The cached features are small: keep them on the device, so a step is pure device work.
-    inputs = train_set["inputs"].to(device)
+    # The cached features are small: keep them, the captions and each epoch's order on the device, so a
+    # step is pure device work with no host-device copy (a copy from pageable memory waits for the GPU).
+    inputs, tokens_all = train_set["inputs"].to(device), train_set["tokens"].to(device)
+    image_index, lengths = train_set["image_index"].to(device), train_set["lengths"]
     if val_set:
         val_set["inputs"] = val_set["inputs"].to(device)
     n_captions, bs = len(train_set["tokens"]), t["batch_size"]
-    steps_per_epoch = math.ceil(n_captions / bs)
+    # A last batch with under 2 captions per process is left out (they are reshuffled into the next epoch):
+    # BatchNorm cannot train on one row.
+    steps_per_epoch = n_captions // bs + (n_captions % bs >= 2 * world)
+    if not steps_per_epoch:
+        raise ValueError(f"{n_captions} training captions are too few for {world} process(es): each needs at "
+                         f"least 2 per batch; add images or lower the process count")
 
     decoder_params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("encoder.backbone")]
     groups = [{"params": decoder_params, "lr": t["lr"]}]
@@ -163,14 +188,25 @@ def train(config, checkpoint=None, resume=None):
     if t["compile"]:
         step_model = torch.compile(step_model)
 
-    def save(name):
+    # Checkpoints are written by a background thread while the next epoch trains: on a GPU an epoch
+    # can take less time than writing a ResNet-50 to disk.
+    writer, writing = ThreadPoolExecutor(1), []
+
+    def save(name, *same_as):
+        """Snapshot the run now; write checkpoint `name` (the names in same_as become links to it) in the
+        background, after the previous write."""
         if not main_process:
             return
         rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-        save_checkpoint(os.path.join(out_dir, name), model, vocab, config, optimizer=optimizer.state_dict(),
-                        scheduler=scheduler.state_dict(), scaler=scaler.state_dict() if scaler else None,
-                        progress=dict(progress), rng=rng)
+        state = checkpoint_state(model, vocab, config, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                                 scaler=scaler.state_dict() if scaler else None, progress=dict(progress), rng=rng)
+        finish_writes()
+        writing.append(writer.submit(write_checkpoint, state, out_dir, name, same_as))
+
+    def finish_writes():
+        while writing:
+            writing.pop().result()      # a failed write (a full disk) raises here
 
     log = None
     if main_process:
@@ -189,33 +225,20 @@ def train(config, checkpoint=None, resume=None):
         while progress["epoch"] < t["epochs"]:
             epoch = progress["epoch"]
             order = torch.randperm(n_captions, generator=torch.Generator().manual_seed(t["seed"] * 1000 + epoch))
+            order_on_device = order.to(device)
             bar = tqdm(range(progress["batch"], steps_per_epoch), desc=f"epoch {epoch + 1}/{t['epochs']}", unit="step",
                        dynamic_ncols=True, initial=progress["batch"], total=steps_per_epoch, disable=not main_process)
             running, running_n = 0.0, 0
             for b in bar:
-                batch = order[b * bs:(b + 1) * bs]
+                span = slice(b * bs, (b + 1) * bs)
                 # Each rank takes every world-th caption of the global batch and divides its loss sum by the
                 # global token count (times world, as DDP averages): the same gradient as one process.
-                normalizer = (train_set["lengths"][batch] - 1).sum().item() / world
-                rows = batch[rank::world]
-                if len(rows) == 0:              # a last batch smaller than the world: join with zero weight
-                    rows, normalizer = batch[:1], float("inf")
-                tokens = train_set["tokens"][rows].to(device, non_blocking=True)
-                loss, extra = batch_loss(step_model, inputs[train_set["image_index"][rows].to(device)], tokens,
-                                         train_set["lengths"][rows], config, amp, normalizer)
-                optimizer.zero_grad(set_to_none=True)
-                total = loss + extra
-                if scaler:
-                    scaler.scale(total).backward()
-                    scaler.unscale_(optimizer)
-                else:
-                    total.backward()
-                torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], t["grad_clip"])
-                if scaler:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
+                normalizer = (lengths[order[span]] - 1).sum().item() / world
+                share = slice(rank, None, world)
+                rows = order_on_device[span][share]
+                loss, extra = batch_loss(step_model, inputs[image_index[rows]], tokens_all[rows],
+                                         lengths[order[span][share]], config, amp, normalizer)
+                optimizer_step(optimizer, scaler, loss + extra, t["grad_clip"])
                 scheduler.step()
                 progress["step"] += 1
                 progress["batch"] = b + 1
@@ -238,13 +261,16 @@ def train(config, checkpoint=None, resume=None):
                 dist.broadcast(stop, 0)
             if stop.item():
                 break
+        finish_writes()
     except KeyboardInterrupt:
         progress["elapsed"] = time.time() - started
         save("checkpoint_last.pth")
+        finish_writes()
         if main_process:
             print(f"\ninterrupted: saved {out_dir}/checkpoint_last.pth; continue with --resume {out_dir}", file=sys.stderr)
         sys.exit(130)
     finally:
+        writer.shutdown()
         if log:
             log.close()
         if world > 1 and dist.is_initialized():
@@ -252,6 +278,12 @@ def train(config, checkpoint=None, resume=None):
     if main_process:
         print(f"done: {out_dir}/checkpoint_best.pth", file=sys.stderr)
     return out_dir
+
+
+def write_checkpoint(state, out_dir, name, same_as):
+    atomic_save(state, os.path.join(out_dir, name))
+    for other in same_as:           # the same bytes under a second name: a link, not a second write
+        atomic_link(os.path.join(out_dir, name), os.path.join(out_dir, other))
 
 
 def _raise_keyboard_interrupt(signum, frame):
@@ -273,8 +305,7 @@ def end_of_epoch(model, val_set, config, vocab, device, amp, progress, higher_is
     progress["stale_epochs"] = 0 if improved else progress["stale_epochs"] + 1
     if improved:
         progress["best"] = metric
-        save("checkpoint_best.pth")
-    save("checkpoint_last.pth")
+    save("checkpoint_last.pth", *(["checkpoint_best.pth"] if improved else []))
     patience = config["train"]["early_stop_patience"]
     if patience and progress["stale_epochs"] >= patience:
         print(f"early stop: no improvement for {progress['stale_epochs']} epochs", file=sys.stderr)

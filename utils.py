@@ -2,6 +2,7 @@
 import os
 import pickle
 import random
+import shutil
 import sys
 import tempfile
 import zipfile
@@ -29,10 +30,42 @@ def atomic_save(obj, path: str) -> None:
         raise
 
 
+def atomic_link(src: str, dst: str) -> None:
+    """Make dst a hard link to src (a copy where the file system has none), atomically: one write, two names."""
+    tmp = os.path.join(os.path.dirname(os.path.abspath(dst)), f".tmp-link-{os.getpid()}-{os.path.basename(dst)}")
+    try:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def checkpoint_state(model, vocab, config: dict, **state) -> dict:
+    """Model weights plus everything needed to caption (vocab, config) or resume (**state), copied to the
+    CPU now: training can go on while it is written."""
+    return _cpu_copy({"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "vocab": vocab.itos,
+                      "config": config, **state})
+
+
+def _cpu_copy(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu_copy(v) for v in obj)
+    return obj
+
+
 def save_checkpoint(path: str, model, vocab, config: dict, **state) -> None:
-    """Model weights plus everything needed to caption (vocab, config) or resume (**state)."""
-    atomic_save({"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "vocab": vocab.itos,
-                 "config": config, **state}, path)
+    atomic_save(checkpoint_state(model, vocab, config, **state), path)
 
 
 def load_checkpoint(path: str, map_location="cpu") -> dict:

@@ -8,8 +8,10 @@ atomically as extraction goes, so a killed run resumes where it stopped, and a t
 shard is detected, deleted and recomputed.
 
 On CUDA, JPEGs are read by a thread pool, decoded on the GPU in batches (nvjpeg) and
-resized there; other files, and any JPEG the GPU cannot decode, take the PIL path. Batches
-of 16 or more images run the CNN under bf16 autocast (smaller ones run faster in fp32).
+resized there, on a side stream, one batch ahead of the CNN; features come back to pinned
+memory while the next batch runs. Other files, and any JPEG the GPU cannot decode, take the
+PIL path. Batches of 16 or more images run the CNN under bf16 autocast (smaller ones run
+faster in fp32).
 The cache key does not name the decode path or the precision: on an H200, nvjpeg's pixels
 differ from PIL's by 1.2 grey levels on average (more at sharp colour edges, where chroma
 upsampling differs), the features' cosine similarity stays above 0.999, and a cache built
@@ -36,6 +38,8 @@ AMP_MIN_BATCH = 16        # below this, casting the weights to bf16 costs more t
 JPEG_EXTENSIONS = (".jpg", ".jpeg")
 DECODE_BYTES = 16 << 20   # JPEG bytes decoded on the device at once (~10x that in pixels): 500+ Flickr8k files
 RESIZE_PIXELS = 32 << 20  # pixels resized at once, as float32 (128 MB)
+DECODE_THREADS = 2        # batches decoded at once, ahead of the CNN
+GPU_DECODE_MIN = 16       # fewer files decode faster with PIL (H200, one file at a time: 139 vs 77 images/s)
 _gpu_jpeg = {}            # device -> whether torchvision decodes JPEGs there
 
 
@@ -122,6 +126,10 @@ def _resize_all(images: list, size: int) -> list:
         if image is not None and image.shape[1] * image.shape[2] <= Image.MAX_IMAGE_PIXELS:   # PIL refuses the rest
             by_shape.setdefault(tuple(image.shape), []).append(j)
     for (_, height, width), rows in by_shape.items():
+        if (height, width) == (size, size):      # already the CNN's size: resizing would return the same pixels
+            for j in rows:
+                out[j] = images[j]
+            continue
         step = max(1, RESIZE_PIXELS // (height * width))
         for i in range(0, len(rows), step):
             x = torch.stack([images[j] for j in rows[i:i + step]]).float()               # [k, 3, H, W]
@@ -154,25 +162,60 @@ def _decode_batch(first: int, reads: list, size: int, device):
     return images, good, sorted(set(range(first, first + len(data))) - set(good))
 
 
+def _decode_on_stream(stream, first: int, reads: list, size: int, device):
+    """_decode_batch on a side CUDA stream (in the decoding thread); returns its result and a ready event."""
+    if stream is None:
+        return _decode_batch(first, reads, size, device), None
+    with torch.cuda.device(device), torch.cuda.stream(stream):
+        result, ready = _decode_batch(first, reads, size, device), torch.cuda.Event()
+        ready.record(stream)
+    return result, ready
+
+
+def _handed_over(future, device):
+    """A decoded batch, made safe to use on the caller's stream."""
+    (images, good, rejected), ready = future.result()
+    if ready is not None and images.is_cuda:      # (a batch with no decodable file is an empty CPU tensor)
+        current = torch.cuda.current_stream(device)
+        current.wait_event(ready)
+        images.record_stream(current)     # its memory came from the side stream: keep it until this one is done
+    return images, good, rejected
+
+
 def jpeg_batches(paths: list[str], size: int, batch_size: int, threads: int, device):
-    """Yield (images uint8 [b,3,S,S] on device, indices decoded, indices rejected) per batch of paths."""
-    with ThreadPoolExecutor(threads) as pool:
-        reads = deque()
+    """Yield (images uint8 [b,3,S,S] on device, indices decoded, indices rejected) per batch of paths.
+
+    A thread pool reads files two batches ahead; DECODE_THREADS threads, each batch on its own
+    CUDA stream, decode and resize the next batches while the caller runs the CNN on this one.
+    """
+    streams = [torch.cuda.Stream(device) if device.type == "cuda" else None for _ in range(DECODE_THREADS + 1)]
+    with ThreadPoolExecutor(threads) as pool, ThreadPoolExecutor(DECODE_THREADS) as decoders:
+        reads, decoded = deque(), deque()
+
+        def decode_next():
+            start, files = reads.popleft()
+            stream = streams[start // batch_size % len(streams)]
+            decoded.append(decoders.submit(_decode_on_stream, stream, start, files, size, device))
+
         for start in range(0, len(paths), batch_size):
             reads.append((start, [pool.submit(_read_bytes, p) for p in paths[start:start + batch_size]]))
-            if len(reads) > 2:        # the threads read two batches ahead while the device decodes this one
-                yield _decode_batch(*reads.popleft(), size, device)
+            if len(reads) > 2:
+                decode_next()
+            if len(decoded) > DECODE_THREADS:
+                yield _handed_over(decoded.popleft(), device)
         while reads:
-            yield _decode_batch(*reads.popleft(), size, device)
+            decode_next()
+        while decoded:
+            yield _handed_over(decoded.popleft(), device)
 
 
 def _batches(paths, size, batch_size, num_workers, device):
     """(images [b,3,S,S], indices into paths, indices of unreadable files): the GPU JPEG path, then PIL."""
     pil = list(range(len(paths)))
-    if gpu_jpeg_available(device):
+    if len(paths) >= GPU_DECODE_MIN and gpu_jpeg_available(device):
         jpegs = [i for i in pil if paths[i].lower().endswith(JPEG_EXTENSIONS)]
         pil = [i for i in pil if not paths[i].lower().endswith(JPEG_EXTENSIONS)]
-        for images, good, rejected in jpeg_batches([paths[i] for i in jpegs], size, batch_size, max(4, num_workers), device):
+        for images, good, rejected in jpeg_batches([paths[i] for i in jpegs], size, batch_size, max(8, num_workers), device):
             pil += [jpegs[j] for j in rejected]       # PIL decides whether they are unreadable, and says why
             yield images, [jpegs[j] for j in good], []
     if pil:
@@ -196,45 +239,67 @@ def extract_features(encoder, paths: list[str], image_size: int, cache_dir: str 
         os.makedirs(folder, exist_ok=True)
         cached = _read_shards(folder)
     todo = [i for i, s in enumerate(stamps) if s is None or s not in cached]
+    computed, done = None, [False] * len(todo)      # features [len(todo), ...] of the images read
     if todo:
         encoder.eval()
         size = input_size(encoder.name, image_size)
         if device.type == "cuda":
             batch_size = max(batch_size, CUDA_BATCH)
-        batches = _batches([paths[i] for i in todo], size, batch_size, num_workers, device)
-        pending_files, pending_feats, shard_id = [], [], 0
-        bad = 0
+        unsaved, shard_id, bad, copying = [], 0, 0, None
         bar = tqdm(total=len(todo), desc=desc, unit="image", dynamic_ncols=True)
-        for images, good, failed in batches:
-            bad += len(failed)
-            bar.update(len(good) + len(failed))
+
+        def keep(host, good, copied):
+            nonlocal computed, unsaved, shard_id
+            if copied is not None:
+                copied.synchronize()
+            if computed is None:
+                computed = torch.empty((len(todo), *host.shape[1:]), dtype=torch.float16)
+            computed[good] = host
+            for j in good:
+                done[j] = True
+            unsaved += good
+            if folder and len(unsaved) >= SHARD_SIZE:
+                shard_id = _write_shard(folder, shard_id, [list(stamps[todo[j]]) for j in unsaved], computed[unsaved])
+                unsaved = []
+
+        for images, good, rejected in _batches([paths[i] for i in todo], size, batch_size, num_workers, device):
+            bad += len(rejected)
+            bar.update(len(good) + len(rejected))
             if images is None or not len(images):
                 continue
             bf16 = device.type == "cuda" and len(images) >= AMP_MIN_BATCH
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                feats = encoder.extract(images.to(device, non_blocking=True)).half().cpu()   # [b, ...]
-            for j, i in enumerate(good):
-                cached[stamps[todo[i]]] = feats[j]
-                pending_files.append(list(stamps[todo[i]]))
-                pending_feats.append(feats[j])
-            if folder and len(pending_files) >= SHARD_SIZE:
-                shard_id = _write_shard(folder, shard_id, pending_files, pending_feats)
-                pending_files, pending_feats = [], []
+                feats = encoder.extract(images.to(device, non_blocking=True))          # [b, P, C]
+            # On CUDA the copy to pinned memory runs while the next batch is computed; its rows are kept then.
+            host = torch.empty(feats.shape, dtype=torch.float16, pin_memory=device.type == "cuda")
+            host.copy_(feats.half(), non_blocking=True)
+            copied = torch.cuda.Event() if device.type == "cuda" else None
+            if copied is not None:
+                copied.record()
+            if copying:
+                keep(*copying)
+            copying = (host, good, copied)
+        if copying:
+            keep(*copying)
         bar.close()
-        if folder and pending_files:
-            _write_shard(folder, shard_id, pending_files, pending_feats)
+        if folder and unsaved:
+            _write_shard(folder, shard_id, [list(stamps[todo[j]]) for j in unsaved], computed[unsaved])
         if bad:
             warn(f"{bad} of {len(paths)} images could not be read and were skipped")
-    ok = [s is not None and s in cached for s in stamps]
+    from_todo = dict(zip(todo, range(len(todo))))
+    ok = [done[from_todo[i]] if i in from_todo else stamps[i] in cached for i in range(len(paths))]
     if not any(ok):
         raise ValueError(f"none of the {len(paths)} images could be read")
-    return torch.stack([cached[s] for s, good in zip(stamps, ok) if good]), ok
+    if len(todo) == len(paths) and all(ok):
+        return computed, ok                                                          # no copy
+    rows = [computed[from_todo[i]] if i in from_todo else cached[stamps[i]] for i in range(len(paths)) if ok[i]]
+    return torch.stack(rows), ok
 
 
-def _write_shard(folder: str, shard_id: int, files: list, feats: list) -> int:
+def _write_shard(folder: str, shard_id: int, files: list, feats: torch.Tensor) -> int:
     # The pid keeps processes that fill one cache at once (torchrun ranks) from replacing each other's shards.
     path = lambda n: os.path.join(folder, f"shard_{os.getpid()}_{n:05d}.pt")  # noqa: E731
     while os.path.exists(path(shard_id)):
         shard_id += 1
-    atomic_save({"files": files, "features": torch.stack(feats)}, path(shard_id))
+    atomic_save({"files": files, "features": feats}, path(shard_id))
     return shard_id + 1

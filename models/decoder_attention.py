@@ -55,7 +55,7 @@ class AttentionDecoder(nn.Module):
         """
         scores = self.full_att(torch.relu(projected + self.dec_att(h).unsqueeze(1))).squeeze(2)  # [b,P]
         alpha = torch.softmax(scores, dim=1)
-        context = (features * alpha.unsqueeze(2)).sum(dim=1)  # [b,C]
+        context = torch.bmm(alpha.unsqueeze(1), features).squeeze(1)  # [b,1,P] x [b,P,C] -> [b,C], no [b,P,C] temporary
         context = torch.sigmoid(self.f_beta(h)) * context
         h, c = self.lstm(torch.cat([embedded, context], dim=1), (h, c))
         return h, c, alpha
@@ -64,7 +64,9 @@ class AttentionDecoder(nn.Module):
         """features [B,P,C] -> (h [B,H], c [B,H], features [B,P,C], projected [B,P,A]); all batch-first."""
         self._check(features)
         mean_feature = features.mean(dim=1)  # [B,C]
-        return self.init_h(mean_feature), self.init_c(mean_feature), features, self.enc_att(features)
+        projected = self.enc_att(features)
+        # Under autocast projected is bf16: cast the grid to it once here, not in every step's bmm.
+        return self.init_h(mean_feature), self.init_c(mean_feature), features.to(projected.dtype), projected
 
     def step(self, tokens: torch.Tensor, state):
         """tokens [B] (previous word) -> logits [B,V], new state, alpha [B,P]."""

@@ -5,7 +5,8 @@ Then the caption's words follow, from <start>, each predicting the next one.
 """
 import torch
 import torch.nn as nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from models import check_teacher_forcing
 
 
 class DecoderRNN(nn.Module):
@@ -17,11 +18,15 @@ class DecoderRNN(nn.Module):
         self.fc = nn.Linear(hidden_size, vocab_size)
 
     def forward(self, features, tokens, lengths):
-        """features [B,E], tokens [B,T] from <start>, lengths [B] -> (logits [B,T,V], zero extra loss)."""
+        """features [B,E], tokens [B,T] from <start>, lengths [B] -> (logits [B,T,V], zero extra loss).
+
+        The padded batch runs unpacked: the LSTM reads left to right, so an output never depends on
+        the padding after it, and the loss ignores padded targets. Packing would give the same logits
+        but costs a host-device sync per batch (its sort indices), which stalls a GPU step.
+        """
+        check_teacher_forcing(features, tokens, lengths, "decoder_lstm.py")
         inputs = torch.cat([features.unsqueeze(1), self.embed(tokens)], dim=1)       # [B, 1+T, E]
-        packed = pack_padded_sequence(inputs, (lengths + 1).cpu(), batch_first=True, enforce_sorted=False)
-        hidden, _ = pad_packed_sequence(self.lstm(packed)[0], batch_first=True,
-                                        total_length=tokens.size(1) + 1)             # [B, 1+T, H]
+        hidden, _ = self.lstm(inputs)                                                # [B, 1+T, H]
         logits = self.fc(self.dropout(hidden[:, 1:]))                                # [B, T, V]
         return logits, logits.new_zeros(())
 

@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# The GPU benchmark in one command, for a rented H100/H200 (about 3 minutes, 5 at most).
+# The GPU benchmark in one command, for a rented H100/H200 (about 4 minutes, 6 at most).
 #
-#     bash scripts/gpu_bench.sh        # writes $OUT/bench_gpu.json ($OUT defaults to ./)
+#     bash scripts/gpu_bench.sh        # writes $OUT/bench_gpu.json and $OUT/*.log ($OUT defaults to ./)
 #
 # Expects devdata/flickr8k (git-ignored): about 1,500 Flickr8k JPEGs in Images/, captions.txt
-# and Flickr_8k.trainImages.txt. Prints the versions, checks that GPU JPEG decoding gives the
-# same pixels as PIL (why the feature cache key ignores the decode path), then runs bench.py.
+# and Flickr_8k.trainImages.txt. Three parts, each with its own log, so one failing keeps the others:
+#   checks.log   versions; GPU JPEG decoding gives PIL's pixels (why the feature cache key ignores the
+#                decode path); the pipelined extract_features (next batch decoded on a side stream)
+#                gives the features of PIL images run one batch at a time
+#   epochs.log   decoder training epoch over 30,000 captions: LSTM at batch 64/256/512, attention at 256/512
+#   bench.log    python bench.py --device cuda (batch 512) against the naive loop
 # Needs only torch, torchvision, pyyaml, tqdm and pillow (no pycocoevalcap).
-set -euo pipefail
+set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-.}"
 PYTHON="${PYTHON:-python3}"
@@ -16,34 +20,75 @@ if [ ! -d devdata/flickr8k/Images ]; then
     echo "error: devdata/flickr8k/Images is missing; copy ~1,500 Flickr8k JPEGs there" >&2
     exit 2
 fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
+mkdir -p "$OUT"
+status=0
+SECONDS=0
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
 "$PYTHON" - <<'PY'
 import glob, sys
 import torch, torchvision
 import torch.nn.functional as F
 print(f"python {sys.version.split()[0]} | torch {torch.__version__} (CUDA {torch.version.cuda}) | torchvision "
       f"{torchvision.__version__} | {torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device'}")
-if torch.cuda.is_available():
-    from data.dataset import ImageFiles
-    from data.features import gpu_jpeg_available, jpeg_batches
-    from models.encoder import EncoderCNN
-    device = torch.device("cuda")
-    print("JPEG decoding on the GPU:", gpu_jpeg_available(device))
-    paths = sorted(glob.glob("devdata/flickr8k/Images/*.jpg"))[:64]
-    if gpu_jpeg_available(device) and paths:
-        images, good, _ = next(jpeg_batches(paths, 224, 64, 8, device))              # [n, 3, 224, 224] uint8
-        pil = torch.stack([ImageFiles(paths, 224)[i][0] for i in good]).to(device)
-        diff = (images.int() - pil.int()).abs()
-        print(f"GPU decode+resize vs PIL, {len(good)} images: mean |diff| {diff.float().mean():.3f} grey levels, "
-              f"max {diff.max().item()}, pixels off by more than 2: {(diff > 2).float().mean().item():.3%}")
-        torch.manual_seed(0)
-        encoder = EncoderCNN("resnet50", "none", 256, spatial=True).to(device).eval()
-        with torch.no_grad():
-            fp32 = encoder.extract(pil).flatten(1)
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                gpu, bf16 = encoder.extract(images).float().flatten(1), encoder.extract(pil).float().flatten(1)
-        cos = lambda a, b: F.cosine_similarity(a, b).min().item()  # noqa: E731
-        print(f"feature cosine (min over images; random weights): GPU vs PIL decode, both bf16 {cos(gpu, bf16):.5f}; "
-              f"bf16 vs fp32, both PIL {cos(bf16, fp32):.5f}")
+from data.dataset import ImageFiles
+from data.features import extract_features, gpu_jpeg_available, jpeg_batches
+from models.encoder import EncoderCNN
+device = torch.device("cuda")
+print("JPEG decoding on the GPU:", gpu_jpeg_available(device))
+paths = sorted(glob.glob("devdata/flickr8k/Images/*.jpg"))[:1024]
+images, good, _ = next(jpeg_batches(paths[:64], 224, 64, 8, device))                    # [n, 3, 224, 224] uint8
+pil = torch.stack([ImageFiles(paths, 224)[i][0] for i in good]).to(device)
+diff = (images.int() - pil.int()).abs()
+print(f"GPU decode+resize vs PIL, {len(good)} images: mean |diff| {diff.float().mean():.3f} grey levels, "
+      f"max {diff.max().item()}, pixels off by more than 2: {(diff > 2).float().mean().item():.3%}")
+torch.manual_seed(0)
+encoder = EncoderCNN("resnet50", "none", 256, spatial=True).to(device).eval()
+cos = lambda a, b: F.cosine_similarity(a.float().flatten(1), b.float().flatten(1)).min().item()  # noqa: E731
+with torch.no_grad():
+    fp32 = encoder.extract(pil)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        gpu, bf16 = encoder.extract(images), encoder.extract(pil)
+    print(f"feature cosine (min over images; random weights): GPU vs PIL decode, both bf16 {cos(gpu, bf16):.5f}; "
+          f"bf16 vs fp32, both PIL {cos(bf16, fp32):.5f}")
+    piped, ok = extract_features(encoder, paths, 224, None, device, batch_size=256, num_workers=2, desc="pipelined")
+    reference = []
+    for first in range(0, len(paths), 256):
+        batch = torch.stack([ImageFiles(paths, 224)[i][0] for i in range(first, min(first + 256, len(paths)))])
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            reference.append(encoder.extract(batch.to(device)).half().cpu())
+    print(f"pipelined extract_features vs PIL one batch at a time, {len(paths)} images (all read: {all(ok)}): "
+          f"min feature cosine {cos(piped, torch.cat(reference)):.5f}")
 PY
-"$PYTHON" bench.py --device cuda --data devdata/flickr8k --out "$OUT/bench_gpu.json"
+} > "$OUT/checks.log" 2>&1 || status=1
+cat "$OUT/checks.log"; echo "[checks done at ${SECONDS} s]"
+
+"$PYTHON" - > "$OUT/epochs.log" 2>&1 <<'PY' || status=1
+import torch
+import bench
+from config import DEFAULTS, merge
+from data.dataset import read_captions, read_split_file
+from data.prepare import encode_captions
+from data.vocab import Vocabulary
+from models import build_model
+captions = read_captions("devdata/flickr8k/captions.txt")
+names = [n for n in read_split_file("devdata/flickr8k/Flickr_8k.trainImages.txt") if n in captions][:1500]
+vocab = Vocabulary.build((c for n in names for c in captions[n]), 5)
+rows = encode_captions(names, captions, vocab, DEFAULTS["data"]["max_caption_len"])
+device = torch.device("cuda")
+features = torch.randn(len(names), 49, 2048).half()          # ResNet-50's 7x7x2048 grid; values do not change speed
+print(f"{len(rows[0])} captions of {len(names)} images, vocab {len(vocab)}; train.py's step, bf16 autocast")
+for decoder, batch in (("lstm", 64), ("lstm", 256), ("lstm", 512), ("attention", 256), ("attention", 512)):
+    config = merge(DEFAULTS, {"model": {"encoder": "resnet50", "encoder_weights": "none", "decoder": decoder},
+                              "train": {"batch_size": batch, "lr": 1e-3}}, "gpu_bench.sh")
+    model = build_model(config, len(vocab)).to(device)
+    rate, whole = bench.ours_train_rate(model, features, rows, config, device, budget_s=20)
+    print(f"{decoder:<9} batch {batch:>3}: {rate:>8.0f} captions/s, 30,000-caption epoch {30000 / rate:6.2f} s"
+          f"{'' if whole else ' (extrapolated)'} | peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+    del model
+PY
+cat "$OUT/epochs.log"; echo "[epochs done at ${SECONDS} s]"
+
+"$PYTHON" bench.py --device cuda --data devdata/flickr8k --out "$OUT/bench_gpu.json" > "$OUT/bench.log" 2>&1 || status=1
+grep -v "it/s\]\|image/s\]\|step/s\]\|s/it\]\|s/step\]\|s/image\]" "$OUT/bench.log" | tail -30
+echo "[bench done at ${SECONDS} s]"
+exit $status

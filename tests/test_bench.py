@@ -97,6 +97,7 @@ def test_gpu_path_of_extract_features_skips_and_counts_bad_files(jpegs, monkeypa
     encoder = EncoderCNN("resnet18", "none", 16, True)
     reference, ok = features.extract_features(encoder, jpegs, 32, None, CPU, num_workers=0)
     monkeypatch.setattr(features, "gpu_jpeg_available", lambda device: True)
+    monkeypatch.setattr(features, "GPU_DECODE_MIN", 1)
     got, ok_gpu = features.extract_features(encoder, jpegs, 32, None, CPU, num_workers=0)
     assert ok_gpu == ok == [True, True, False, False, True, True]
     assert torch.allclose(got.float(), reference.float(), atol=0.05)

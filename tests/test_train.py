@@ -72,3 +72,9 @@ def test_existing_run_is_not_overwritten(tiny_overrides, tmp_path):
 def test_attention_decoder_trains(tiny_overrides, tmp_path):
     run(tiny_overrides + ["model.decoder=attention", "train.epochs=1"])
     assert (tmp_path / "run" / "checkpoint_best.pth").exists()
+
+
+def test_a_last_batch_of_one_caption_is_left_out(tiny_overrides, tmp_path):
+    # 90 captions in batches of 89: a batch of 1 caption would break the LSTM head's BatchNorm.
+    run(tiny_overrides + ["train.batch_size=89", "train.epochs=1"])
+    assert load_checkpoint(str(tmp_path / "run" / "checkpoint_last.pth"))["progress"]["step"] == 1

@@ -8,7 +8,7 @@ import torch
 from config import load_config
 from data.vocab import Vocabulary
 from models import build_model
-from utils import load_checkpoint, load_model, pick_device, save_checkpoint
+from utils import atomic_link, load_checkpoint, load_model, pick_device, save_checkpoint
 
 SMALL = ["model.encoder=resnet18", "model.encoder_weights=none", "model.embed_size=8", "model.hidden_size=8"]
 
@@ -87,3 +87,15 @@ def test_pick_device():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA"):
             pick_device("cuda")
+
+
+@pytest.mark.parametrize("links", [True, False])
+def test_atomic_link_gives_a_second_name_to_the_same_bytes(tmp_path, monkeypatch, links):
+    if not links:                               # a file system without hard links: a copy instead
+        monkeypatch.setattr(os, "link", lambda src, dst: (_ for _ in ()).throw(OSError("not supported")))
+    make_checkpoint(tmp_path / "last.pth")
+    (tmp_path / "best.pth").write_bytes(b"an older best")
+    atomic_link(str(tmp_path / "last.pth"), str(tmp_path / "best.pth"))
+    assert (tmp_path / "best.pth").read_bytes() == (tmp_path / "last.pth").read_bytes()
+    assert os.path.samefile(tmp_path / "best.pth", tmp_path / "last.pth") == links
+    assert sorted(os.listdir(tmp_path)) == ["best.pth", "last.pth"]      # no temp file left
