@@ -145,7 +145,14 @@ def train(config, checkpoint=None, resume=None):
         vocab.save(os.path.join(out_dir, "vocab.json"))
         with open(os.path.join(out_dir, "config.yaml"), "w", encoding="utf-8") as f:
             yaml.safe_dump(config, f, sort_keys=False)
-    data = prepare_splits(config, vocab, model.encoder, device, show_progress=main_process)
+    # SIGTERM (a scheduler's preemption, `kill`) stops like Ctrl-C, from here on.
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    try:
+        data = prepare_splits(config, vocab, model.encoder, device, show_progress=main_process)
+    except KeyboardInterrupt:
+        print("\ninterrupted during feature extraction: the features computed so far are cached; run the "
+              "same command again to continue", file=sys.stderr)
+        sys.exit(130)
     train_set, val_set = data["train"], data["val"]
     # The cached features are small: keep them, the captions and each epoch's order on the device, so a
     # step is pure device work with no host-device copy (a copy from pageable memory waits for the GPU).
@@ -219,8 +226,6 @@ def train(config, checkpoint=None, resume=None):
               file=sys.stderr)
     started = time.time() - progress["elapsed"]
     model.train()
-    # SIGTERM (a scheduler's preemption, `kill`) saves and stops like Ctrl-C.
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
         while progress["epoch"] < t["epochs"]:
             epoch = progress["epoch"]

@@ -6,6 +6,7 @@ image paths. Both turn a file into the encoder's input with models.encoder.resiz
 import csv
 import os
 import random
+import signal
 import sys
 import warnings
 
@@ -156,7 +157,13 @@ def collate_images(batch):
 def image_loader(paths: list[str], size: int, batch_size: int, num_workers: int, pin_memory: bool = False):
     return torch.utils.data.DataLoader(ImageFiles(paths, size), batch_size=batch_size, shuffle=False,
                                        num_workers=num_workers, collate_fn=collate_images, pin_memory=pin_memory,
-                                       persistent_workers=False)
+                                       persistent_workers=False, worker_init_fn=_leave_sigterm_to_the_main_process)
+
+
+def _leave_sigterm_to_the_main_process(worker_id):
+    # A scheduler's SIGTERM reaches every process of the job: the main one caches what it has computed and
+    # shuts its workers down itself; a worker killed first would end it with a traceback instead.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class Flickr8kDataset(ImageFiles):

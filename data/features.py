@@ -262,28 +262,30 @@ def extract_features(encoder, paths: list[str], image_size: int, cache_dir: str 
                 shard_id = _write_shard(folder, shard_id, [list(stamps[todo[j]]) for j in unsaved], computed[unsaved])
                 unsaved = []
 
-        for images, good, rejected in _batches([paths[i] for i in todo], size, batch_size, num_workers, device):
-            bad += len(rejected)
-            bar.update(len(good) + len(rejected))
-            if images is None or not len(images):
-                continue
-            bf16 = device.type == "cuda" and len(images) >= AMP_MIN_BATCH
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                feats = encoder.extract(images.to(device, non_blocking=True))          # [b, P, C]
-            # On CUDA the copy to pinned memory runs while the next batch is computed; its rows are kept then.
-            host = torch.empty(feats.shape, dtype=torch.float16, pin_memory=device.type == "cuda")
-            host.copy_(feats.half(), non_blocking=True)
-            copied = torch.cuda.Event() if device.type == "cuda" else None
-            if copied is not None:
-                copied.record()
+        try:
+            for images, good, rejected in _batches([paths[i] for i in todo], size, batch_size, num_workers, device):
+                bad += len(rejected)
+                bar.update(len(good) + len(rejected))
+                if images is None or not len(images):
+                    continue
+                bf16 = device.type == "cuda" and len(images) >= AMP_MIN_BATCH
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    feats = encoder.extract(images.to(device, non_blocking=True))          # [b, P, C]
+                # On CUDA the copy to pinned memory runs while the next batch is computed; its rows are kept then.
+                host = torch.empty(feats.shape, dtype=torch.float16, pin_memory=device.type == "cuda")
+                host.copy_(feats.half(), non_blocking=True)
+                copied = torch.cuda.Event() if device.type == "cuda" else None
+                if copied is not None:
+                    copied.record()
+                if copying:
+                    keep(*copying)
+                copying = (host, good, copied)
             if copying:
                 keep(*copying)
-            copying = (host, good, copied)
-        if copying:
-            keep(*copying)
-        bar.close()
-        if folder and unsaved:
-            _write_shard(folder, shard_id, [list(stamps[todo[j]]) for j in unsaved], computed[unsaved])
+        finally:                # also on Ctrl-C or an error: what was computed is cached, the next run starts there
+            bar.close()
+            if folder and unsaved:
+                _write_shard(folder, shard_id, [list(stamps[todo[j]]) for j in unsaved], computed[unsaved])
         if bad:
             warn(f"{bad} of {len(paths)} images could not be read and were skipped")
     from_todo = dict(zip(todo, range(len(todo))))

@@ -1,6 +1,7 @@
 import os
 import shutil
 
+import pytest
 import torch
 
 from data.dataset import ImageFiles
@@ -62,3 +63,25 @@ def test_unreadable_image_is_skipped_and_counted(tiny_data, tmp_path, capsys):
     feats, ok = extract_features(encoder(), paths(tiny_data, 3) + [str(bad)], 32, None, CPU, num_workers=0)
     assert ok == [True, True, True, False] and len(feats) == 3
     assert "1 of 4 images could not be read" in capsys.readouterr().err
+
+
+def test_interrupted_extraction_keeps_what_it_computed(tiny_data, tmp_path, monkeypatch):
+    enc, files, seen, interrupted = encoder(), paths(tiny_data, 24), [], []
+    real_extract = enc.extract
+
+    def ctrl_c_at_batch_4(images):
+        seen.append(len(images))
+        if len(seen) == 4 and not interrupted:
+            interrupted.append(True)
+            raise KeyboardInterrupt
+        return real_extract(images)
+
+    monkeypatch.setattr(enc, "extract", ctrl_c_at_batch_4)
+    with pytest.raises(KeyboardInterrupt):
+        extract_features(enc, files, 32, str(tmp_path), CPU, batch_size=4, num_workers=0)
+    # Batches 1 and 2 were kept (batch 3's rows were still being copied back): 8 images are cached.
+    seen.clear()
+    resumed, ok = extract_features(enc, files, 32, str(tmp_path), CPU, batch_size=4, num_workers=0)
+    assert sum(seen) == len(files) - 8 and all(ok)
+    fresh, _ = extract_features(encoder(), files, 32, None, CPU, batch_size=4, num_workers=0)
+    assert torch.allclose(resumed.float(), fresh.float(), atol=1e-3)

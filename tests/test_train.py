@@ -78,3 +78,14 @@ def test_a_last_batch_of_one_caption_is_left_out(tiny_overrides, tmp_path):
     # 90 captions in batches of 89: a batch of 1 caption would break the LSTM head's BatchNorm.
     run(tiny_overrides + ["train.batch_size=89", "train.epochs=1"])
     assert load_checkpoint(str(tmp_path / "run" / "checkpoint_last.pth"))["progress"]["step"] == 1
+
+
+def test_ctrl_c_in_feature_extraction_says_how_to_continue(tiny_overrides, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "prepare_splits", interrupted)
+    with pytest.raises(SystemExit) as stop:
+        run(tiny_overrides)
+    assert stop.value.code == 130
+    assert "features computed so far are cached; run the same command again" in capsys.readouterr().err
