@@ -150,8 +150,9 @@ def train(config, checkpoint=None, resume=None):
     try:
         data = prepare_splits(config, vocab, model.encoder, device, show_progress=main_process)
     except KeyboardInterrupt:
-        print("\ninterrupted during feature extraction: the features computed so far are cached; run the "
-              "same command again to continue", file=sys.stderr)
+        if main_process:
+            print("\ninterrupted during feature extraction: the features computed so far are cached; run the "
+                  "same command again to continue", file=sys.stderr)
         sys.exit(130)
     train_set, val_set = data["train"], data["val"]
     # The cached features are small: keep them, the captions and each epoch's order on the device, so a
