@@ -64,10 +64,6 @@ def _cpu_copy(obj):
     return obj
 
 
-def save_checkpoint(path: str, model, vocab, config: dict, **state) -> None:
-    atomic_save(checkpoint_state(model, vocab, config, **state), path)
-
-
 def load_checkpoint(path: str, map_location="cpu") -> dict:
     """Load with weights_only=True (pickled code is refused, never run) and check the contents."""
     if os.path.isdir(path):

@@ -57,3 +57,14 @@ def random_caption_batch(lengths, grid_cells, feature_dim, vocab_size, start_id=
     tokens[:, 0] = start_id
     tokens[torch.arange(tokens.size(1)) >= lengths.unsqueeze(1)] = 0
     return features, tokens, lengths
+
+
+def assert_padding_does_not_change_valid_logits(decoder, features, tokens, lengths):
+    """Any token past a row's length (padding) leaves that row's valid logits unchanged."""
+    other = tokens.clone()
+    other[torch.arange(tokens.size(1)) >= lengths.unsqueeze(1)] = 7
+    with torch.no_grad():
+        a, _ = decoder(features, tokens, lengths)
+        b, _ = decoder(features, other, lengths)
+    for i, length in enumerate(lengths.tolist()):
+        assert torch.allclose(a[i, :length], b[i, :length], atol=1e-6)

@@ -8,7 +8,7 @@ import torch
 from config import load_config
 from data.vocab import Vocabulary
 from models import build_model
-from utils import atomic_link, load_checkpoint, load_model, pick_device, save_checkpoint
+from utils import atomic_link, atomic_save, checkpoint_state, load_checkpoint, load_model, pick_device
 
 SMALL = ["model.encoder=resnet18", "model.encoder_weights=none", "model.embed_size=8", "model.hidden_size=8"]
 
@@ -17,7 +17,7 @@ def make_checkpoint(path, decoder="lstm", words=("a", "dog")):
     config = load_config(None, SMALL + [f"model.decoder={decoder}", "model.attention_size=8"])
     vocab = Vocabulary.build([" ".join(words)])
     model = build_model(config, len(vocab))
-    save_checkpoint(str(path), model, vocab, config, progress={"epoch": 1})
+    atomic_save(checkpoint_state(model, vocab, config, progress={"epoch": 1}), str(path))
     return model, vocab
 
 
