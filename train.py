@@ -132,10 +132,11 @@ def train(config, checkpoint=None, resume=None):
     rank, world, device = setup_distributed(config)
     main_process = rank == 0
     seed_everything(t["seed"])
+    loaded = load_splits(config["data"])     # read once: Flickr8k's captions take a good part of a second to parse
     if checkpoint:
         vocab = Vocabulary(checkpoint["vocab"])
     else:
-        captions, train_names, _ = load_splits(config["data"])
+        captions, train_names, _ = loaded
         vocab = Vocabulary.build((c for n in train_names for c in captions[n]), config["data"]["min_word_freq"])
     model = build_model(config, len(vocab)).to(device)
     if checkpoint:
@@ -148,7 +149,7 @@ def train(config, checkpoint=None, resume=None):
     # SIGTERM (a scheduler's preemption, `kill`) stops like Ctrl-C, from here on.
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
-        data = prepare_splits(config, vocab, model.encoder, device, show_progress=main_process)
+        data = prepare_splits(config, vocab, model.encoder, device, show_progress=main_process, loaded=loaded)
     except KeyboardInterrupt:
         if main_process:
             print("\ninterrupted during feature extraction: the features computed so far are cached; run the "
@@ -197,8 +198,10 @@ def train(config, checkpoint=None, resume=None):
         step_model = torch.compile(step_model)
 
     # Checkpoints are written by a background thread while the next epoch trains: on a GPU an epoch
-    # can take less time than writing a ResNet-50 to disk.
+    # can take less time than writing a ResNet-50 to disk. A frozen CNN is copied to the CPU once.
     writer, writing = ThreadPoolExecutor(1), []
+    frozen_cnn = ({k: v.cpu() for k, v in model.state_dict().items() if k.startswith("encoder.backbone.")}
+                  if main_process and not t["fine_tune_encoder"] else {})
 
     def save(name, *same_as):
         """Snapshot the run now; write checkpoint `name` (the names in same_as become links to it) in the
@@ -207,8 +210,9 @@ def train(config, checkpoint=None, resume=None):
             return
         rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-        state = checkpoint_state(model, vocab, config, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                                 scaler=scaler.state_dict() if scaler else None, progress=dict(progress), rng=rng)
+        state = checkpoint_state(model, vocab, config, frozen_cnn, optimizer=optimizer.state_dict(),
+                                 scheduler=scheduler.state_dict(), scaler=scaler.state_dict() if scaler else None,
+                                 progress=dict(progress), rng=rng)
         finish_writes()
         writing.append(writer.submit(write_checkpoint, state, out_dir, name, same_as))
 

@@ -47,11 +47,14 @@ def atomic_link(src: str, dst: str) -> None:
         raise
 
 
-def checkpoint_state(model, vocab, config: dict, **state) -> dict:
+def checkpoint_state(model, vocab, config: dict, unchanging=None, **state) -> dict:
     """Model weights plus everything needed to caption (vocab, config) or resume (**state), copied to the
-    CPU now: training can go on while it is written."""
-    return _cpu_copy({"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "vocab": vocab.itos,
-                      "config": config, **state})
+    CPU now: training can go on while it is written. unchanging: {state_dict key: CPU tensor} for weights
+    that never change (a frozen CNN), which the caller copied once and which are used as they are."""
+    unchanging = unchanging or {}
+    weights = {k: unchanging[k] if k in unchanging else _cpu_copy(v) for k, v in model.state_dict().items()}
+    return {"format": CHECKPOINT_FORMAT, "model": weights,
+            **_cpu_copy({"vocab": vocab.itos, "config": config, **state})}
 
 
 def _cpu_copy(obj):

@@ -52,9 +52,12 @@ def load_inputs(encoder, config, paths, device, desc, show_progress=True):
                             num_workers=train["num_workers"], desc=desc)
 
 
-def prepare_splits(config, vocab, encoder, device, show_progress=True):
-    """{"train": ..., "val": ... or None}, each with inputs, tokens, lengths, image_index, names, references."""
-    captions, train_names, val_names = load_splits(config["data"])
+def prepare_splits(config, vocab, encoder, device, show_progress=True, loaded=None):
+    """{"train": ..., "val": ... or None}, each with inputs, tokens, lengths, image_index, names, references.
+
+    loaded: load_splits' (captions, train names, val names) when the caller has them already.
+    """
+    captions, train_names, val_names = loaded or load_splits(config["data"])
     splits = {}
     for split, names in (("train", train_names), ("val", val_names)):
         if not names:

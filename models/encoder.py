@@ -151,7 +151,9 @@ class EncoderCNN(nn.Module):
     def extract(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 images [B,3,S,S] -> the feature grid [B,P,C] (P = H*W), which the cache stores for every decoder."""
         x = (images.float() - self.mean) / self.std
-        if x.is_cuda:
+        # channels_last feeds the bf16 tensor cores; in fp32 (small batches) it would only make every
+        # convolution convert its weight to that layout on each call.
+        if x.is_cuda and torch.is_autocast_enabled():
             x = x.contiguous(memory_format=torch.channels_last)
         return self.backbone(x).flatten(2).transpose(1, 2)      # [B,C,H,W] -> [B,H*W,C]
 
@@ -162,8 +164,14 @@ class EncoderCNN(nn.Module):
 
     def weights_fingerprint(self) -> str:
         """Hash of the backbone's weights: part of the feature cache key, so new weights never reuse old features."""
-        h = hashlib.sha1(self.name.encode())
-        for key, tensor in self.backbone.state_dict().items():
-            h.update(key.encode())
-            h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-        return h.hexdigest()[:16]
+        weights = self.backbone.state_dict()
+        # Hashing a ResNet-50 takes ~0.1 s, and train.py asks twice: hash again only when a tensor was
+        # replaced or written to in place (which bumps its version counter).
+        stamp = tuple((t.data_ptr(), t._version) for t in weights.values())
+        if getattr(self, "_fingerprint", (None,))[0] != stamp:
+            h = hashlib.sha1(self.name.encode())
+            for key, tensor in weights.items():
+                h.update(key.encode())
+                h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+            self._fingerprint = stamp, h.hexdigest()[:16]
+        return self._fingerprint[1]

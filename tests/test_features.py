@@ -45,6 +45,17 @@ def test_changed_file_weights_or_transform_never_reuse_stale_features(tiny_data,
     assert cache_key(enc, 64) != cache_key(enc, 32)                  # other transform
 
 
+def test_cache_key_follows_weights_changed_in_place():
+    enc = encoder()
+    key = cache_key(enc, 32)
+    original = {k: v.clone() for k, v in enc.backbone.state_dict().items()}
+    with torch.no_grad():
+        enc.backbone[0].weight[0, 0, 0, 0] += 1       # the fingerprint is memoised: it must notice this
+    assert cache_key(enc, 32) != key
+    enc.backbone.load_state_dict(original)
+    assert cache_key(enc, 32) == key
+
+
 def test_truncated_shard_is_detected_and_rebuilt(tiny_data, tmp_path, capsys):
     enc = encoder()
     good, _ = extract_features(enc, paths(tiny_data), 32, str(tmp_path), CPU, num_workers=0)

@@ -31,6 +31,23 @@ def test_round_trip_needs_only_the_checkpoint(tmp_path):
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]   # atomic write left no temp file
 
 
+def test_snapshot_copies_trained_weights_and_reuses_unchanging_ones(tmp_path):
+    config = load_config(None, SMALL)
+    vocab = Vocabulary.build(["a dog"])
+    model = build_model(config, len(vocab))
+    frozen = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("encoder.backbone.")}
+    state = checkpoint_state(model, vocab, config, frozen)
+    assert all(state["model"][k] is v for k, v in frozen.items())
+    embedding = next(k for k in state["model"] if k.startswith("decoder.embed"))
+    before = state["model"][embedding].clone()
+    with torch.no_grad():
+        model.state_dict()[embedding].add_(1.0)      # training goes on while the snapshot is written
+    assert torch.equal(state["model"][embedding], before)
+    atomic_save(state, str(tmp_path / "c.pth"))
+    loaded, _, _ = load_model(load_checkpoint(str(tmp_path / "c.pth")))
+    assert torch.equal(loaded.state_dict()["encoder.backbone.0.weight"], frozen["encoder.backbone.0.weight"])
+
+
 def test_run_folder_means_its_last_checkpoint(tmp_path):
     make_checkpoint(tmp_path / "checkpoint_last.pth")
     assert load_checkpoint(str(tmp_path))["progress"] == {"epoch": 1}
