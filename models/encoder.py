@@ -99,6 +99,7 @@ class EncoderCNN(nn.Module):
         if name not in ENCODERS:
             raise ValueError(f"model.encoder={name!r} is not one of {', '.join(ENCODERS)}")
         self.name, self.spatial, self.fine_tune = name, spatial, fine_tune
+        self._fingerprint = (None, None)    # (weights' identity stamp, hash): see weights_fingerprint
         local_file = weights not in ("imagenet", "none")
         if name == "efficientnet_lite2":
             self.backbone, self.feature_dim = EfficientNetLite2Features(pretrained=weights == "imagenet"), 1280
@@ -168,7 +169,7 @@ class EncoderCNN(nn.Module):
         # Hashing a ResNet-50 takes ~0.1 s, and train.py asks twice: hash again only when a tensor was
         # replaced or written to in place (which bumps its version counter).
         stamp = tuple((t.data_ptr(), t._version) for t in weights.values())
-        if getattr(self, "_fingerprint", (None,))[0] != stamp:
+        if self._fingerprint[0] != stamp:
             h = hashlib.sha1(self.name.encode())
             for key, tensor in weights.items():
                 h.update(key.encode())
