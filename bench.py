@@ -108,7 +108,7 @@ def ours_train_rate(model, feats, rows, config, device, budget_s):
     tokens, lengths, image_index = rows
     inputs, tokens, image_index = feats.to(device), tokens.to(device), image_index.to(device)
     bs, warmup = config["train"]["batch_size"], 3
-    amp, scaler = train.make_amp(device, True)
+    amp, scaler = train.make_amp(device, config["train"]["amp"])
     params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("encoder.backbone")]
     optimizer = torch.optim.AdamW(params, lr=config["train"]["lr"], fused=device.type == "cuda")
     order = torch.cat([torch.randperm(len(tokens)) for _ in range(math.ceil((EPOCH_CAPTIONS + warmup * bs) / len(tokens)))])

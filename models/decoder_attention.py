@@ -48,17 +48,25 @@ class AttentionDecoder(nn.Module):
             raise ValueError(f"decoder_attention.py: features have shape {tuple(features.shape)}, expected "
                              f"[B, P, {self.feature_dim}]; use a spatial encoder whose feature_dim matches the decoder")
 
-    def _lstm_step(self, embedded, features, projected, h, c):
+    def _lstm_step(self, embedded, features, projected, h, c, h_weight, h_bias):
         """One attention + LSTM step; shared by forward() and step() so both compute the same thing.
 
-        embedded [b,E], features [b,P,C], projected [b,P,A], h/c [b,H] -> h, c [b,H], alpha [b,P]
+        embedded [b,E], features [b,P,C], projected [b,P,A], h/c [b,H], (h_weight, h_bias) from
+        _h_projection() -> h, c [b,H], alpha [b,P]
         """
-        scores = self.full_att(torch.relu(projected + self.dec_att(h).unsqueeze(1))).squeeze(2)  # [b,P]
+        # dec_att and f_beta both read h: one matmul for both, [b,H] -> [b,A+C] -> [b,A] and [b,C]
+        h_att, gate = torch.nn.functional.linear(h, h_weight, h_bias).split([projected.size(2), self.feature_dim], 1)
+        scores = self.full_att(torch.relu(projected + h_att.unsqueeze(1))).squeeze(2)  # [b,P]
         alpha = torch.softmax(scores, dim=1)
         context = torch.bmm(alpha.unsqueeze(1), features).squeeze(1)  # [b,1,P] x [b,P,C] -> [b,C], no [b,P,C] temporary
-        context = torch.sigmoid(self.f_beta(h)) * context
-        h, c = self.lstm(torch.cat([embedded, context], dim=1), (h, c))
+        h, c = self.lstm(torch.cat([embedded, torch.sigmoid(gate) * context], dim=1), (h, c))
         return h, c, alpha
+
+    def _h_projection(self, dtype: torch.dtype):
+        """dec_att and f_beta stacked: (weight [A+C,H], bias [A+C]) in `dtype`, the grid's (bf16 under
+        autocast): cast here once, as autocast would cast a computed weight again at every step."""
+        return (torch.cat([self.dec_att.weight, self.f_beta.weight]).to(dtype),
+                torch.cat([self.dec_att.bias, self.f_beta.bias]).to(dtype))
 
     def init_state(self, features: torch.Tensor):
         """features [B,P,C] -> (h [B,H], c [B,H], features [B,P,C], projected [B,P,A]); all batch-first."""
@@ -71,35 +79,60 @@ class AttentionDecoder(nn.Module):
     def step(self, tokens: torch.Tensor, state):
         """tokens [B] (previous word) -> logits [B,V], new state, alpha [B,P]."""
         h, c, features, projected = state
-        h, c, alpha = self._lstm_step(self.embedding(tokens), features, projected, h, c)
+        h, c, alpha = self._lstm_step(self.embedding(tokens), features, projected, h, c,
+                                      *self._h_projection(projected.dtype))
         return self.fc(self.dropout(h)), (h, c, features, projected), alpha
 
     def forward(self, features: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor):
-        """Teacher forcing. features [B,P,C], tokens [B,T], lengths [B] (CPU) -> logits [B,T,V], extra_loss []."""
+        """Teacher forcing. features [B,P,C], tokens [B,T], lengths [B] (CPU) -> logits [B,T,V], extra_loss [].
+
+        A CPU runs this loop at the speed of its arithmetic, so it skips captions that have ended; a
+        GPU runs it at the speed it launches kernels, so it runs every row to the end. Valid positions
+        get the same values either way.
+        """
         self._check(features)
         lengths = check_teacher_forcing(features, tokens, lengths, "decoder_attention.py")
-        # Packing sorts rows by length (descending) and lays the embeddings out step by step, so
-        # step t touches just the first batch_sizes[t] rows: finished captions cost nothing.
-        packed = pack_padded_sequence(self.embedding(tokens), lengths, batch_first=True, enforce_sorted=False)
-        order = packed.sorted_indices
-        features = features.index_select(0, order)
-        h, c, _, projected = self.init_state(features)  # attention projection computed once per batch
+        h, c, features, projected = self.init_state(features)  # attention projection computed once per batch
+        h_weight, h_bias = self._h_projection(projected.dtype)
+        embedded = self.embedding(tokens).to(projected.dtype)  # [B,T,E]
+        run = self._run_packed if tokens.device.type == "cpu" else self._run_full
+        logits, alphas, valid = run(embedded, lengths, features, projected, h, c, h_weight, h_bias)
+        # Doubly stochastic attention: each cell should get about one unit of attention over the caption's
+        # valid steps. Averaged over the P cells (not summed as in the paper) so alpha_c means the same
+        # for any grid size.
+        attention_sum = torch.einsum("btp,bt->bp", alphas, valid.to(alphas.dtype))  # [B,P]
+        return logits, self.alpha_c * ((1.0 - attention_sum) ** 2).mean()
 
-        hiddens, alphas, offset = [], [], 0
-        for batch_size in packed.batch_sizes.tolist():
-            embedded = packed.data[offset:offset + batch_size]  # [b,E]
-            offset += batch_size
-            h, c, alpha = self._lstm_step(embedded, features[:batch_size], projected[:batch_size],
-                                          h[:batch_size], c[:batch_size])
+    def _run_full(self, embedded, lengths, features, projected, h, c, h_weight, h_bias):
+        """All B rows for all T steps (the loss ignores a finished row's extra steps, which change
+        nothing before them): no slices, no gradients of slices, no host-device sync.
+        -> logits [B,T,V], alphas [B,T,P], valid [B,T] (on the device)"""
+        hiddens, alphas = [], []
+        for step_embedded in embedded.unbind(1):  # T x [B,E]
+            h, c, alpha = self._lstm_step(step_embedded, features, projected, h, c, h_weight, h_bias)
             hiddens.append(h)
             alphas.append(alpha)
+        valid = torch.arange(embedded.size(1)) < lengths.unsqueeze(1)  # [B,T]
+        valid = valid.pin_memory() if embedded.is_cuda else valid      # so the copy need not wait for the GPU
+        logits = self.fc(self.dropout(torch.stack(hiddens, 1)))  # one vocabulary matmul after the loop
+        return logits, torch.stack(alphas, 1), valid.to(embedded.device, non_blocking=True)
 
-        # One vocabulary matmul over all valid positions: [sum(lengths),H] -> [sum(lengths),V].
+    def _run_packed(self, embedded, lengths, features, projected, h, c, h_weight, h_bias):
+        """Rows sorted by length; step t runs only the batch_sizes[t] captions still going. Same returns
+        as _run_full, with zeros at padded positions."""
+        packed = pack_padded_sequence(embedded, lengths, batch_first=True, enforce_sorted=False)
+        order = packed.sorted_indices
+        features, projected, h, c = (x.index_select(0, order) for x in (features, projected, h, c))
+        hiddens, alphas, offset = [], [], 0
+        for rows in packed.batch_sizes.tolist():
+            step_embedded = packed.data[offset:offset + rows]  # [rows,E]
+            offset += rows
+            h, c, alpha = self._lstm_step(step_embedded, features[:rows], projected[:rows], h[:rows], c[:rows],
+                                          h_weight, h_bias)
+            hiddens.append(h)
+            alphas.append(alpha)
+        # One vocabulary matmul after the loop, over valid positions only: [sum(lengths),H] -> [sum(lengths),V]
         logits = self.fc(self.dropout(torch.cat(hiddens)))
-        logits = _unpack(logits, packed, tokens.size(1))  # [B,T,V], original row order
-        # Doubly stochastic attention: each cell should get about one unit of attention over the
-        # caption. Padded steps unpack as zeros, so the sum covers valid steps only.
-        alphas = _unpack(torch.cat(alphas), packed, tokens.size(1))  # [B,T,P]
-        # Averaged over the P cells (not summed as in the paper) so alpha_c means the same for any grid size.
-        extra_loss = self.alpha_c * ((1.0 - alphas.sum(dim=1)) ** 2).mean()
-        return logits, extra_loss
+        total = embedded.size(1)
+        return (_unpack(logits, packed, total), _unpack(torch.cat(alphas), packed, total),
+                torch.arange(total) < lengths.unsqueeze(1))

@@ -9,6 +9,7 @@
 #                decode path); the pipelined extract_features (next batch decoded on a side stream)
 #                gives the features of PIL images run one batch at a time
 #   epochs.log   decoder training epoch over 30,000 captions: LSTM at batch 64/256/512, attention at 256/512
+#                (and at 512 in fp32: launch-bound, it ran faster without autocast's casts)
 #   bench.log    python bench.py --device cuda (batch 512) against the naive loop
 # Needs only torch, torchvision, pyyaml, tqdm and pillow (no pycocoevalcap).
 set -uo pipefail
@@ -76,13 +77,15 @@ vocab = Vocabulary.build((c for n in names for c in captions[n]), 5)
 rows = encode_captions(names, captions, vocab, DEFAULTS["data"]["max_caption_len"])
 device = torch.device("cuda")
 features = torch.randn(len(names), 49, 2048).half()          # ResNet-50's 7x7x2048 grid; values do not change speed
-print(f"{len(rows[0])} captions of {len(names)} images, vocab {len(vocab)}; train.py's step, bf16 autocast")
-for decoder, batch in (("lstm", 64), ("lstm", 256), ("lstm", 512), ("attention", 256), ("attention", 512)):
+print(f"{len(rows[0])} captions of {len(names)} images, vocab {len(vocab)}; train.py's step, bf16 autocast unless fp32")
+for decoder, batch, amp in (("lstm", 64, True), ("lstm", 256, True), ("lstm", 512, True), ("attention", 256, True),
+                            ("attention", 512, True), ("attention", 512, False)):
     config = merge(DEFAULTS, {"model": {"encoder": "resnet50", "encoder_weights": "none", "decoder": decoder},
-                              "train": {"batch_size": batch, "lr": 1e-3}}, "gpu_bench.sh")
+                              "train": {"batch_size": batch, "lr": 1e-3, "amp": amp}}, "gpu_bench.sh")
     model = build_model(config, len(vocab)).to(device)
     rate, whole = bench.ours_train_rate(model, features, rows, config, device, budget_s=20)
-    print(f"{decoder:<9} batch {batch:>3}: {rate:>8.0f} captions/s, 30,000-caption epoch {30000 / rate:6.2f} s"
+    print(f"{decoder:<9} batch {batch:>3}{'' if amp else ' fp32'}: {rate:>8.0f} captions/s, "
+          f"30,000-caption epoch {30000 / rate:6.2f} s"
           f"{'' if whole else ' (extrapolated)'} | peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
     del model
 PY

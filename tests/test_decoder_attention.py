@@ -61,6 +61,24 @@ def test_step_reproduces_forward(lengths):
     assert torch.allclose(extra_loss, torch.as_tensor(expected_extra), atol=1e-5)
 
 
+def test_gpu_loop_matches_cpu_loop_at_valid_positions(monkeypatch):
+    """forward() runs every row to the end on a GPU and skips ended captions on a CPU: same loss, same gradients."""
+    features, tokens, lengths = make_batch([2, 5, 1, 3])
+    targets = torch.randint(3, V, tokens.shape) * (tokens != 0)
+    results = []
+    for loop in ("_run_packed", "_run_full"):
+        decoder = make_decoder(dropout=0.0)
+        monkeypatch.setattr(decoder, "_run_packed", getattr(decoder, loop))   # what forward() calls on a CPU
+        logits, extra_loss = decoder(features, tokens, lengths)
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), ignore_index=0)
+        (loss + extra_loss).backward()
+        results.append((loss, extra_loss, {n: p.grad for n, p in decoder.named_parameters()}))
+    (packed_loss, packed_extra, packed_grads), (full_loss, full_extra, full_grads) = results
+    assert torch.allclose(packed_loss, full_loss, atol=1e-6) and torch.allclose(packed_extra, full_extra, atol=1e-6)
+    for name, grad in packed_grads.items():
+        assert torch.allclose(grad, full_grads[name], atol=1e-6), name
+
+
 def test_padding_tokens_do_not_change_valid_logits():
     decoder = make_decoder().eval()
     assert_padding_does_not_change_valid_logits(decoder, *make_batch([2, 5, 3]))

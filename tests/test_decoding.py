@@ -63,6 +63,31 @@ def test_beam_one_equals_greedy_on_a_real_decoder():
     assert [g["tokens"] for g in greedy] == [b["tokens"] for b in beam]
 
 
+class CountdownDecoder(nn.Module):
+    """Row i says word 3 features[i] times, then <end>(2): captions of known, different lengths."""
+
+    def init_state(self, features):
+        return (features[:, 0].clone(),)
+
+    def step(self, tokens, state):
+        left = state[0] - 1
+        logits = torch.zeros(len(left), 5)
+        logits[:, 3] = 1.0
+        logits[:, 2] = -left                # <end> wins once left < -1; the scores differ from step to step
+        return logits, (left,), None
+
+
+def test_greedy_stops_the_same_however_often_it_checks():
+    """On a GPU greedy_decode looks for the end every 4 steps: the captions and scores are those of every step."""
+    features = torch.tensor([[0.0], [3.0], [5.0], [9.0]])
+    every_step = greedy_decode(CountdownDecoder(), features, max_len=12, stop_check_every=1)
+    assert [len(r["tokens"]) for r in every_step] == [0, 3, 5, 9]
+    for check_every in (3, 4, 5):
+        sparse = greedy_decode(CountdownDecoder(), features, max_len=12, stop_check_every=check_every)
+        assert [r["tokens"] for r in sparse] == [r["tokens"] for r in every_step]
+        assert [r["score"] for r in sparse] == pytest.approx([r["score"] for r in every_step], abs=1e-6)
+
+
 def test_batched_beam_equals_one_image_at_a_time():
     torch.manual_seed(1)
     model = DecoderRNN(embed_size=8, vocab_size=9, hidden_size=16).eval()
