@@ -103,7 +103,7 @@ def make_jpegs(tmp, n):
 # ---- ours ----------------------------------------------------------------------------------------
 
 def ours_train_rate(model, feats, rows, config, device, budget_s):
-    """train.py's step on cached features, captions and order all on the device, over shuffled captions
+    """train.py's step on cached features, captions and order all on the device, over train.py's epoch order
     (cycled), until one 30,000-caption epoch or the time budget: (captions/s, whether the whole epoch ran)."""
     tokens, lengths, image_index = rows
     inputs, tokens, image_index = feats.to(device), tokens.to(device), image_index.to(device)
@@ -111,7 +111,8 @@ def ours_train_rate(model, feats, rows, config, device, budget_s):
     amp, scaler = train.make_amp(device, config["train"]["amp"])
     params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("encoder.backbone")]
     optimizer = torch.optim.AdamW(params, lr=config["train"]["lr"], fused=device.type == "cuda")
-    order = torch.cat([torch.randperm(len(tokens)) for _ in range(math.ceil((EPOCH_CAPTIONS + warmup * bs) / len(tokens)))])
+    passes = math.ceil((EPOCH_CAPTIONS + warmup * bs) / len(tokens))
+    order = torch.cat([train.epoch_order(lengths, bs, seed, config["train"]["batch_by_length"]) for seed in range(passes)])
     order_on_device = order.to(device)
     model.train()
     done, step, start, running = 0, 0, None, 0.0

@@ -35,6 +35,7 @@ from utils import (atomic_link, atomic_save, checkpoint_state, load_checkpoint, 
                    seed_everything)
 
 LOG_HEADER = "step\tepoch\tsplit\tloss\tlr\telapsed\tbleu4\n"
+BUCKET_BATCHES = 50   # train.batch_by_length sorts runs of this many batches: longer runs, more even lengths
 
 
 def batch_loss(model, inputs, tokens, lengths, config, amp, normalizer=None, label_smoothing=None):
@@ -108,6 +109,25 @@ def lr_lambda(config, total_steps):
             return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
         return 1.0
     return factor
+
+
+def epoch_order(lengths, batch_size: int, seed: int, by_length: bool) -> torch.Tensor:
+    """The captions' order for one epoch: a seeded shuffle; batches are order[b*batch_size:(b+1)*batch_size].
+
+    by_length: batches of captions of about the same length, in random order. A batch's time steps
+    run one after another up to its longest caption, so on a GPU a step costs about that length.
+    The shuffled captions are sorted by length within runs of BUCKET_BATCHES batches; the full
+    batches are then shuffled, and the short one stays last.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(lengths), generator=generator)
+    if not by_length:
+        return order
+    chunks = order.split(batch_size * BUCKET_BATCHES)
+    order = torch.cat([chunk[lengths[chunk].argsort(stable=True)] for chunk in chunks])
+    full = len(order) // batch_size
+    batches = order[:full * batch_size].view(full, batch_size)[torch.randperm(full, generator=generator)]
+    return torch.cat([batches.flatten(), order[full * batch_size:]])
 
 
 def setup_distributed(config):
@@ -234,7 +254,7 @@ def train(config, checkpoint=None, resume=None):
     try:
         while progress["epoch"] < t["epochs"]:
             epoch = progress["epoch"]
-            order = torch.randperm(n_captions, generator=torch.Generator().manual_seed(t["seed"] * 1000 + epoch))
+            order = epoch_order(lengths, bs, t["seed"] * 1000 + epoch, t["batch_by_length"])
             order_on_device = order.to(device)
             bar = tqdm(range(progress["batch"], steps_per_epoch), desc=f"epoch {epoch + 1}/{t['epochs']}", unit="step",
                        dynamic_ncols=True, initial=progress["batch"], total=steps_per_epoch, disable=not main_process)

@@ -9,7 +9,8 @@
 #                decode path); the pipelined extract_features (next batch decoded on a side stream)
 #                gives the features of PIL images run one batch at a time
 #   epochs.log   decoder training epoch over 30,000 captions: LSTM at batch 64/256/512, attention at 256/512
-#                (and at 512 in fp32: launch-bound, it ran faster without autocast's casts)
+#                (and at 512 in fp32: launch-bound, it ran faster without autocast's casts); again with
+#                train.batch_by_length, where a batch's steps run up to its longest caption only
 #   bench.log    python bench.py --device cuda (batch 512) against the naive loop
 # Needs only torch, torchvision, pyyaml, tqdm and pillow (no pycocoevalcap).
 set -uo pipefail
@@ -78,14 +79,18 @@ rows = encode_captions(names, captions, vocab, DEFAULTS["data"]["max_caption_len
 device = torch.device("cuda")
 features = torch.randn(len(names), 49, 2048).half()          # ResNet-50's 7x7x2048 grid; values do not change speed
 print(f"{len(rows[0])} captions of {len(names)} images, vocab {len(vocab)}; train.py's step, bf16 autocast unless fp32")
-for decoder, batch, amp in (("lstm", 64, True), ("lstm", 256, True), ("lstm", 512, True), ("attention", 256, True),
-                            ("attention", 512, True), ("attention", 512, False)):
+for decoder, batch, amp, by_length in (
+        ("lstm", 64, True, False), ("lstm", 256, True, False), ("lstm", 512, True, False),
+        ("attention", 256, True, False), ("attention", 512, True, False), ("attention", 512, False, False),
+        ("lstm", 64, True, True), ("lstm", 128, True, True), ("lstm", 256, True, True),
+        ("attention", 256, True, True), ("attention", 512, True, True), ("attention", 512, False, True)):
     config = merge(DEFAULTS, {"model": {"encoder": "resnet50", "encoder_weights": "none", "decoder": decoder},
-                              "train": {"batch_size": batch, "lr": 1e-3, "amp": amp}}, "gpu_bench.sh")
+                              "train": {"batch_size": batch, "lr": 1e-3, "amp": amp, "batch_by_length": by_length}},
+                   "gpu_bench.sh")
     model = build_model(config, len(vocab)).to(device)
     rate, whole = bench.ours_train_rate(model, features, rows, config, device, budget_s=20)
-    print(f"{decoder:<9} batch {batch:>3}{'' if amp else ' fp32'}: {rate:>8.0f} captions/s, "
-          f"30,000-caption epoch {30000 / rate:6.2f} s"
+    print(f"{decoder:<9} batch {batch:>3}{'' if amp else ' fp32'}{' by length' if by_length else ''}: {rate:>8.0f} "
+          f"captions/s, 30,000-caption epoch {30000 / rate:6.2f} s"
           f"{'' if whole else ' (extrapolated)'} | peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
     del model
 PY

@@ -32,7 +32,25 @@ def test_writes_checkpoints_log_config_vocab(tiny_overrides, tmp_path):
     assert {"optimizer", "scheduler", "rng", "config"} <= checkpoint.keys()
 
 
-def test_interrupted_then_resumed_equals_uninterrupted(tiny_overrides, tmp_path, monkeypatch):
+def test_epoch_order_is_a_seeded_shuffle_or_batches_of_similar_lengths():
+    lengths = torch.randint(3, 40, (1000,), generator=torch.Generator().manual_seed(0))
+    plain = train.epoch_order(lengths, 64, seed=7, by_length=False)
+    assert torch.equal(plain, torch.randperm(1000, generator=torch.Generator().manual_seed(7)))   # as before the option
+    by_length = train.epoch_order(lengths, 64, seed=7, by_length=True)
+    assert torch.equal(by_length, train.epoch_order(lengths, 64, seed=7, by_length=True))
+    assert not torch.equal(by_length, train.epoch_order(lengths, 64, seed=8, by_length=True))
+    assert sorted(by_length.tolist()) == list(range(1000))
+    longest = [lengths[batch].max().item() for batch in by_length.split(64)]
+    spread = [(lengths[batch].max() - lengths[batch].min()).item() for batch in by_length.split(64)[:-1]]
+    plain_longest = [lengths[batch].max().item() for batch in plain.split(64)]
+    assert max(spread) <= 4 and sum(longest) < 0.7 * sum(plain_longest)
+    assert longest[:-1] != sorted(longest[:-1])             # full batches come in random order, not shortest first
+    assert len(by_length.split(64)[-1]) == 1000 % 64        # the short batch stays last
+
+
+@pytest.mark.parametrize("by_length", [False, True])
+def test_interrupted_then_resumed_equals_uninterrupted(tiny_overrides, tmp_path, monkeypatch, by_length):
+    tiny_overrides = tiny_overrides + [f"train.batch_by_length={by_length}"]
     straight = [o for o in tiny_overrides if not o.startswith("train.out_dir")] + [f"train.out_dir={tmp_path / 'a'}"]
     run(straight)
     interrupted = [o for o in tiny_overrides if not o.startswith("train.out_dir")] + [f"train.out_dir={tmp_path / 'b'}"]
