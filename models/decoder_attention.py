@@ -55,7 +55,7 @@ class AttentionDecoder(nn.Module):
         _h_projection() -> h, c [b,H], alpha [b,P]
         """
         # dec_att and f_beta both read h: one matmul for both, [b,H] -> [b,A+C] -> [b,A] and [b,C]
-        h_att, gate = torch.nn.functional.linear(h, h_weight, h_bias).split([projected.size(2), self.feature_dim], 1)
+        h_att, gate = nn.functional.linear(h, h_weight, h_bias).split([projected.size(2), self.feature_dim], 1)
         scores = self.full_att(torch.relu(projected + h_att.unsqueeze(1))).squeeze(2)  # [b,P]
         alpha = torch.softmax(scores, dim=1)
         context = torch.bmm(alpha.unsqueeze(1), features).squeeze(1)  # [b,1,P] x [b,P,C] -> [b,C], no [b,P,C] temporary
@@ -96,7 +96,10 @@ class AttentionDecoder(nn.Module):
         h_weight, h_bias = self._h_projection(projected.dtype)
         embedded = self.embedding(tokens).to(projected.dtype)  # [B,T,E]
         run = self._run_packed if tokens.device.type == "cpu" else self._run_full
-        logits, alphas, valid = run(embedded, lengths, features, projected, h, c, h_weight, h_bias)
+        logits, alphas = run(embedded, lengths, features, projected, h, c, h_weight, h_bias)
+        valid = torch.arange(tokens.size(1)) < lengths.unsqueeze(1)  # [B,T], on the CPU
+        valid = valid.pin_memory() if tokens.is_cuda else valid     # so the copy need not wait for the GPU
+        valid = valid.to(tokens.device, non_blocking=True)
         # Doubly stochastic attention: each cell should get about one unit of attention over the caption's
         # valid steps. Averaged over the P cells (not summed as in the paper) so alpha_c means the same
         # for any grid size.
@@ -106,16 +109,14 @@ class AttentionDecoder(nn.Module):
     def _run_full(self, embedded, lengths, features, projected, h, c, h_weight, h_bias):
         """All B rows for all T steps (the loss ignores a finished row's extra steps, which change
         nothing before them): no slices, no gradients of slices, no host-device sync.
-        -> logits [B,T,V], alphas [B,T,P], valid [B,T] (on the device)"""
+        -> logits [B,T,V], alphas [B,T,P]"""
         hiddens, alphas = [], []
         for step_embedded in embedded.unbind(1):  # T x [B,E]
             h, c, alpha = self._lstm_step(step_embedded, features, projected, h, c, h_weight, h_bias)
             hiddens.append(h)
             alphas.append(alpha)
-        valid = torch.arange(embedded.size(1)) < lengths.unsqueeze(1)  # [B,T]
-        valid = valid.pin_memory() if embedded.is_cuda else valid      # so the copy need not wait for the GPU
         logits = self.fc(self.dropout(torch.stack(hiddens, 1)))  # one vocabulary matmul after the loop
-        return logits, torch.stack(alphas, 1), valid.to(embedded.device, non_blocking=True)
+        return logits, torch.stack(alphas, 1)
 
     def _run_packed(self, embedded, lengths, features, projected, h, c, h_weight, h_bias):
         """Rows sorted by length; step t runs only the batch_sizes[t] captions still going. Same returns
@@ -134,5 +135,4 @@ class AttentionDecoder(nn.Module):
         # One vocabulary matmul after the loop, over valid positions only: [sum(lengths),H] -> [sum(lengths),V]
         logits = self.fc(self.dropout(torch.cat(hiddens)))
         total = embedded.size(1)
-        return (_unpack(logits, packed, total), _unpack(torch.cat(alphas), packed, total),
-                torch.arange(total) < lengths.unsqueeze(1))
+        return _unpack(logits, packed, total), _unpack(torch.cat(alphas), packed, total)
