@@ -10,7 +10,7 @@
 #                gives the features of PIL images run one batch at a time
 #   epochs.log   decoder training epoch over 30,000 captions: LSTM at batch 64/256/512, attention at 256/512
 #                (and at 512 in fp32: launch-bound, it ran faster without autocast's casts); again with
-#                train.batch_by_length, where a batch's steps run up to its longest caption only
+#                train.batch_by_length (LSTM at 64/128/256/512), where a batch's steps run up to its longest caption only
 #   bench.log    python bench.py --device cuda (batch 512) against the naive loop
 # Needs only torch, torchvision, pyyaml, tqdm and pillow (no pycocoevalcap).
 set -uo pipefail
@@ -82,7 +82,7 @@ print(f"{len(rows[0])} captions of {len(names)} images, vocab {len(vocab)}; trai
 for decoder, batch, amp, by_length in (
         ("lstm", 64, True, False), ("lstm", 256, True, False), ("lstm", 512, True, False),
         ("attention", 256, True, False), ("attention", 512, True, False), ("attention", 512, False, False),
-        ("lstm", 64, True, True), ("lstm", 128, True, True), ("lstm", 256, True, True),
+        ("lstm", 64, True, True), ("lstm", 128, True, True), ("lstm", 256, True, True), ("lstm", 512, True, True),
         ("attention", 256, True, True), ("attention", 512, True, True), ("attention", 512, False, True)):
     config = merge(DEFAULTS, {"model": {"encoder": "resnet50", "encoder_weights": "none", "decoder": decoder},
                               "train": {"batch_size": batch, "lr": 1e-3, "amp": amp, "batch_by_length": by_length}},
