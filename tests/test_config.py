@@ -1,3 +1,5 @@
+import glob
+
 import pytest
 
 from config import DEFAULTS, load_config
@@ -29,6 +31,7 @@ def test_bad_overrides_are_rejected(pairs, message):
 
 
 def test_repo_configs_load():
-    for path in ["config.yaml", "configs/flickr8k.yaml", "configs/flickr8k_lite2_lstm.yaml",
-                 "configs/flickr8k_lite2_attention.yaml", "configs/flickr8k_lite2_transformer.yaml"]:
+    paths = ["config.yaml"] + sorted(glob.glob("configs/*.yaml"))
+    assert "configs/flickr8k_lite2_lstm_bs512.yaml" in paths
+    for path in paths:
         assert load_config(path)["model"]["encoder"]
