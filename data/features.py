@@ -5,7 +5,8 @@ Layout: <cache_dir>/<key>/shard_<pid>_NNNNN.pt, each {"files": [[path, size, mti
 and the layout (fp16 grids [P,C], which every decoder reads); each entry also records its file's size and mtime, so a changed
 file, encoder, weight or transform never reuses stale features. Shards are written
 atomically as extraction goes, so a killed run resumes where it stopped, and a truncated
-shard is detected, deleted and recomputed.
+shard is detected, deleted and recomputed. A shard whose images have all changed or gone is
+deleted when the cache is next read, so re-copied images do not leave the old rows on disk.
 
 On CUDA, JPEGs are read by a thread pool, decoded on the GPU in batches (nvjpeg) and
 resized there, on a side stream, one batch ahead of the CNN; features come back to pinned
@@ -53,9 +54,17 @@ def file_stamp(path: str) -> tuple:
     return os.path.abspath(path), st.st_size, st.st_mtime_ns
 
 
+def _is_current(stamp) -> bool:
+    try:
+        return file_stamp(stamp[0]) == tuple(stamp)
+    except OSError:
+        return False
+
+
 def _read_shards(folder: str) -> dict:
-    """stamp -> feature row, from every readable shard; unreadable shards are removed."""
-    rows = {}
+    """stamp -> feature row, from every readable shard; unreadable shards are removed, and so are
+    shards none of whose images still exist unchanged (their rows could never be used again)."""
+    rows, stale = {}, 0
     for name in sorted(os.listdir(folder)):
         if not name.endswith(".pt"):
             continue
@@ -70,7 +79,16 @@ def _read_shards(folder: str) -> dict:
             warn(f"{path}: feature cache shard is damaged ({str(e).splitlines()[0][:60]}); deleting and recomputing it")
             os.remove(path)
             continue
+        if not any(_is_current(f) for f in files):       # stops at the first current image: cheap when valid
+            stale += 1
+            try:
+                os.remove(path)
+            except FileNotFoundError:                     # another DDP rank removed it first
+                pass
+            continue
         rows.update({tuple(f): features[i] for i, f in enumerate(files)})
+    if stale:
+        warn(f"{folder}: deleted {stale} feature cache shards whose images have all changed or gone")
     return rows
 
 

@@ -56,6 +56,26 @@ def test_cache_key_follows_weights_changed_in_place():
     assert cache_key(enc, 32) == key
 
 
+def test_shard_of_only_changed_images_is_deleted_and_partly_changed_one_kept(tiny_data, tmp_path, capsys):
+    images = tmp_path / "images"
+    shutil.copytree(tiny_data[1], images)
+    files = [str(images / f"shape_{i:04d}.png") for i in range(4)]
+    enc, cache = encoder(), str(tmp_path / "c")
+    folder = os.path.join(cache, cache_key(enc, 32))
+    extract_features(enc, files[:2], 32, cache, CPU, num_workers=0)
+    extract_features(enc, files[2:], 32, cache, CPU, num_workers=0)
+    os.utime(files[0], ns=(1, 1))                          # the images of the first shard are copied again
+    os.remove(files[1])
+    os.utime(files[2], ns=(1, 1))                          # one of the second shard's two
+    capsys.readouterr()
+    features, ok = extract_features(enc, files, 32, cache, CPU, num_workers=0)
+    assert "deleted 1 feature cache shards" in capsys.readouterr().err
+    assert ok == [True, False, True, True] and features.shape[0] == 3
+    listed = [[f[0] for f in torch.load(os.path.join(folder, name), weights_only=True)["files"]]
+              for name in os.listdir(folder)]
+    assert sorted(listed) == sorted([files[2:], [files[0], files[2]]])   # the second shard, and the recomputed rows
+
+
 def test_truncated_shard_is_detected_and_rebuilt(tiny_data, tmp_path, capsys):
     enc = encoder()
     good, _ = extract_features(enc, paths(tiny_data), 32, str(tmp_path), CPU, num_workers=0)
