@@ -88,7 +88,7 @@ def _read_shards(folder: str) -> dict:
             continue
         rows.update({tuple(f): features[i] for i, f in enumerate(files)})
     if stale:
-        warn(f"{folder}: deleted {stale} feature cache shards whose images have all changed or gone")
+        warn(f"{folder}: deleted {stale} feature cache shard{'s' if stale > 1 else ''} whose images have all changed or gone")
     return rows
 
 

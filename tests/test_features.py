@@ -69,7 +69,7 @@ def test_shard_of_only_changed_images_is_deleted_and_partly_changed_one_kept(tin
     os.utime(files[2], ns=(1, 1))                          # one of the second shard's two
     capsys.readouterr()
     features, ok = extract_features(enc, files, 32, cache, CPU, num_workers=0)
-    assert "deleted 1 feature cache shards" in capsys.readouterr().err
+    assert "deleted 1 feature cache shard whose" in capsys.readouterr().err
     assert ok == [True, False, True, True] and features.shape[0] == 3
     listed = [[f[0] for f in torch.load(os.path.join(folder, name), weights_only=True)["files"]]
               for name in os.listdir(folder)]
