@@ -68,7 +68,9 @@ def test_killing_one_rank_ends_the_others_and_the_run_resumes(tiny_overrides, tm
     try:
         deadline = time.time() + 240
         while not (run / "checkpoint_last.pth").exists():          # training is past its first epoch
-            assert process.poll() is None and time.time() < deadline, "torchrun ended before its first epoch"
+            if process.poll() is not None:
+                pytest.fail(f"torchrun ended before its first epoch:\n{process.stderr.read()[-3000:]}")
+            assert time.time() < deadline, "torchrun did not finish its first epoch in 240 s"
             time.sleep(0.5)
         workers = _children(process.pid)
         assert sorted(workers.values()) == [0, 1]
