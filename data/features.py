@@ -61,12 +61,19 @@ def _is_current(stamp) -> bool:
         return False
 
 
+def _remove_if_there(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:                              # another DDP rank removed it first
+        pass
+
+
 def _read_shards(folder: str) -> dict:
     """stamp -> feature row, from every readable shard; unreadable shards are removed, and so are
     shards none of whose images still exist unchanged (their rows could never be used again)."""
     rows, stale = {}, 0
     for name in sorted(os.listdir(folder)):
-        if not name.endswith(".pt"):
+        if not name.endswith(".pt") or name.startswith("."):   # .tmp-*.pt: a shard another DDP rank is writing
             continue
         path = os.path.join(folder, name)
         try:
@@ -75,16 +82,15 @@ def _read_shards(folder: str) -> dict:
             files, features = shard["files"], shard["features"]
             if len(files) != len(features):
                 raise ValueError("length mismatch")
+        except FileNotFoundError:                          # another DDP rank deleted it since listdir
+            continue
         except Exception as e:
             warn(f"{path}: feature cache shard is damaged ({str(e).splitlines()[0][:60]}); deleting and recomputing it")
-            os.remove(path)
+            _remove_if_there(path)
             continue
         if not any(_is_current(f) for f in files):       # stops at the first current image: cheap when valid
             stale += 1
-            try:
-                os.remove(path)
-            except FileNotFoundError:                     # another DDP rank removed it first
-                pass
+            _remove_if_there(path)
             continue
         rows.update({tuple(f): features[i] for i, f in enumerate(files)})
     if stale:

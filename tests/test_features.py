@@ -76,6 +76,22 @@ def test_shard_of_only_changed_images_is_deleted_and_partly_changed_one_kept(tin
     assert sorted(listed) == sorted([files[2:], [files[0], files[2]]])   # the second shard, and the recomputed rows
 
 
+def test_shards_other_ranks_are_writing_or_deleting_are_left_alone(tiny_data, tmp_path, capsys, monkeypatch):
+    files = paths(tiny_data, 2)
+    enc, cache = encoder(), str(tmp_path / "c")
+    folder = os.path.join(cache, cache_key(enc, 32))
+    os.makedirs(folder)
+    writing = os.path.join(folder, ".tmp-abc.pt")            # atomic_save's temp file, half written
+    with open(writing, "wb") as f:
+        f.write(b"PK\x03\x04 half a shard")
+    listdir = os.listdir
+    monkeypatch.setattr(os, "listdir", lambda d: listdir(d) + (["deleted-since.pt"] if d == folder else []))
+    features, ok = extract_features(enc, files, 32, cache, CPU, num_workers=0)
+    assert ok == [True, True] and features.shape[0] == 2
+    assert os.path.exists(writing)
+    assert "damaged" not in capsys.readouterr().err
+
+
 def test_truncated_shard_is_detected_and_rebuilt(tiny_data, tmp_path, capsys):
     enc = encoder()
     good, _ = extract_features(enc, paths(tiny_data), 32, str(tmp_path), CPU, num_workers=0)
