@@ -5,7 +5,8 @@ Layout: <cache_dir>/<key>/shard_<pid>_NNNNN.pt, each {"files": [[path, size, mti
 and the layout (fp16 grids [P,C], which every decoder reads); each entry also records its file's size and mtime, so a changed
 file, encoder, weight or transform never reuses stale features. Shards are written
 atomically as extraction goes, so a killed run resumes where it stopped, and a truncated
-shard is detected, deleted and recomputed. A shard whose images have all changed or gone is
+shard is detected, deleted and recomputed (as is, after an hour, the temp file of a shard
+whose writer was killed mid-write). A shard whose images have all changed or gone is
 deleted when the cache is next read, so re-copied images do not leave the old rows on disk.
 
 On CUDA, JPEGs are read by a thread pool, decoded on the GPU in batches (nvjpeg) and
@@ -20,6 +21,7 @@ on a GPU machine should stay valid on a laptop, and the other way round.
 """
 import hashlib
 import os
+import time
 import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -40,6 +42,7 @@ JPEG_EXTENSIONS = (".jpg", ".jpeg")
 DECODE_BYTES = 16 << 20   # JPEG bytes decoded on the device at once (~10x that in pixels): 500+ Flickr8k files
 RESIZE_PIXELS = 32 << 20  # pixels resized at once, as float32 (128 MB)
 DECODE_THREADS = 2        # batches decoded at once, ahead of the CNN
+ABANDONED_TEMP_S = 3600  # a .tmp-*.pt shard untouched this long is no write in progress: its writer was killed
 GPU_DECODE_MIN = 16       # fewer files decode faster with PIL (H200, one file at a time: 139 vs 77 images/s)
 _gpu_jpeg = {}            # device -> whether torchvision decodes JPEGs there
 
@@ -68,14 +71,26 @@ def _remove_if_there(path: str) -> None:
         pass
 
 
+def _is_abandoned(path: str) -> bool:
+    try:
+        return time.time() - os.stat(path).st_mtime > ABANDONED_TEMP_S
+    except FileNotFoundError:                              # renamed into place, or removed, since listdir
+        return False
+
+
 def _read_shards(folder: str) -> dict:
     """stamp -> feature row, from every readable shard; unreadable shards are removed, and so are
     shards none of whose images still exist unchanged (their rows could never be used again)."""
-    rows, stale = {}, 0
+    rows, stale, abandoned = {}, 0, 0
     for name in sorted(os.listdir(folder)):
-        if not name.endswith(".pt") or name.startswith("."):   # .tmp-*.pt: a shard another DDP rank is writing
-            continue
         path = os.path.join(folder, name)
+        if name.startswith(".tmp-") and name.endswith(".pt"):  # atomic_save's temp: another DDP rank may be writing it
+            if _is_abandoned(path):
+                abandoned += 1
+                _remove_if_there(path)
+            continue
+        if not name.endswith(".pt") or name.startswith("."):
+            continue
         try:
             # Mapped, not read: only the rows a caller asks for (the val split's, say) are ever read from disk.
             shard = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -95,6 +110,9 @@ def _read_shards(folder: str) -> dict:
         rows.update({tuple(f): features[i] for i, f in enumerate(files)})
     if stale:
         warn(f"{folder}: deleted {stale} feature cache shard{'s' if stale > 1 else ''} whose images have all changed or gone")
+    if abandoned:
+        warn(f"{folder}: deleted {abandoned} half-written feature cache shard{'s' if abandoned > 1 else ''} "
+             f"left by a killed run")
     return rows
 
 

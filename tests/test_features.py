@@ -92,6 +92,22 @@ def test_shards_other_ranks_are_writing_or_deleting_are_left_alone(tiny_data, tm
     assert "damaged" not in capsys.readouterr().err
 
 
+def test_temp_shard_of_a_killed_writer_is_deleted_after_an_hour(tiny_data, tmp_path, capsys):
+    enc, cache = encoder(), str(tmp_path / "c")
+    folder = os.path.join(cache, cache_key(enc, 32))
+    os.makedirs(folder)
+    abandoned, recent = os.path.join(folder, ".tmp-old.pt"), os.path.join(folder, ".tmp-new.pt")
+    for temp in (abandoned, recent):
+        with open(temp, "wb") as f:
+            f.write(b"PK\x03\x04 half a shard")
+    two_hours_ago = os.stat(abandoned).st_mtime - 7200
+    os.utime(abandoned, (two_hours_ago, two_hours_ago))
+    features, ok = extract_features(enc, paths(tiny_data, 2), 32, cache, CPU, num_workers=0)
+    assert ok == [True, True] and features.shape[0] == 2
+    assert not os.path.exists(abandoned) and os.path.exists(recent)
+    assert "deleted 1 half-written feature cache shard left by a killed run" in capsys.readouterr().err
+
+
 def test_truncated_shard_is_detected_and_rebuilt(tiny_data, tmp_path, capsys):
     enc = encoder()
     good, _ = extract_features(enc, paths(tiny_data), 32, str(tmp_path), CPU, num_workers=0)
