@@ -4,13 +4,15 @@
 #     bash scripts/gpu_bench.sh        # writes $OUT/bench_gpu.json and $OUT/*.log ($OUT defaults to ./)
 #
 # Expects devdata/flickr8k (git-ignored): about 1,500 Flickr8k JPEGs in Images/, captions.txt
-# and Flickr_8k.trainImages.txt. Three parts, each with its own log, so one failing keeps the others:
+# and Flickr_8k.trainImages.txt. Four parts, each with its own log, so one failing keeps the others:
 #   checks.log   versions; GPU JPEG decoding gives PIL's pixels (why the feature cache key ignores the
 #                decode path); the pipelined extract_features (next batch decoded on a side stream)
 #                gives the features of PIL images run one batch at a time
 #   epochs.log   decoder training epoch over 30,000 captions: LSTM at batch 64/256/512, attention at 256/512
 #                (and at 512 in fp32: launch-bound, it ran faster without autocast's casts); again with
 #                train.batch_by_length (LSTM at 64/128/256/512), where a batch's steps run up to its longest caption only
+#   profile.log  attention and LSTM at batch 512 by length: wall time per batch against the time its kernels
+#                take on the GPU (the profiler's trace), and the costliest kernels: launch-bound or not
 #   bench.log    python bench.py --device cuda (batch 512) against the naive loop
 # Needs only torch, torchvision, pyyaml, tqdm and pillow (no pycocoevalcap).
 set -uo pipefail
@@ -95,6 +97,74 @@ for decoder, batch, amp, by_length in (
     del model
 PY
 cat "$OUT/epochs.log"; echo "[epochs done at ${SECONDS} s]"
+
+"$PYTHON" - > "$OUT/profile.log" 2>&1 <<'PY' || status=1
+# Is a decoder step bound by the GPU's arithmetic or by the CPU launching kernels? Train.py's step, batch 512
+# by length, bf16: wall time per batch without the profiler, then the kernels the profiler's trace records.
+import collections, json, os, tempfile, time
+import torch
+from torch.profiler import ProfilerActivity, profile
+import train
+from config import DEFAULTS, merge
+from data.dataset import read_captions, read_split_file
+from data.prepare import encode_captions
+from data.vocab import Vocabulary
+from models import build_model
+captions = read_captions("devdata/flickr8k/captions.txt")
+names = [n for n in read_split_file("devdata/flickr8k/Flickr_8k.trainImages.txt") if n in captions][:1500]
+vocab = Vocabulary.build((c for n in names for c in captions[n]), 5)
+tokens, lengths, image_index = encode_captions(names, captions, vocab, DEFAULTS["data"]["max_caption_len"])
+device = torch.device("cuda")
+sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+features = torch.randn(len(names), 49, 2048).half().to(device)
+tokens_on_device, index_on_device = tokens.to(device), image_index.to(device)
+WARMUP, STEPS, BATCH = 5, 10, 512
+for decoder in ("attention", "lstm"):
+    config = merge(DEFAULTS, {"model": {"encoder": "resnet50", "encoder_weights": "none", "decoder": decoder},
+                              "train": {"batch_size": BATCH, "lr": 1e-3, "batch_by_length": True}}, "gpu_bench.sh")
+    model = build_model(config, len(vocab)).to(device).train()
+    amp, scaler = train.make_amp(device, True)
+    params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("encoder.backbone")]
+    optimizer = torch.optim.AdamW(params, lr=1e-3, fused=device.type == "cuda")
+    order = torch.cat([train.epoch_order(lengths, BATCH, seed, True) for seed in range(4)])   # 7,500 captions, cycled
+    batches = [order[i * BATCH:(i + 1) * BATCH] for i in range(WARMUP + 2 * STEPS)]
+
+    def run(rows_list):
+        for rows in rows_list:
+            on_device = rows.to(device)
+            loss, extra = train.batch_loss(model, features[index_on_device[on_device]], tokens_on_device[on_device],
+                                           lengths[rows], config, amp)
+            train.optimizer_step(optimizer, scaler, loss + extra, config["train"]["grad_clip"])
+        sync()
+
+    run(batches[:WARMUP])
+    start = time.perf_counter()
+    run(batches[WARMUP:WARMUP + STEPS])
+    wall_ms = (time.perf_counter() - start) * 1000 / STEPS
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])) as prof:
+        run(batches[WARMUP + STEPS:])
+    with tempfile.TemporaryDirectory() as tmp:
+        prof.export_chrome_trace(os.path.join(tmp, "trace.json"))
+        with open(os.path.join(tmp, "trace.json")) as f:
+            events = json.load(f)["traceEvents"]
+    kernels = [e for e in events if e.get("cat") == "kernel"]
+    if not kernels:
+        print("no kernel events in the trace; its categories:", sorted({str(e.get("cat")) for e in events}))
+    steps = sum(int(lengths[rows].max()) - 1 for rows in batches[WARMUP + STEPS:])   # teacher-forced words
+    gpu_ms = sum(e["dur"] for e in kernels) / 1000 / STEPS
+    print(f"{decoder} batch {BATCH} by length, bf16: {wall_ms:.1f} ms per batch wall (no profiler), {gpu_ms:.1f} ms "
+          f"in kernels ({len(kernels) / STEPS:.0f} kernels per batch, {len(kernels) / steps:.1f} per word); a "
+          f"30,000-caption epoch: {30000 / BATCH * wall_ms / 1000:.2f} s wall, {30000 / BATCH * gpu_ms / 1000:.2f} s "
+          f"of kernel time")
+    by_name = collections.defaultdict(lambda: [0, 0.0])
+    for e in kernels:
+        by_name[e["name"]][0] += 1
+        by_name[e["name"]][1] += e["dur"] / 1000 / STEPS
+    for name, (count, ms) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:8]:
+        print(f"    {ms:7.2f} ms/batch  {count / STEPS:6.0f} calls/batch  {name[:90]}")
+    del model, optimizer
+PY
+cat "$OUT/profile.log"; echo "[profile done at ${SECONDS} s]"
 
 "$PYTHON" bench.py --device cuda --data devdata/flickr8k --out "$OUT/bench_gpu.json" > "$OUT/bench.log" 2>&1 || status=1
 grep -v "it/s\]\|image/s\]\|step/s\]\|s/it\]\|s/step\]\|s/image\]" "$OUT/bench.log" | tail -30
