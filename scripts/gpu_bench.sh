@@ -150,10 +150,10 @@ for decoder in ("attention", "lstm"):
     kernels = [e for e in events if e.get("cat") == "kernel"]
     if not kernels:
         print("no kernel events in the trace; its categories:", sorted({str(e.get("cat")) for e in events}))
-    steps = sum(int(lengths[rows].max()) - 1 for rows in batches[WARMUP + STEPS:])   # teacher-forced words
+    words = sum(int(lengths[rows].max()) - 1 for rows in batches[WARMUP + STEPS:])   # teacher-forced time steps
     gpu_ms = sum(e["dur"] for e in kernels) / 1000 / STEPS
     print(f"{decoder} batch {BATCH} by length, bf16: {wall_ms:.1f} ms per batch wall (no profiler), {gpu_ms:.1f} ms "
-          f"in kernels ({len(kernels) / STEPS:.0f} kernels per batch, {len(kernels) / steps:.1f} per word); a "
+          f"in kernels ({len(kernels) / STEPS:.0f} kernels per batch, {len(kernels) / words:.1f} per word); a "
           f"30,000-caption epoch: {30000 / BATCH * wall_ms / 1000:.2f} s wall, {30000 / BATCH * gpu_ms / 1000:.2f} s "
           f"of kernel time")
     by_name = collections.defaultdict(lambda: [0, 0.0])
