@@ -127,11 +127,12 @@ for decoder in ("attention", "lstm"):
     params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("encoder.backbone")]
     optimizer = torch.optim.AdamW(params, lr=1e-3, fused=device.type == "cuda")
     order = torch.cat([train.epoch_order(lengths, BATCH, seed, True) for seed in range(4)])   # 7,500 captions, cycled
-    batches = [order[i * BATCH:(i + 1) * BATCH] for i in range(WARMUP + 2 * STEPS)]
+    order_on_device = order.to(device)      # as in bench.py: a copy from pageable memory would wait for the GPU
+    batches = [(order[i * BATCH:(i + 1) * BATCH], order_on_device[i * BATCH:(i + 1) * BATCH])
+               for i in range(WARMUP + 2 * STEPS)]
 
     def run(rows_list):
-        for rows in rows_list:
-            on_device = rows.to(device)
+        for rows, on_device in rows_list:
             loss, extra = train.batch_loss(model, features[index_on_device[on_device]], tokens_on_device[on_device],
                                            lengths[rows], config, amp)
             train.optimizer_step(optimizer, scaler, loss + extra, config["train"]["grad_clip"])
@@ -150,7 +151,7 @@ for decoder in ("attention", "lstm"):
     kernels = [e for e in events if e.get("cat") == "kernel"]
     if not kernels:
         print("no kernel events in the trace; its categories:", sorted({str(e.get("cat")) for e in events}))
-    words = sum(int(lengths[rows].max()) - 1 for rows in batches[WARMUP + STEPS:])   # teacher-forced time steps
+    words = sum(int(lengths[rows].max()) - 1 for rows, _ in batches[WARMUP + STEPS:])   # teacher-forced time steps
     gpu_ms = sum(e["dur"] for e in kernels) / 1000 / STEPS
     print(f"{decoder} batch {BATCH} by length, bf16: {wall_ms:.1f} ms per batch wall (no profiler), {gpu_ms:.1f} ms "
           f"in kernels ({len(kernels) / STEPS:.0f} kernels per batch, {len(kernels) / words:.1f} per word); a "
