@@ -10,13 +10,14 @@ import zipfile
 import torch
 
 CHECKPOINT_FORMAT = 1
+TEMP_PREFIX = ".tmp-"  # atomic_save's and atomic_link's files before their rename: a folder's readers skip them
 
 
 def atomic_save(obj, path: str) -> None:
     """torch.save to a temp file in the same folder, then rename: a crash never leaves half a file."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".pt", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
@@ -32,7 +33,7 @@ def atomic_save(obj, path: str) -> None:
 
 def atomic_link(src: str, dst: str) -> None:
     """Make dst a hard link to src (a copy where the file system has none), atomically: one write, two names."""
-    tmp = os.path.join(os.path.dirname(os.path.abspath(dst)), f".tmp-link-{os.getpid()}-{os.path.basename(dst)}")
+    tmp = os.path.join(os.path.dirname(os.path.abspath(dst)), f"{TEMP_PREFIX}link-{os.getpid()}-{os.path.basename(dst)}")
     try:
         if os.path.exists(tmp):
             os.remove(tmp)

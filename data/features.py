@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from data.dataset import image_loader, warn
 from models.encoder import input_size, transform_id
-from utils import atomic_save
+from utils import TEMP_PREFIX, atomic_save
 
 SHARD_SIZE = 1024
 CUDA_BATCH = 256          # images per CNN batch on CUDA at least: smaller batches leave the GPU idle
@@ -84,7 +84,7 @@ def _read_shards(folder: str) -> dict:
     rows, stale, abandoned = {}, 0, 0
     for name in sorted(os.listdir(folder)):
         path = os.path.join(folder, name)
-        if name.startswith(".tmp-") and name.endswith(".pt"):  # atomic_save's temp: another DDP rank may be writing it
+        if name.startswith(TEMP_PREFIX) and name.endswith(".pt"):  # atomic_save's temp: another DDP rank may be writing it
             if _is_abandoned(path):
                 abandoned += 1
                 _remove_if_there(path)
