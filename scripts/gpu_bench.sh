@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The GPU benchmark in one command, for a rented H100/H200 (H200: 2.6 minutes, 5 at most).
+# The GPU benchmark in one command, for a rented H100/H200 (H200: about 3 minutes, 5 at most).
 #
 #     bash scripts/gpu_bench.sh        # writes $OUT/bench_gpu.json and $OUT/*.log ($OUT defaults to ./)
 #
 # Expects devdata/flickr8k (git-ignored): about 1,500 Flickr8k JPEGs in Images/, captions.txt
-# and Flickr_8k.trainImages.txt. Four parts, each with its own log, so one failing keeps the others:
+# and Flickr_8k.trainImages.txt. Five parts, each with its own log, so one failing keeps the others:
 #   checks.log   versions; GPU JPEG decoding gives PIL's pixels (why the feature cache key ignores the
 #                decode path); the pipelined extract_features (next batch decoded on a side stream)
 #                gives the features of PIL images run one batch at a time
@@ -14,6 +14,8 @@
 #   profile.log  attention and LSTM at batch 512 by length: wall time per batch against the time its kernels
 #                take on the GPU (the profiler's trace), and the costliest kernels: launch-bound or not
 #   bench.log    python bench.py --device cuda (batch 512) against the naive loop
+#   graph.log    attention at batch 512 by length with train.py's whole step captured as one CUDA graph per
+#                batch length and replayed, against the same batches run eagerly: what graphs would give
 # Needs only torch, torchvision, pyyaml, tqdm and pillow (no pycocoevalcap).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -70,17 +72,11 @@ cat "$OUT/checks.log"; echo "[checks done at ${SECONDS} s]"
 import torch
 import bench
 from config import DEFAULTS, merge
-from data.dataset import read_captions, read_split_file
-from data.prepare import encode_captions
-from data.vocab import Vocabulary
 from models import build_model
-captions = read_captions("devdata/flickr8k/captions.txt")
-names = [n for n in read_split_file("devdata/flickr8k/Flickr_8k.trainImages.txt") if n in captions][:1500]
-vocab = Vocabulary.build((c for n in names for c in captions[n]), 5)
-rows = encode_captions(names, captions, vocab, DEFAULTS["data"]["max_caption_len"])
+from scripts.gpu_bench_data import load
+vocab, rows, features = load()
 device = torch.device("cuda")
-features = torch.randn(len(names), 49, 2048).half()          # ResNet-50's 7x7x2048 grid; values do not change speed
-print(f"{len(rows[0])} captions of {len(names)} images, vocab {len(vocab)}; train.py's step, bf16 autocast unless fp32")
+print(f"{len(rows[0])} captions of {len(features)} images, vocab {len(vocab)}; train.py's step, bf16 autocast unless fp32")
 for decoder, batch, amp, by_length in (
         ("lstm", 64, True, False), ("lstm", 256, True, False), ("lstm", 512, True, False),
         ("attention", 256, True, False), ("attention", 512, True, False), ("attention", 512, False, False),
@@ -106,17 +102,12 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 import train
 from config import DEFAULTS, merge
-from data.dataset import read_captions, read_split_file
-from data.prepare import encode_captions
-from data.vocab import Vocabulary
 from models import build_model
-captions = read_captions("devdata/flickr8k/captions.txt")
-names = [n for n in read_split_file("devdata/flickr8k/Flickr_8k.trainImages.txt") if n in captions][:1500]
-vocab = Vocabulary.build((c for n in names for c in captions[n]), 5)
-tokens, lengths, image_index = encode_captions(names, captions, vocab, DEFAULTS["data"]["max_caption_len"])
+from scripts.gpu_bench_data import load
+vocab, (tokens, lengths, image_index), features = load()
 device = torch.device("cuda")
 sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-features = torch.randn(len(names), 49, 2048).half().to(device)
+features = features.to(device)
 tokens_on_device, index_on_device = tokens.to(device), image_index.to(device)
 WARMUP, STEPS, BATCH = 5, 10, 512
 for decoder in ("attention", "lstm"):
@@ -170,4 +161,98 @@ cat "$OUT/profile.log"; echo "[profile done at ${SECONDS} s]"
 "$PYTHON" bench.py --device cuda --data devdata/flickr8k --out "$OUT/bench_gpu.json" > "$OUT/bench.log" 2>&1 || status=1
 grep -v "it/s\]\|image/s\]\|step/s\]\|s/it\]\|s/step\]\|s/image\]" "$OUT/bench.log" | tail -30
 echo "[bench done at ${SECONDS} s]"
+
+# A CUDA graph per caption length, measured before it is built into train.py: replays launch a whole step at once.
+timeout 150 "$PYTHON" - > "$OUT/graph.log" 2>&1 <<'PY' || status=1
+# Attention at batch 512 by length, bf16: train.py's step (forward, backward, clipping, AdamW) captured once per
+# batch length T and replayed, against the same batches run eagerly. For timing only: the capture bakes in its
+# batch's lengths (the attention regulariser's mask), which a real implementation would keep on the device.
+import time
+import torch
+import train
+from config import DEFAULTS, merge
+from models import build_model
+from scripts.gpu_bench_data import load
+vocab, (tokens, lengths, image_index), features = load()
+device = torch.device("cuda")
+sync = torch.cuda.synchronize
+features = features.to(device)
+tokens_on_device, index_on_device = tokens.to(device), image_index.to(device)
+BATCH = 512
+config = merge(DEFAULTS, {"model": {"encoder": "resnet50", "encoder_weights": "none", "decoder": "attention"},
+                          "train": {"batch_size": BATCH, "lr": 1e-3, "batch_by_length": True}}, "gpu_bench.sh")
+model = build_model(config, len(vocab)).to(device).train()
+params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("encoder.backbone")]
+optimizer = torch.optim.AdamW(params, lr=1e-3, fused=True, capturable=True)
+amp = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)   # a graph cannot keep autocast's cache
+batches = []                                        # full batches of 4 by-length epochs of the 7,500 captions
+for seed in range(4):
+    order = train.epoch_order(lengths, BATCH, seed, True)
+    batches += [order[i:i + BATCH] for i in range(0, len(order) - BATCH + 1, BATCH)]
+batch_T = [int(lengths[rows].max()) for rows in batches]
+rows_on_device = [rows.to(device) for rows in batches]
+
+
+def step(rows, rows_on_device):
+    loss, extra = train.batch_loss(model, features[index_on_device[rows_on_device]], tokens_on_device[rows_on_device],
+                                   lengths[rows], config, amp)
+    train.optimizer_step(optimizer, None, loss + extra, config["train"]["grad_clip"])
+    return loss
+
+
+def epoch_seconds(run_batch):
+    sync()
+    start = time.perf_counter()
+    for i in range(len(batches)):
+        run_batch(i)
+    sync()
+    return (time.perf_counter() - start) * 30000 / (len(batches) * BATCH)
+
+
+side = torch.cuda.Stream()                          # warm-up off the default stream, as torch.cuda.graph asks
+side.wait_stream(torch.cuda.current_stream())
+with torch.cuda.stream(side):
+    for i in range(3):
+        step(batches[i], rows_on_device[i])
+torch.cuda.current_stream().wait_stream(side)
+eager = [epoch_seconds(lambda i: step(batches[i], rows_on_device[i])) for _ in range(2)]
+graphs, static_rows, losses = {}, {}, {}        # by batch length T
+
+
+def capture(i, T):
+    """Batch i's step as a CUDA graph that reads its caption rows from static_rows[T] -> the graph's replay."""
+    static_rows[T] = rows_on_device[i].clone()
+    graph = torch.cuda.CUDAGraph()
+    optimizer.zero_grad(set_to_none=True)
+    # relaxed: the model copies its mask from pinned memory, whose allocator queries events while capturing
+    with torch.cuda.graph(graph, capture_error_mode="relaxed"):
+        losses[T] = step(batches[i], static_rows[T])
+    return graph.replay
+
+
+start = time.perf_counter()
+for i, T in enumerate(batch_T):
+    if T not in graphs:
+        graphs[T] = capture(i, T)
+sync()
+capture_s = time.perf_counter() - start
+
+
+def replay(i):
+    static_rows[batch_T[i]].copy_(rows_on_device[i])
+    graphs[batch_T[i]]()
+    return losses[batch_T[i]]
+
+
+before = [replay(i).item() for i in range(5)]
+graphed = [epoch_seconds(replay) for _ in range(2)]
+after = [replay(i).item() for i in range(5)]
+print(f"attention batch {BATCH} by length, bf16, {len(batches)} batches, T {min(batch_T)}..{max(batch_T)}: "
+      f"30,000-caption epoch eager {eager[0]:.2f} / {eager[1]:.2f} s, CUDA graphs {graphed[0]:.2f} / "
+      f"{graphed[1]:.2f} s ({len(graphs)} graphs captured in {capture_s:.1f} s; peak "
+      f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB)")
+print("replayed losses of the first 5 batches, before the timed epochs:", " ".join(f"{x:.3f}" for x in before),
+      "| after them:", " ".join(f"{x:.3f}" for x in after))
+PY
+cat "$OUT/graph.log"; echo "[graph done at ${SECONDS} s]"
 exit $status
