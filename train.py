@@ -18,7 +18,6 @@ import random
 import signal
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.distributed as dist
@@ -31,7 +30,7 @@ from data.prepare import prepare_splits
 from data.vocab import Vocabulary
 from decoding import generate
 from models import build_model
-from utils import (atomic_link, atomic_save, checkpoint_state, load_checkpoint, load_weights, pick_device, run_main,
+from utils import (CheckpointWriter, checkpoint_state, load_checkpoint, load_weights, pick_device, run_main,
                    seed_everything)
 
 LOG_HEADER = "step\tepoch\tsplit\tloss\tlr\telapsed\tbleu4\n"
@@ -219,13 +218,13 @@ def train(config, checkpoint=None, resume=None):
 
     # Checkpoints are written by a background thread while the next epoch trains: on a GPU an epoch
     # can take less time than writing a ResNet-50 to disk. A frozen CNN is copied to the CPU once.
-    writer, writing = ThreadPoolExecutor(1), []
+    writer = CheckpointWriter(out_dir)
     frozen_cnn = ({k: v.cpu() for k, v in model.state_dict().items() if k.startswith("encoder.backbone.")}
                   if main_process and not t["fine_tune_encoder"] else {})
 
     def save(name, *same_as):
         """Snapshot the run now; write checkpoint `name` (the names in same_as become links to it) in the
-        background, after the previous write."""
+        background."""
         if not main_process:
             return
         rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
@@ -233,12 +232,7 @@ def train(config, checkpoint=None, resume=None):
         state = checkpoint_state(model, vocab, config, frozen_cnn, optimizer=optimizer.state_dict(),
                                  scheduler=scheduler.state_dict(), scaler=scaler.state_dict() if scaler else None,
                                  progress=dict(progress), rng=rng)
-        finish_writes()
-        writing.append(writer.submit(write_checkpoint, state, out_dir, name, same_as))
-
-    def finish_writes():
-        while writing:
-            writing.pop().result()      # a failed write (a full disk) raises here
+        writer.submit(state, name, *same_as)
 
     log = None
     if main_process:
@@ -291,16 +285,16 @@ def train(config, checkpoint=None, resume=None):
                 dist.broadcast(stop, 0)
             if stop.item():
                 break
-        finish_writes()
+        writer.finish()
     except KeyboardInterrupt:
         progress["elapsed"] = time.time() - started
         save("checkpoint_last.pth")
-        finish_writes()
+        writer.finish()
         if main_process:
             print(f"\ninterrupted: saved {out_dir}/checkpoint_last.pth; continue with --resume {out_dir}", file=sys.stderr)
         sys.exit(130)
     finally:
-        writer.shutdown()
+        writer.close()
         if log:
             log.close()
         if world > 1 and dist.is_initialized():
@@ -308,12 +302,6 @@ def train(config, checkpoint=None, resume=None):
     if main_process:
         print(f"done: {out_dir}/checkpoint_best.pth", file=sys.stderr)
     return out_dir
-
-
-def write_checkpoint(state, out_dir, name, same_as):
-    atomic_save(state, os.path.join(out_dir, name))
-    for other in same_as:           # the same bytes under a second name: a link, not a second write
-        atomic_link(os.path.join(out_dir, name), os.path.join(out_dir, other))
 
 
 def _raise_keyboard_interrupt(signum, frame):

@@ -5,7 +5,9 @@ import random
 import shutil
 import sys
 import tempfile
+import threading
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -47,6 +49,60 @@ def atomic_link(src: str, dst: str) -> None:
             os.remove(tmp)
         raise
 
+
+class CheckpointWriter:
+    """Writes checkpoints on a background thread while training goes on. When epochs end faster than a
+    checkpoint is written (a GPU's short epochs, a ResNet-50 in every file), the snapshot still waiting for a
+    file name is replaced by the newer one: only the newest is written, and training never waits for the disk.
+    A name keeps the snapshot it was given, so checkpoint_best.pth stays the best epoch's."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir = out_dir
+        self.waiting = {}       # file name -> the newest snapshot for it, not yet being written
+        self.running = False    # whether the thread is in _write_waiting (guarded by lock, as is waiting)
+        self.lock = threading.Lock()
+        self.thread = ThreadPoolExecutor(1)
+        self.writes = []        # futures of the thread's writing rounds
+
+    def submit(self, state: dict, name: str, *same_as: str) -> None:
+        """Write `state` to `name` soon; the names in same_as become links to the same file."""
+        for done in [w for w in self.writes if w.done()]:
+            self.writes.remove(done)
+            done.result()       # a failed write (a full disk) raises here
+        with self.lock:
+            for n in (name, *same_as):
+                self.waiting[n] = state
+            if not self.running:
+                self.running = True
+                self.writes.append(self.thread.submit(self._write_waiting))
+
+    def finish(self) -> None:
+        """Wait until everything submitted is on disk; a failed write raises here."""
+        while self.writes:
+            self.writes.pop(0).result()
+
+    def close(self) -> None:
+        self.thread.shutdown()
+
+    def _write_waiting(self) -> None:
+        try:
+            while True:
+                with self.lock:
+                    if not self.waiting:
+                        self.running = False
+                        return
+                    waiting, self.waiting = self.waiting, {}
+                names_of = {}   # id(snapshot) -> (snapshot, its names): one write per snapshot, links for the rest
+                for n, state in waiting.items():
+                    names_of.setdefault(id(state), (state, []))[1].append(n)
+                for state, (first, *others) in names_of.values():
+                    atomic_save(state, os.path.join(self.out_dir, first))
+                    for other in others:
+                        atomic_link(os.path.join(self.out_dir, first), os.path.join(self.out_dir, other))
+        except BaseException:
+            with self.lock:
+                self.running = False
+            raise
 
 def checkpoint_state(model, vocab, config: dict, unchanging=None, **state) -> dict:
     """Model weights plus everything needed to caption (vocab, config) or resume (**state), copied to the

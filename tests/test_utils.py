@@ -1,6 +1,7 @@
-"""Checkpoint I/O: round trip, and every way a checkpoint file can be wrong."""
+"""Checkpoint I/O: round trip, every way a checkpoint file can be wrong, and the background writer."""
 import os
 import pickle
+import threading
 
 import pytest
 import torch
@@ -8,7 +9,9 @@ import torch
 from config import load_config
 from data.vocab import Vocabulary
 from models import build_model
-from utils import atomic_link, atomic_save, checkpoint_state, load_checkpoint, load_model, pick_device
+import utils
+from utils import (CheckpointWriter, atomic_link, atomic_save, checkpoint_state, load_checkpoint, load_model,
+                   pick_device)
 
 SMALL = ["model.encoder=resnet18", "model.encoder_weights=none", "model.embed_size=8", "model.hidden_size=8"]
 
@@ -116,3 +119,45 @@ def test_atomic_link_gives_a_second_name_to_the_same_bytes(tmp_path, monkeypatch
     assert (tmp_path / "best.pth").read_bytes() == (tmp_path / "last.pth").read_bytes()
     assert os.path.samefile(tmp_path / "best.pth", tmp_path / "last.pth") == links
     assert sorted(os.listdir(tmp_path)) == ["best.pth", "last.pth"]      # no temp file left
+
+
+def test_writer_skips_snapshots_superseded_while_the_disk_is_busy(tmp_path, monkeypatch):
+    """Epochs that end faster than a write: the waiting snapshot for a name is replaced by the newest, and
+    checkpoint_best.pth keeps the snapshot it was given."""
+    writing, disk_free, written = threading.Event(), threading.Event(), []
+
+    def slow_save(state, path):
+        writing.set()
+        disk_free.wait()
+        written.append((os.path.basename(path), state["epoch"]))
+        atomic_save(state, path)
+
+    monkeypatch.setattr(utils, "atomic_save", slow_save)
+    writer = CheckpointWriter(str(tmp_path))
+    writer.submit({"epoch": 1}, "checkpoint_last.pth", "checkpoint_best.pth")
+    writing.wait()                                                              # epoch 1 is being written
+    writer.submit({"epoch": 2}, "checkpoint_last.pth", "checkpoint_best.pth")
+    writer.submit({"epoch": 3}, "checkpoint_last.pth")
+    writer.submit({"epoch": 4}, "checkpoint_last.pth")
+    disk_free.set()
+    writer.finish()
+    writer.close()
+    assert written == [("checkpoint_last.pth", 1), ("checkpoint_last.pth", 4), ("checkpoint_best.pth", 2)]
+    assert torch.load(tmp_path / "checkpoint_last.pth", weights_only=True) == {"epoch": 4}
+    assert torch.load(tmp_path / "checkpoint_best.pth", weights_only=True) == {"epoch": 2}
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint_best.pth", "checkpoint_last.pth"]
+
+
+def test_writer_raises_a_failed_write(tmp_path, monkeypatch):
+    def full_disk(state, path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(utils, "atomic_save", full_disk)
+    writer = CheckpointWriter(str(tmp_path))
+    writer.submit({"epoch": 1}, "checkpoint_last.pth")
+    with pytest.raises(OSError, match="No space left"):
+        writer.finish()
+    writer.submit({"epoch": 2}, "checkpoint_last.pth")      # a new round starts after a failed one
+    with pytest.raises(OSError, match="No space left"):
+        writer.finish()
+    writer.close()
