@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from config import DEFAULTS, load_config, merge, parse_overrides
 from data.dataset import load_splits
+from data.features import wait_for_cache_writes
 from data.prepare import prepare_splits
 from data.vocab import Vocabulary
 from decoding import generate
@@ -295,6 +296,7 @@ def train(config, checkpoint=None, resume=None):
         sys.exit(130)
     finally:
         writer.close()
+        wait_for_cache_writes()     # the feature cache's last shards, written while training went on
         if log:
             log.close()
         if world > 1 and dist.is_initialized():

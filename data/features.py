@@ -1,13 +1,13 @@
 """The feature cache: each image goes through the frozen CNN once, ever.
 
 Layout: <cache_dir>/<key>/shard_<pid>_NNNNN.pt, each {"files": [[path, size, mtime_ns], ...],
-"features": fp16 [n, ...]}. The key hashes the encoder name, its weights, the transform
-and the layout (fp16 grids [P,C], which every decoder reads); each entry also records its file's size and mtime, so a changed
-file, encoder, weight or transform never reuses stale features. Shards are written
-atomically as extraction goes, so a killed run resumes where it stopped, and a truncated
-shard is detected, deleted and recomputed (as is, after an hour, the temp file of a shard
-whose writer was killed mid-write). A shard whose images have all changed or gone is
-deleted when the cache is next read, so re-copied images do not leave the old rows on disk.
+"features": fp16 [n, ...]}. The key hashes the encoder name, its weights, the transform and the
+layout (fp16 grids [P,C], which every decoder reads); each entry also records its file's size and
+mtime, so a changed file, encoder, weight or transform never reuses stale features. Shards are
+written atomically by a background thread as extraction goes, so a killed run resumes where it
+stopped, and a truncated shard is detected, deleted and recomputed (as is, after an hour, the temp
+file of a shard whose writer was killed mid-write). A shard whose images have all changed or gone
+is deleted when the cache is next read, so re-copied images do not leave the old rows on disk.
 
 On CUDA, JPEGs are read by a thread pool, decoded on the GPU in batches (nvjpeg) and
 resized there, on a side stream, one batch ahead of the CNN; features come back to pinned
@@ -45,6 +45,10 @@ DECODE_THREADS = 2        # batches decoded at once, ahead of the CNN
 ABANDONED_TEMP_S = 3600  # a .tmp-*.pt shard untouched this long is no write in progress: its writer was killed
 GPU_DECODE_MIN = 16       # fewer files decode faster with PIL (H200, one file at a time: 139 vs 77 images/s)
 _gpu_jpeg = {}            # device -> whether torchvision decodes JPEGs there
+# Shards are written by one background thread while the CNN, and then training, go on: writing a shard of
+# ResNet-50 grids (200 MB) takes longer than computing it on a GPU. torch.save lets go of the GIL meanwhile.
+_shard_writer = ThreadPoolExecutor(1)
+_shard_writes = []        # futures, waited for by wait_for_cache_writes()
 
 
 def cache_key(encoder, image_size: int) -> str:
@@ -269,11 +273,13 @@ def _batches(paths, size, batch_size, num_workers, device):
 
 @torch.no_grad()
 def extract_features(encoder, paths: list[str], image_size: int, cache_dir: str | None, device,
-                     batch_size: int = 64, num_workers: int = 2, desc: str = "features"):
+                     batch_size: int = 64, num_workers: int = 2, desc: str = "features", wait_for_cache: bool = True):
     """Features for image files, from the cache where valid, else computed (and cached).
 
     Returns (features [n_ok, ...] fp16 on CPU, ok: list[bool] per path). Unreadable images are
     skipped with a warning and counted. On CUDA, batches hold at least CUDA_BATCH images.
+    wait_for_cache=False returns while new shards may still be being written (on an error or Ctrl-C it
+    always waits); the caller then calls wait_for_cache_writes() before it needs them on disk.
     """
     stamps = [file_stamp(p) if os.path.exists(p) else None for p in paths]
     cached, folder = {}, None
@@ -289,11 +295,11 @@ def extract_features(encoder, paths: list[str], image_size: int, cache_dir: str 
         size = input_size(encoder.name, image_size)
         if device.type == "cuda":
             batch_size = max(batch_size, CUDA_BATCH)
-        unsaved, shard_id, bad, copying = [], 0, 0, None
+        unsaved, bad, copying, finished = [], 0, None, False
         bar = tqdm(total=len(todo), desc=desc, unit="image", dynamic_ncols=True)
 
         def keep(host, good, copied):
-            nonlocal computed, unsaved, shard_id
+            nonlocal computed, unsaved
             if copied is not None:
                 copied.synchronize()
             if computed is None:
@@ -303,7 +309,7 @@ def extract_features(encoder, paths: list[str], image_size: int, cache_dir: str 
                 done[j] = True
             unsaved += good
             if folder and len(unsaved) >= SHARD_SIZE:
-                shard_id = _write_shard(folder, shard_id, [list(stamps[todo[j]]) for j in unsaved], computed[unsaved])
+                _submit_shard(folder, [list(stamps[todo[j]]) for j in unsaved], computed[unsaved])
                 unsaved = []
 
         try:
@@ -326,10 +332,13 @@ def extract_features(encoder, paths: list[str], image_size: int, cache_dir: str 
                 copying = (host, good, copied)
             if copying:
                 keep(*copying)
+            finished = True
         finally:                # also on Ctrl-C or an error: what was computed is cached, the next run starts there
             bar.close()
             if folder and unsaved:
-                _write_shard(folder, shard_id, [list(stamps[todo[j]]) for j in unsaved], computed[unsaved])
+                _submit_shard(folder, [list(stamps[todo[j]]) for j in unsaved], computed[unsaved])
+            if wait_for_cache or not finished:
+                wait_for_cache_writes()
         if bad:
             warn(f"{bad} of {len(paths)} images could not be read and were skipped")
     from_todo = dict(zip(todo, range(len(todo))))
@@ -342,10 +351,24 @@ def extract_features(encoder, paths: list[str], image_size: int, cache_dir: str 
     return torch.stack(rows), ok
 
 
-def _write_shard(folder: str, shard_id: int, files: list, feats: torch.Tensor) -> int:
-    # The pid keeps processes that fill one cache at once (torchrun ranks) from replacing each other's shards.
-    path = lambda n: os.path.join(folder, f"shard_{os.getpid()}_{n:05d}.pt")  # noqa: E731
-    while os.path.exists(path(shard_id)):
+def wait_for_cache_writes() -> None:
+    """Return once every shard this process has submitted is written (or has failed, with a warning)."""
+    while _shard_writes:
+        _shard_writes.pop(0).result()
+
+
+def _submit_shard(folder: str, files: list, feats: torch.Tensor) -> None:
+    _shard_writes.append(_shard_writer.submit(_write_shard, folder, files, feats))
+
+
+def _write_shard(folder: str, files: list, feats: torch.Tensor) -> None:
+    # The pid keeps processes that fill one cache at once (torchrun ranks) from replacing each other's shards;
+    # one thread writes all of this process's shards, so it alone picks their numbers.
+    shard_id = 0
+    while os.path.exists(path := os.path.join(folder, f"shard_{os.getpid()}_{shard_id:05d}.pt")):
         shard_id += 1
-    atomic_save({"files": files, "features": feats}, path(shard_id))
-    return shard_id + 1
+    try:
+        atomic_save({"files": files, "features": feats}, path)
+    except OSError as e:        # a full disk: the features are in memory, only the next run pays for this
+        warn(f"{path}: could not write {len(files)} images' features to the cache ({e}); the next run "
+             f"computes them again; free disk space or set train.cache_dir to another disk")

@@ -1,11 +1,13 @@
 import os
 import shutil
+import threading
 
 import pytest
 import torch
 
 from data.dataset import ImageFiles
-from data.features import cache_key, extract_features
+from data import features
+from data.features import cache_key, extract_features, wait_for_cache_writes
 from models.encoder import EncoderCNN
 
 CPU = torch.device("cpu")
@@ -148,3 +150,36 @@ def test_interrupted_extraction_keeps_what_it_computed(tiny_data, tmp_path, monk
     assert sum(seen) == len(files) - 8 and all(ok)
     fresh, _ = extract_features(encoder(), files, 32, None, CPU, batch_size=4, num_workers=0)
     assert torch.allclose(resumed.float(), fresh.float(), atol=1e-3)
+
+
+def test_extraction_need_not_wait_for_its_cache_writes(tiny_data, tmp_path, monkeypatch):
+    """train.py trains while the shards are written; they are all on disk after wait_for_cache_writes()."""
+    disk_free, real_save = threading.Event(), features.atomic_save
+
+    def slow_save(obj, path):
+        disk_free.wait()
+        real_save(obj, path)
+
+    monkeypatch.setattr(features, "atomic_save", slow_save)
+    enc, files = encoder(), paths(tiny_data)
+    got, ok = extract_features(enc, files, 32, str(tmp_path), CPU, num_workers=0, wait_for_cache=False)
+    folder = tmp_path / cache_key(enc, 32)
+    assert all(ok) and os.listdir(folder) == []                  # returned before its shard was written
+    disk_free.set()
+    wait_for_cache_writes()
+    assert len(os.listdir(folder)) == 1
+    enc.extract = None
+    again, _ = extract_features(enc, files, 32, str(tmp_path), CPU, num_workers=0)
+    assert torch.equal(got, again)
+
+
+def test_a_failed_cache_write_warns_and_keeps_the_features(tiny_data, tmp_path, monkeypatch, capsys):
+    def full_disk(obj, path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(features, "atomic_save", full_disk)
+    got, ok = extract_features(encoder(), paths(tiny_data), 32, str(tmp_path), CPU, num_workers=0)
+    fresh, _ = extract_features(encoder(), paths(tiny_data), 32, None, CPU, num_workers=0)
+    assert all(ok) and torch.equal(got, fresh)
+    err = capsys.readouterr().err
+    assert "could not write 6 images' features to the cache" in err and "No space left" in err
