@@ -100,6 +100,20 @@ def make_jpegs(tmp, n):
     return images, os.path.join(tmp, "captions.csv"), [n[:-3] + "jpg" for n in captions], "generated JPEGs"
 
 
+def end_to_end_config(tmp, images_dir, captions_path, names, min_freq, size, decoder, epochs, batch_size, device):
+    """The train.py config of the end-to-end figure: these images for training, a fresh run and cache under tmp."""
+    for split, listed in (("train", names), ("val", names[:1])):   # train.py needs a val split: 1 image, already cached
+        with open(os.path.join(tmp, f"{split}.txt"), "w") as f:
+            f.write("\n".join(listed) + "\n")
+    return merge(DEFAULTS, {
+        "data": {"captions": captions_path, "images": images_dir, "train_split": os.path.join(tmp, "train.txt"),
+                 "val_split": os.path.join(tmp, "val.txt"), "min_word_freq": min_freq, "image_size": size},
+        "model": {"encoder": "resnet50", "encoder_weights": "none", "decoder": decoder},
+        "train": {"epochs": epochs, "batch_size": batch_size, "lr": 1e-3, "out_dir": os.path.join(tmp, "run"),
+                  "cache_dir": os.path.join(tmp, "cache"), "val_bleu_images": 0, "select_metric": "loss",
+                  "device": str(device), "num_workers": 2, "log_every": 10 ** 9}}, "bench.py")
+
+
 # ---- ours ----------------------------------------------------------------------------------------
 
 def ours_train_rate(model, feats, rows, config, device, budget_s):
@@ -188,16 +202,7 @@ def measure(args, device, tmp):
     # cheaper, as every file is already in the page cache), so the figure is not a few batches' start-up.
     extraction_paths = paths * math.ceil(7000 / n) if not cpu and not quick else paths
     extraction_batch = bs if cpu else CUDA_BATCH
-    for split, listed in (("train", names), ("val", names[:1])):   # train.py needs a val split: 1 image, already cached
-        with open(os.path.join(tmp, f"{split}.txt"), "w") as f:
-            f.write("\n".join(listed) + "\n")
-    config = merge(DEFAULTS, {
-        "data": {"captions": captions_path, "images": images_dir, "train_split": os.path.join(tmp, "train.txt"),
-                 "val_split": os.path.join(tmp, "val.txt"), "min_word_freq": min_freq, "image_size": size},
-        "model": {"encoder": "resnet50", "encoder_weights": "none", "decoder": args.decoder},
-        "train": {"epochs": epochs, "batch_size": bs, "lr": 1e-3, "out_dir": os.path.join(tmp, "run"),
-                  "cache_dir": os.path.join(tmp, "cache"), "val_bleu_images": 0, "select_metric": "loss",
-                  "device": str(device), "num_workers": 2, "log_every": 10 ** 9}}, "bench.py")
+    config = end_to_end_config(tmp, images_dir, captions_path, names, min_freq, size, args.decoder, epochs, bs, device)
     print(f"bench: {len(paths)} images from {source}, {len(rows[0])} captions, {device}; ours first", file=sys.stderr)
 
     reset_peak(device)

@@ -4,7 +4,7 @@
 #     bash scripts/gpu_bench.sh        # writes $OUT/bench_gpu.json and $OUT/*.log ($OUT defaults to ./)
 #
 # Expects devdata/flickr8k (git-ignored): about 1,500 Flickr8k JPEGs in Images/, captions.txt
-# and Flickr_8k.trainImages.txt. Five parts, each with its own log, so one failing keeps the others:
+# and Flickr_8k.trainImages.txt. Six parts, each with its own log, so one failing keeps the others:
 #   checks.log   versions; GPU JPEG decoding gives PIL's pixels (why the feature cache key ignores the
 #                decode path); the pipelined extract_features (next batch decoded on a side stream)
 #                gives the features of PIL images run one batch at a time
@@ -16,6 +16,7 @@
 #   bench.log    python bench.py --device cuda (batch 512) against the naive loop
 #   graph.log    attention at batch 512 by length with train.py's whole step captured as one CUDA graph per
 #                batch length and replayed, against the same batches run eagerly: what graphs would give
+#   e2e.log      where bench's end-to-end time goes: train.train (1,500 images, 10 epochs) under cProfile
 # Needs only torch, torchvision, pyyaml, tqdm and pillow (no pycocoevalcap).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -255,4 +256,37 @@ print("replayed losses of the first 5 batches, before the timed epochs:", " ".jo
       "| after them:", " ".join(f"{x:.3f}" for x in after))
 PY
 cat "$OUT/graph.log"; echo "[graph done at ${SECONDS} s]"
+
+# Where bench's end-to-end time goes (JPEGs to a checkpoint, 10 epochs): train.train under cProfile.
+timeout 120 "$PYTHON" - > "$OUT/e2e.log" 2>&1 <<'PY' || status=1
+import cProfile, os, pstats, sys, tempfile, time
+import torch
+import bench
+import train
+from data.dataset import read_captions, read_split_file
+captions = read_captions("devdata/flickr8k/captions.txt")
+names = [n for n in read_split_file("devdata/flickr8k/Flickr_8k.trainImages.txt") if n in captions]
+names = [n for n in names if os.path.exists(f"devdata/flickr8k/Images/{n}")][:1500]
+device = torch.device("cuda")
+sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+for attempt in ("warm-up (CUDA, cuDNN and the page cache)", "profiled"):
+    with tempfile.TemporaryDirectory() as tmp:
+        config = bench.end_to_end_config(tmp, "devdata/flickr8k/Images", "devdata/flickr8k/captions.txt", names, 5,
+                                         224, "lstm", 10, 512, device)
+        profile = cProfile.Profile()
+        sync()
+        start = time.perf_counter()
+        if attempt == "profiled":
+            profile.enable()
+        train.train(config)
+        sync()
+        profile.disable()
+        print(f"{attempt}: train.train, {len(names)} images, 10 epochs, batch 512: {time.perf_counter() - start:.2f} s",
+              file=sys.stderr)
+stats = pstats.Stats(profile, stream=sys.stdout).sort_stats("cumulative")
+stats.print_stats(os.getcwd(), 30)       # this project's functions
+stats.print_stats(25)                    # and everything, torch's included
+PY
+grep -v "it/s\]\|image/s\]\|step/s\]\|s/it\]\|s/step\]\|s/image\]" "$OUT/e2e.log" | head -60
+echo "[e2e done at ${SECONDS} s]"
 exit $status
