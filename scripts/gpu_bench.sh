@@ -16,7 +16,8 @@
 #   bench.log    python bench.py --device cuda (batch 512) against the naive loop
 #   graph.log    attention at batch 512 by length with train.py's whole step captured as one CUDA graph per
 #                batch length and replayed, against the same batches run eagerly: what graphs would give
-#   e2e.log      where bench's end-to-end time goes: train.train (1,500 images, 10 epochs) under cProfile
+#   e2e.log      where bench's end-to-end time (train.train, 1,500 images, 10 epochs) and its greedy
+#                captioning time at batch 256 go, under cProfile
 # Needs only torch, torchvision, pyyaml, tqdm and pillow (no pycocoevalcap).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -264,29 +265,45 @@ import torch
 import bench
 import train
 from data.dataset import read_captions, read_split_file
+from utils import load_checkpoint, load_model
 captions = read_captions("devdata/flickr8k/captions.txt")
 names = [n for n in read_split_file("devdata/flickr8k/Flickr_8k.trainImages.txt") if n in captions]
 names = [n for n in names if os.path.exists(f"devdata/flickr8k/Images/{n}")][:1500]
+paths = [f"devdata/flickr8k/Images/{n}" for n in names]
 device = torch.device("cuda")
 sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-for attempt in ("warm-up (CUDA, cuDNN and the page cache)", "profiled"):
+
+
+def timed(what, run, profiled):
+    """run() timed, under cProfile when profiled; prints its time and, when profiled, where it went."""
+    profile = cProfile.Profile()
+    sync()
+    start = time.perf_counter()
+    if profiled:
+        profile.enable()
+    run()
+    sync()
+    profile.disable()
+    print(f"{what}{' (profiled)' if profiled else ''}: {time.perf_counter() - start:.2f} s", flush=True)
+    if profiled:
+        stats = pstats.Stats(profile, stream=sys.stdout).sort_stats("cumulative")
+        stats.print_stats(os.getcwd(), 25)      # this project's functions
+        stats.print_stats(20)                   # and everything, torch's included
+        sys.stdout.flush()
+
+
+for profiled in (False, True):                  # the first run warms up CUDA, cuDNN and the page cache
     with tempfile.TemporaryDirectory() as tmp:
         config = bench.end_to_end_config(tmp, "devdata/flickr8k/Images", "devdata/flickr8k/captions.txt", names, 5,
                                          224, "lstm", 10, 512, device)
-        profile = cProfile.Profile()
-        sync()
-        start = time.perf_counter()
-        if attempt == "profiled":
-            profile.enable()
-        train.train(config)
-        sync()
-        profile.disable()
-        print(f"{attempt}: train.train, {len(names)} images, 10 epochs, batch 512: {time.perf_counter() - start:.2f} s",
-              file=sys.stderr)
-stats = pstats.Stats(profile, stream=sys.stdout).sort_stats("cumulative")
-stats.print_stats(os.getcwd(), 30)       # this project's functions
-stats.print_stats(25)                    # and everything, torch's included
+        timed(f"train.train, {len(names)} images, 10 epochs, batch 512", lambda: train.train(config), profiled)
+        if profiled:                            # bench's greedy captioning figure at batch 256, the same way
+            model, vocab, _ = load_model(load_checkpoint(os.path.join(tmp, "run", "checkpoint_best.pth")))
+            model.to(device)
+            for profile_it in (False, True):
+                timed(f"bench.ours_infer, {len(paths)} JPEGs, greedy, batch 256",
+                      lambda: bench.ours_infer(model, vocab, paths, 224, 256, 1, device), profile_it)
 PY
-grep -v "it/s\]\|image/s\]\|step/s\]\|s/it\]\|s/step\]\|s/image\]" "$OUT/e2e.log" | head -60
+grep -v "it/s\]\|image/s\]\|step/s\]\|s/it\]\|s/step\]\|s/image\]" "$OUT/e2e.log" | grep -v "^ *$" | head -120
 echo "[e2e done at ${SECONDS} s]"
 exit $status
