@@ -162,10 +162,12 @@ def test_extraction_need_not_wait_for_its_cache_writes(tiny_data, tmp_path, monk
 
     monkeypatch.setattr(features, "atomic_save", slow_save)
     enc, files = encoder(), paths(tiny_data)
-    got, ok = extract_features(enc, files, 32, str(tmp_path), CPU, num_workers=0, wait_for_cache=False)
-    folder = tmp_path / cache_key(enc, 32)
-    assert all(ok) and os.listdir(folder) == []                  # returned before its shard was written
-    disk_free.set()
+    try:
+        got, ok = extract_features(enc, files, 32, str(tmp_path), CPU, num_workers=0, wait_for_cache=False)
+        folder = tmp_path / cache_key(enc, 32)
+        assert all(ok) and os.listdir(folder) == []              # returned before its shard was written
+    finally:
+        disk_free.set()                                          # a failed check must not leave the writer blocked
     wait_for_cache_writes()
     assert len(os.listdir(folder)) == 1
     enc.extract = None

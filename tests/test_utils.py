@@ -134,12 +134,14 @@ def test_writer_skips_snapshots_superseded_while_the_disk_is_busy(tmp_path, monk
 
     monkeypatch.setattr(utils, "atomic_save", slow_save)
     writer = CheckpointWriter(str(tmp_path))
-    writer.submit({"epoch": 1}, "checkpoint_last.pth", "checkpoint_best.pth")
-    writing.wait()                                                              # epoch 1 is being written
-    writer.submit({"epoch": 2}, "checkpoint_last.pth", "checkpoint_best.pth")
-    writer.submit({"epoch": 3}, "checkpoint_last.pth")
-    writer.submit({"epoch": 4}, "checkpoint_last.pth")
-    disk_free.set()
+    try:
+        writer.submit({"epoch": 1}, "checkpoint_last.pth", "checkpoint_best.pth")
+        writing.wait()                                                          # epoch 1 is being written
+        writer.submit({"epoch": 2}, "checkpoint_last.pth", "checkpoint_best.pth")
+        writer.submit({"epoch": 3}, "checkpoint_last.pth")
+        writer.submit({"epoch": 4}, "checkpoint_last.pth")
+    finally:
+        disk_free.set()                                 # a failed call must not leave the writer blocked
     writer.finish()
     writer.close()
     assert written == [("checkpoint_last.pth", 1), ("checkpoint_last.pth", 4), ("checkpoint_best.pth", 2)]
