@@ -136,7 +136,7 @@ def test_writer_skips_snapshots_superseded_while_the_disk_is_busy(tmp_path, monk
     writer = CheckpointWriter(str(tmp_path))
     try:
         writer.submit({"epoch": 1}, "checkpoint_last.pth", "checkpoint_best.pth")
-        writing.wait()                                                          # epoch 1 is being written
+        assert writing.wait(timeout=60)                                         # epoch 1 is being written
         writer.submit({"epoch": 2}, "checkpoint_last.pth", "checkpoint_best.pth")
         writer.submit({"epoch": 3}, "checkpoint_last.pth")
         writer.submit({"epoch": 4}, "checkpoint_last.pth")
