@@ -260,16 +260,14 @@ cat "$OUT/graph.log"; echo "[graph done at ${SECONDS} s]"
 
 # Where bench's end-to-end time goes (JPEGs to a checkpoint, 10 epochs): train.train under cProfile.
 timeout 120 "$PYTHON" - > "$OUT/e2e.log" 2>&1 <<'PY' || status=1
-import cProfile, os, pstats, sys, tempfile, time
+import argparse, cProfile, os, pstats, sys, tempfile, time
 import torch
 import bench
 import train
-from data.dataset import read_captions, read_split_file
 from utils import load_checkpoint, load_model
-captions = read_captions("devdata/flickr8k/captions.txt")
-names = [n for n in read_split_file("devdata/flickr8k/Flickr_8k.trainImages.txt") if n in captions]
-names = [n for n in names if os.path.exists(f"devdata/flickr8k/Images/{n}")][:1500]
-paths = [f"devdata/flickr8k/Images/{n}" for n in names]
+# bench's own choice of images: the first 1,500 train-split files that are on disk and have captions
+images, captions_path, names, _ = bench.find_data(argparse.Namespace(data="devdata/flickr8k"), None, 1500)
+paths = [os.path.join(images, n) for n in names]
 device = torch.device("cuda")
 sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
@@ -294,8 +292,7 @@ def timed(what, run, profiled):
 
 for profiled in (False, True):                  # the first run warms up CUDA, cuDNN and the page cache
     with tempfile.TemporaryDirectory() as tmp:
-        config = bench.end_to_end_config(tmp, "devdata/flickr8k/Images", "devdata/flickr8k/captions.txt", names, 5,
-                                         224, "lstm", 10, 512, device)
+        config = bench.end_to_end_config(tmp, images, captions_path, names, 5, 224, "lstm", 10, 512, device)
         timed(f"train.train, {len(names)} images, 10 epochs, batch 512", lambda: train.train(config), profiled)
         if profiled:                            # bench's greedy captioning figure at batch 256, the same way
             model, vocab, _ = load_model(load_checkpoint(os.path.join(tmp, "run", "checkpoint_best.pth")))
