@@ -104,6 +104,7 @@ class CheckpointWriter:
                 self.running = False
             raise
 
+
 def checkpoint_state(model, vocab, config: dict, unchanging=None, **state) -> dict:
     """Model weights plus everything needed to caption (vocab, config) or resume (**state), copied to the
     CPU now: training can go on while it is written. unchanging: {state_dict key: CPU tensor} for weights
