@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from data.dataset import ImageFiles
-from data import features
+from data import features as feature_cache
 from data.features import cache_key, extract_features, wait_for_cache_writes
 from models.encoder import EncoderCNN
 
@@ -154,13 +154,13 @@ def test_interrupted_extraction_keeps_what_it_computed(tiny_data, tmp_path, monk
 
 def test_extraction_need_not_wait_for_its_cache_writes(tiny_data, tmp_path, monkeypatch):
     """train.py trains while the shards are written; they are all on disk after wait_for_cache_writes()."""
-    disk_free, real_save = threading.Event(), features.atomic_save
+    disk_free, real_save = threading.Event(), feature_cache.atomic_save
 
     def slow_save(obj, path):
         disk_free.wait()
         real_save(obj, path)
 
-    monkeypatch.setattr(features, "atomic_save", slow_save)
+    monkeypatch.setattr(feature_cache, "atomic_save", slow_save)
     enc, files = encoder(), paths(tiny_data)
     try:
         got, ok = extract_features(enc, files, 32, str(tmp_path), CPU, num_workers=0, wait_for_cache=False)
@@ -179,7 +179,7 @@ def test_a_failed_cache_write_warns_and_keeps_the_features(tiny_data, tmp_path, 
     def full_disk(obj, path):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(features, "atomic_save", full_disk)
+    monkeypatch.setattr(feature_cache, "atomic_save", full_disk)
     got, ok = extract_features(encoder(), paths(tiny_data), 32, str(tmp_path), CPU, num_workers=0)
     fresh, _ = extract_features(encoder(), paths(tiny_data), 32, None, CPU, num_workers=0)
     assert all(ok) and torch.equal(got, fresh)
