@@ -31,6 +31,7 @@ from PIL import Image
 import train
 from bench_naive import NaiveCaptioner, naive_extract, naive_infer, naive_train, now
 from config import DEFAULTS, merge
+from cuda_graphs import graphed_step
 from data.dataset import read_captions, read_split_file
 from data.features import CUDA_BATCH, extract_features
 from data.prepare import encode_captions
@@ -118,13 +119,18 @@ def end_to_end_config(tmp, images_dir, captions_path, names, min_freq, size, dec
 
 def ours_train_rate(model, feats, rows, config, device, budget_s):
     """train.py's step on cached features, captions and order all on the device, over train.py's epoch order
-    (cycled), until one 30,000-caption epoch or the time budget: (captions/s, whether the whole epoch ran)."""
+    (cycled), until one 30,000-caption epoch or the time budget: (captions/s, whether the whole epoch ran).
+    On one GPU the steps are CUDA graphs, as in train.py (train.cuda_graphs)."""
     tokens, lengths, image_index = rows
     inputs, tokens, image_index = feats.to(device), tokens.to(device), image_index.to(device)
-    bs, warmup = config["train"]["batch_size"], 3
+    bs = config["train"]["batch_size"]
     amp, scaler = train.make_amp(device, config["train"]["amp"])
     params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("encoder.backbone")]
     optimizer = torch.optim.AdamW(params, lr=config["train"]["lr"], fused=device.type == "cuda")
+    graphed = graphed_step(model, params, inputs, image_index, tokens, lengths, config, 1, scaler)
+    # Warm-up: 3 steps, or with CUDA graphs a pass over the captions, which captures the graphs of its lengths
+    # (train.py captures them in its first epoch: later epochs replay them)
+    warmup = max(3, len(tokens) // bs) if graphed else 3
     passes = math.ceil((EPOCH_CAPTIONS + warmup * bs) / len(tokens))
     order = torch.cat([train.epoch_order(lengths, bs, seed, config["train"]["batch_by_length"]) for seed in range(passes)])
     order_on_device = order.to(device)
@@ -134,9 +140,8 @@ def ours_train_rate(model, feats, rows, config, device, budget_s):
         if step == warmup:
             start, done = now(device), 0
         span = slice(step * bs, (step + 1) * bs)
-        rows = order_on_device[span]
-        loss, extra = train.batch_loss(model, inputs[image_index[rows]], tokens[rows], lengths[order[span]], config, amp)
-        train.optimizer_step(optimizer, scaler, loss + extra, config["train"]["grad_clip"])
+        loss = train.training_step(model, optimizer, scaler, graphed, order_on_device[span], lengths[order[span]],
+                                   inputs, image_index, tokens, config, amp)
         running = running + loss.detach()                             # train.py logs the mean every log_every steps
         done, step = done + bs, step + 1
     float(running)
@@ -251,9 +256,9 @@ def measure(args, device, tmp):
     }
     notes = [
         "ratio = times better for ours: rates ours/naive, times and memory naive/ours",
-        "train_captions_per_s: ours = train.py's step (train.batch_loss, train.optimizer_step) on cached features, "
-        "captions and order on the device, after 3 warm-up steps; naive = the classic loop's steps after its first, "
-        "in its first epoch",
+        "train_captions_per_s: ours = train.py's step (train.training_step; on one GPU CUDA graphs) on cached "
+        "features, captions and order on the device, after 3 warm-up steps (with CUDA graphs a warm-up pass over "
+        "the captions, which captures the graphs); naive = the classic loop's steps after its first, in its first epoch",
         f"extraction_images_per_s: both sides read {len(extraction_paths)} files"
         + (f" ({n} files cycled, all in the page cache)" if len(extraction_paths) > n else ""),
         f"epoch_30k_captions_s: ours {'measured, captions cycled' if ours_full_epoch else 'extrapolated'}; "

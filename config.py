@@ -55,6 +55,7 @@ DEFAULTS = {
         "fine_tune_encoder": False,  # train the last CNN block too (no feature cache then)
         "amp": True,              # mixed precision on CUDA
         "compile": False,         # torch.compile the decoder
+        "cuda_graphs": True,      # one GPU: replay each step as a CUDA graph (cuda_graphs.py)
         "log_every": 50,          # steps between train rows in loss_log.txt
     },
     "decode": {

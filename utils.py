@@ -15,8 +15,9 @@ CHECKPOINT_FORMAT = 1
 TEMP_PREFIX = ".tmp-"  # atomic_save's and atomic_link's files before their rename: a folder's readers skip them
 
 
-def atomic_save(obj, path: str) -> None:
-    """torch.save to a temp file in the same folder, then rename: a crash never leaves half a file."""
+def atomic_save(obj, path: str, durable: bool = True) -> None:
+    """torch.save to a temp file in the same folder, then rename: a crash never leaves half a file.
+    durable=False skips the fsync, for files whose readers detect damage and rebuild them (the feature cache)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".pt", dir=folder)
@@ -24,7 +25,8 @@ def atomic_save(obj, path: str) -> None:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:          # else a power cut may leave a renamed file that is not all on disk
+                os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; checkpoints are ordinary files
         os.replace(tmp, path)
     except BaseException:

@@ -368,7 +368,9 @@ def _write_shard(folder: str, files: list, feats: torch.Tensor) -> None:
     while os.path.exists(path := os.path.join(folder, f"shard_{os.getpid()}_{shard_id:05d}.pt")):
         shard_id += 1
     try:
-        atomic_save({"files": files, "features": feats}, path)
+        # No fsync: a shard damaged by a power cut is detected and recomputed, and on a GPU the fsync of
+        # 200 MB would take longer than computing it.
+        atomic_save({"files": files, "features": feats}, path, durable=False)
     except OSError as e:        # a full disk: the features are in memory, only the next run pays for this
         warn(f"{path}: could not write {len(files)} images' features to the cache ({e}); the next run "
              f"computes them again; free disk space or set train.cache_dir to another disk")

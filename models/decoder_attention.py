@@ -84,7 +84,7 @@ class AttentionDecoder(nn.Module):
         return self.fc(self.dropout(h)), (h, c, features, projected), alpha
 
     def forward(self, features: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor):
-        """Teacher forcing. features [B,P,C], tokens [B,T], lengths [B] (CPU) -> logits [B,T,V], extra_loss [].
+        """Teacher forcing. features [B,P,C], tokens [B,T], lengths [B] -> logits [B,T,V], extra_loss [].
 
         A CPU runs this loop at the speed of its arithmetic, so it skips captions that have ended; a
         GPU runs it at the speed it launches kernels, so it runs every row to the end. Valid positions
@@ -97,9 +97,9 @@ class AttentionDecoder(nn.Module):
         embedded = self.embedding(tokens).to(projected.dtype)  # [B,T,E]
         run = self._run_packed if tokens.device.type == "cpu" else self._run_full
         logits, alphas = run(embedded, lengths, features, projected, h, c, h_weight, h_bias)
-        valid = torch.arange(tokens.size(1)) < lengths.unsqueeze(1)  # [B,T], on the CPU
-        valid = valid.pin_memory() if tokens.is_cuda else valid     # so the copy need not wait for the GPU
-        valid = valid.to(tokens.device, non_blocking=True)
+        valid = torch.arange(tokens.size(1), device=lengths.device) < lengths.unsqueeze(1)  # [B,T], where lengths are
+        if valid.device != tokens.device:   # built on the CPU: pinned, so a copy to CUDA need not wait for the GPU
+            valid = (valid.pin_memory() if tokens.is_cuda else valid).to(tokens.device, non_blocking=True)
         # Doubly stochastic attention: each cell should get about one unit of attention over the caption's
         # valid steps. Averaged over the P cells (not summed as in the paper) so alpha_c means the same
         # for any grid size.

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU benchmark in one command, for a rented H100/H200 (H200: about 3.5 minutes, 5 at most).
+# The GPU benchmark in one command, for a rented H100/H200 (H200: about 4 minutes, 5 at most).
 #
 #     bash scripts/gpu_bench.sh        # writes $OUT/bench_gpu.json and $OUT/*.log ($OUT defaults to ./)
 #
@@ -8,16 +8,17 @@
 #   checks.log   versions; GPU JPEG decoding gives PIL's pixels (why the feature cache key ignores the
 #                decode path); the pipelined extract_features (next batch decoded on a side stream)
 #                gives the features of PIL images run one batch at a time
-#   epochs.log   decoder training epoch over 30,000 captions: LSTM at batch 64/256/512, attention at 256/512
-#                (and at 512 in fp32: launch-bound, it ran faster without autocast's casts); again with
-#                train.batch_by_length (LSTM at 64/128/256/512), where a batch's steps run up to its longest caption only
-#   profile.log  attention and LSTM at batch 512 by length: wall time per batch against the time its kernels
-#                take on the GPU (the profiler's trace), and the costliest kernels: launch-bound or not
+#   graph.log    train.py's CUDA graphs (cuda_graphs.py) against eager steps, from the same weights over the
+#                same batches (batch 512 by length, dropout off): losses step by step, fp32 and bf16, per decoder
+#   epochs.log   decoder training epoch over 30,000 captions, as bench.py measures it (CUDA graphs unless
+#                "eager"): LSTM at batch 64/256/512, attention at 256/512 (and 512 in fp32); again with
+#                train.batch_by_length (LSTM at 64 to 512), where a batch's steps run up to its longest caption only
 #   bench.log    python bench.py --device cuda (batch 512) against the naive loop
-#   graph.log    attention at batch 512 by length with train.py's whole step captured as one CUDA graph per
-#                batch length and replayed, against the same batches run eagerly: what graphs would give
-#   e2e.log      where bench's end-to-end time (train.train, 1,500 images, 10 epochs) and its greedy
-#                captioning time at batch 256 go, under cProfile
+#   e2e.log      where bench's end-to-end time (train.train, 1,500 images, 10 epochs) goes, phase by phase, and
+#                its greedy captioning time at batch 256: feature extraction against decoding
+#   extract.log  feature extraction taken apart: JPEG reading and decoding alone, the bf16 CNN alone (with and
+#                without cudnn.benchmark, batch 256 and 512), and the whole extract_features; writing a 200 MB
+#                cache shard with and without fsync
 # Needs only torch, torchvision, pyyaml, tqdm and pillow (no pycocoevalcap).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -70,7 +71,63 @@ PY
 } > "$OUT/checks.log" 2>&1 || status=1
 cat "$OUT/checks.log"; echo "[checks done at ${SECONDS} s]"
 
-"$PYTHON" - > "$OUT/epochs.log" 2>&1 <<'PY' || status=1
+timeout 120 "$PYTHON" - > "$OUT/graph.log" 2>&1 <<'PY' || status=1
+# The same weights, batches and learning rate, stepped eagerly and through GraphedStep: the losses must agree up to
+# the arithmetic's noise (fp32: summation order; bf16: also rounding, which training amplifies step by step).
+import copy
+import torch
+import train
+from config import DEFAULTS, merge
+from cuda_graphs import graphed_step
+from models import build_model
+from scripts.gpu_bench_data import load
+vocab, (tokens, lengths, image_index), features = load()
+device = torch.device("cuda")
+features, tokens_on_device, index_on_device = features.to(device), tokens.to(device), image_index.to(device)
+BATCH, STEPS = 512, 30
+for decoder in ("lstm", "attention", "transformer"):
+    for amp_on in (False, True):
+        config = merge(DEFAULTS, {"model": {"encoder": "resnet50", "encoder_weights": "none", "decoder": decoder,
+                                            "dropout": 0.0},
+                                  "train": {"batch_size": BATCH, "lr": 1e-3, "amp": amp_on, "batch_by_length": True}},
+                       "gpu_bench.sh")
+        torch.manual_seed(0)
+        with torch.device(device):
+            first = build_model(config, len(vocab)).train()
+        order = train.epoch_order(lengths, BATCH, 0, True)
+        order = torch.cat([order, train.epoch_order(lengths, BATCH, 1, True)])
+        losses = {}
+        for graphs in (False, True):
+            model = copy.deepcopy(first)
+            params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("encoder.backbone")]
+            optimizer = torch.optim.AdamW(params, lr=1e-3, fused=True)
+            amp, scaler = train.make_amp(device, amp_on)
+            graphed = graphed_step(model, params, features, index_on_device, tokens_on_device, lengths, config, 1,
+                                   scaler) if graphs else None
+            out, step = [], 0
+            for b in range(len(order) // BATCH):
+                rows = order[b * BATCH:(b + 1) * BATCH]
+                loss = train.training_step(model, optimizer, scaler, graphed, rows.to(device), lengths[rows], features,
+                                           index_on_device, tokens_on_device, config, amp)
+                out.append(loss.float().item())
+                step += 1
+                if step == STEPS:
+                    break
+            losses[graphs] = torch.tensor(out)
+            if graphs:
+                print(f"{decoder} {'bf16' if amp_on else 'fp32'}: {len(graphed.graphs)} graphs (lengths "
+                      f"{sorted(graphed.graphs)}), capture failed: {graphed.failed}")
+        eager, graphed_losses = losses[False], losses[True]
+        relative = ((graphed_losses - eager).abs() / eager.abs()).max().item()
+        print(f"    {STEPS} steps, max relative loss difference {relative:.2e}; eager first/last "
+              f"{eager[0]:.4f}/{eager[-1]:.4f}, graphs {graphed_losses[0]:.4f}/{graphed_losses[-1]:.4f}")
+        print("    eager :", " ".join(f"{x:.4f}" for x in eager[::3].tolist()))
+        print("    graphs:", " ".join(f"{x:.4f}" for x in graphed_losses[::3].tolist()))
+        del first
+PY
+cat "$OUT/graph.log"; echo "[graph done at ${SECONDS} s]"
+
+timeout 150 "$PYTHON" - > "$OUT/epochs.log" 2>&1 <<'PY' || status=1
 import torch
 import bench
 from config import DEFAULTS, merge
@@ -78,229 +135,153 @@ from models import build_model
 from scripts.gpu_bench_data import load
 vocab, rows, features = load()
 device = torch.device("cuda")
-print(f"{len(rows[0])} captions of {len(features)} images, vocab {len(vocab)}; train.py's step, bf16 autocast unless fp32")
-for decoder, batch, amp, by_length in (
-        ("lstm", 64, True, False), ("lstm", 256, True, False), ("lstm", 512, True, False),
-        ("attention", 256, True, False), ("attention", 512, True, False), ("attention", 512, False, False),
-        ("lstm", 64, True, True), ("lstm", 128, True, True), ("lstm", 256, True, True), ("lstm", 512, True, True),
-        ("attention", 256, True, True), ("attention", 512, True, True), ("attention", 512, False, True)):
+print(f"{len(rows[0])} captions of {len(features)} images, vocab {len(vocab)}; bench.py's step, bf16 autocast unless "
+      f"fp32, CUDA graphs unless eager")
+for decoder, batch, amp, by_length, graphs in (
+        ("lstm", 64, True, False, True), ("lstm", 256, True, False, True), ("lstm", 512, True, False, True),
+        ("lstm", 512, True, False, False), ("attention", 256, True, False, True), ("attention", 512, True, False, True),
+        ("attention", 512, False, False, True),
+        ("lstm", 64, True, True, True), ("lstm", 128, True, True, True), ("lstm", 256, True, True, True),
+        ("lstm", 512, True, True, True), ("lstm", 512, True, True, False),
+        ("attention", 256, True, True, True), ("attention", 512, True, True, True), ("attention", 512, False, True, True),
+        ("attention", 512, True, True, False), ("transformer", 512, True, True, True),
+        ("transformer", 512, True, True, False)):
     config = merge(DEFAULTS, {"model": {"encoder": "resnet50", "encoder_weights": "none", "decoder": decoder},
-                              "train": {"batch_size": batch, "lr": 1e-3, "amp": amp, "batch_by_length": by_length}},
-                   "gpu_bench.sh")
+                              "train": {"batch_size": batch, "lr": 1e-3, "amp": amp, "batch_by_length": by_length,
+                                        "cuda_graphs": graphs}}, "gpu_bench.sh")
     model = build_model(config, len(vocab)).to(device)
+    torch.cuda.reset_peak_memory_stats()
     rate, whole = bench.ours_train_rate(model, features, rows, config, device, budget_s=20)
-    print(f"{decoder:<9} batch {batch:>3}{'' if amp else ' fp32'}{' by length' if by_length else ''}: {rate:>8.0f} "
-          f"captions/s, 30,000-caption epoch {30000 / rate:6.2f} s"
+    print(f"{decoder:<11} batch {batch:>3}{'' if amp else ' fp32'}{' by length' if by_length else ''}"
+          f"{'' if graphs else ' eager'}: {rate:>8.0f} captions/s, 30,000-caption epoch {30000 / rate:6.2f} s"
           f"{'' if whole else ' (extrapolated)'} | peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
     del model
 PY
 cat "$OUT/epochs.log"; echo "[epochs done at ${SECONDS} s]"
 
-"$PYTHON" - > "$OUT/profile.log" 2>&1 <<'PY' || status=1
-# Is a decoder step bound by the GPU's arithmetic or by the CPU launching kernels? Train.py's step, batch 512
-# by length, bf16: wall time per batch without the profiler, then the kernels the profiler's trace records.
-import collections, json, os, tempfile, time
-import torch
-from torch.profiler import ProfilerActivity, profile
-import train
-from config import DEFAULTS, merge
-from models import build_model
-from scripts.gpu_bench_data import load
-vocab, (tokens, lengths, image_index), features = load()
-device = torch.device("cuda")
-sync = torch.cuda.synchronize
-features = features.to(device)
-tokens_on_device, index_on_device = tokens.to(device), image_index.to(device)
-WARMUP, STEPS, BATCH = 5, 10, 512
-for decoder in ("attention", "lstm"):
-    config = merge(DEFAULTS, {"model": {"encoder": "resnet50", "encoder_weights": "none", "decoder": decoder},
-                              "train": {"batch_size": BATCH, "lr": 1e-3, "batch_by_length": True}}, "gpu_bench.sh")
-    model = build_model(config, len(vocab)).to(device).train()
-    amp, scaler = train.make_amp(device, True)
-    params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("encoder.backbone")]
-    optimizer = torch.optim.AdamW(params, lr=1e-3, fused=True)
-    order = torch.cat([train.epoch_order(lengths, BATCH, seed, True) for seed in range(4)])   # 7,500 captions, cycled
-    order_on_device = order.to(device)      # as in bench.py: a copy from pageable memory would wait for the GPU
-    batches = [(order[i * BATCH:(i + 1) * BATCH], order_on_device[i * BATCH:(i + 1) * BATCH])
-               for i in range(WARMUP + 2 * STEPS)]
-
-    def run(rows_list):
-        for rows, on_device in rows_list:
-            loss, extra = train.batch_loss(model, features[index_on_device[on_device]], tokens_on_device[on_device],
-                                           lengths[rows], config, amp)
-            train.optimizer_step(optimizer, scaler, loss + extra, config["train"]["grad_clip"])
-        sync()
-
-    run(batches[:WARMUP])
-    start = time.perf_counter()
-    run(batches[WARMUP:WARMUP + STEPS])
-    wall_ms = (time.perf_counter() - start) * 1000 / STEPS
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        run(batches[WARMUP + STEPS:])
-    with tempfile.TemporaryDirectory() as tmp:
-        prof.export_chrome_trace(os.path.join(tmp, "trace.json"))
-        with open(os.path.join(tmp, "trace.json")) as f:
-            events = json.load(f)["traceEvents"]
-    kernels = [e for e in events if e.get("cat") == "kernel"]
-    if not kernels:
-        print("no kernel events in the trace; its categories:", sorted({str(e.get("cat")) for e in events}))
-    words = sum(int(lengths[rows].max()) - 1 for rows, _ in batches[WARMUP + STEPS:])   # teacher-forced time steps
-    gpu_ms = sum(e["dur"] for e in kernels) / 1000 / STEPS
-    print(f"{decoder} batch {BATCH} by length, bf16: {wall_ms:.1f} ms per batch wall (no profiler), {gpu_ms:.1f} ms "
-          f"in kernels ({len(kernels) / STEPS:.0f} kernels per batch, {len(kernels) / words:.1f} per word); a "
-          f"30,000-caption epoch: {30000 / BATCH * wall_ms / 1000:.2f} s wall, {30000 / BATCH * gpu_ms / 1000:.2f} s "
-          f"of kernel time")
-    by_name = collections.defaultdict(lambda: [0, 0.0])
-    for e in kernels:
-        by_name[e["name"]][0] += 1
-        by_name[e["name"]][1] += e["dur"] / 1000 / STEPS
-    for name, (count, ms) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:8]:
-        print(f"    {ms:7.2f} ms/batch  {count / STEPS:6.0f} calls/batch  {name[:90]}")
-    del model, optimizer
-PY
-cat "$OUT/profile.log"; echo "[profile done at ${SECONDS} s]"
-
-"$PYTHON" bench.py --device cuda --data devdata/flickr8k --out "$OUT/bench_gpu.json" > "$OUT/bench.log" 2>&1 || status=1
-grep -v "it/s\]\|image/s\]\|step/s\]\|s/it\]\|s/step\]\|s/image\]" "$OUT/bench.log" | tail -30
+timeout 240 "$PYTHON" bench.py --device cuda --data devdata/flickr8k --out "$OUT/bench_gpu.json" > "$OUT/bench.log" 2>&1 || status=1
+grep -v "it/s\]\|image/s\]\|step/s\]\|s/it\]\|s/step\]\|s/image\]" "$OUT/bench.log" | tail -16
 echo "[bench done at ${SECONDS} s]"
 
-# A CUDA graph per caption length, measured before it is built into train.py: replays launch a whole step at once.
-timeout 150 "$PYTHON" - > "$OUT/graph.log" 2>&1 <<'PY' || status=1
-# Attention at batch 512 by length, bf16: train.py's step (forward, backward, clipping, AdamW) captured once per
-# batch length T and replayed, against the same batches run eagerly. For timing only: the capture bakes in its
-# batch's lengths (the attention regulariser's mask), which a real implementation would keep on the device.
-import time
-import torch
-import train
-from config import DEFAULTS, merge
-from models import build_model
-from scripts.gpu_bench_data import load
-vocab, (tokens, lengths, image_index), features = load()
-device = torch.device("cuda")
-sync = torch.cuda.synchronize
-features = features.to(device)
-tokens_on_device, index_on_device = tokens.to(device), image_index.to(device)
-BATCH = 512
-config = merge(DEFAULTS, {"model": {"encoder": "resnet50", "encoder_weights": "none", "decoder": "attention"},
-                          "train": {"batch_size": BATCH, "lr": 1e-3, "batch_by_length": True}}, "gpu_bench.sh")
-model = build_model(config, len(vocab)).to(device).train()
-params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("encoder.backbone")]
-optimizer = torch.optim.AdamW(params, lr=1e-3, fused=True, capturable=True)
-amp = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)   # a graph cannot keep autocast's cache
-batches = []                                        # full batches of 4 by-length epochs of the 7,500 captions
-for seed in range(4):
-    order = train.epoch_order(lengths, BATCH, seed, True)
-    batches += [order[i:i + BATCH] for i in range(0, len(order) - BATCH + 1, BATCH)]
-batch_T = [int(lengths[rows].max()) for rows in batches]
-rows_on_device = [rows.to(device) for rows in batches]
-
-
-def step(rows, rows_on_device):
-    loss, extra = train.batch_loss(model, features[index_on_device[rows_on_device]], tokens_on_device[rows_on_device],
-                                   lengths[rows], config, amp)
-    train.optimizer_step(optimizer, None, loss + extra, config["train"]["grad_clip"])
-    return loss
-
-
-def epoch_seconds(run_batch):
-    sync()
-    start = time.perf_counter()
-    for i in range(len(batches)):
-        run_batch(i)
-    sync()
-    return (time.perf_counter() - start) * 30000 / (len(batches) * BATCH)
-
-
-side = torch.cuda.Stream()                          # warm-up off the default stream, as torch.cuda.graph asks
-side.wait_stream(torch.cuda.current_stream())
-with torch.cuda.stream(side):
-    for i in range(3):
-        step(batches[i], rows_on_device[i])
-torch.cuda.current_stream().wait_stream(side)
-eager = [epoch_seconds(lambda i: step(batches[i], rows_on_device[i])) for _ in range(2)]
-graphs, static_rows, losses = {}, {}, {}        # by batch length T
-
-
-def capture(i, T):
-    """Batch i's step as a CUDA graph that reads its caption rows from static_rows[T] -> the graph's replay."""
-    static_rows[T] = rows_on_device[i].clone()
-    graph = torch.cuda.CUDAGraph()
-    optimizer.zero_grad(set_to_none=True)
-    # relaxed: the model copies its mask from pinned memory, whose allocator queries events while capturing
-    with torch.cuda.graph(graph, capture_error_mode="relaxed"):
-        losses[T] = step(batches[i], static_rows[T])
-    return graph.replay
-
-
-start = time.perf_counter()
-for i, T in enumerate(batch_T):
-    if T not in graphs:
-        graphs[T] = capture(i, T)
-sync()
-capture_s = time.perf_counter() - start
-
-
-def replay(i):
-    static_rows[batch_T[i]].copy_(rows_on_device[i])
-    graphs[batch_T[i]]()
-    return losses[batch_T[i]]
-
-
-before = [replay(i).item() for i in range(5)]
-graphed = [epoch_seconds(replay) for _ in range(2)]
-after = [replay(i).item() for i in range(5)]
-print(f"attention batch {BATCH} by length, bf16, {len(batches)} batches, T {min(batch_T)}..{max(batch_T)}: "
-      f"30,000-caption epoch eager {eager[0]:.2f} / {eager[1]:.2f} s, CUDA graphs {graphed[0]:.2f} / "
-      f"{graphed[1]:.2f} s ({len(graphs)} graphs captured in {capture_s:.1f} s; peak "
-      f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB)")
-print("replayed losses of the first 5 batches, before the timed epochs:", " ".join(f"{x:.3f}" for x in before),
-      "| after them:", " ".join(f"{x:.3f}" for x in after))
-PY
-cat "$OUT/graph.log"; echo "[graph done at ${SECONDS} s]"
-
-# Where bench's end-to-end time goes (JPEGs to a checkpoint, 10 epochs): train.train under cProfile.
-timeout 120 "$PYTHON" - > "$OUT/e2e.log" 2>&1 <<'PY' || status=1
-import argparse, cProfile, os, pstats, sys, tempfile, time
+# Where bench's end-to-end time goes (JPEGs to a checkpoint, 10 epochs): train.train's phases, timed on the
+# main thread (the steps are asynchronous: their GPU time shows up where the CPU next waits for it).
+timeout 90 "$PYTHON" - > "$OUT/e2e.log" 2>&1 <<'PY' || status=1
+import argparse, collections, functools, os, tempfile, time
 import torch
 import bench
+import data.prepare
 import train
+import utils
+from data.features import extract_features
+from decoding import generate
 from utils import load_checkpoint, load_model
-# bench's own choice of images: the first 1,500 train-split files that are on disk and have captions
 images, captions_path, names, _ = bench.find_data(argparse.Namespace(data="devdata/flickr8k"), None, 1500)
 paths = [os.path.join(images, n) for n in names]
 device = torch.device("cuda")
+spent = collections.defaultdict(float)
+
+
+def timed(module, name, label):
+    real = getattr(module, name)
+
+    @functools.wraps(real)
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return real(*args, **kwargs)
+        finally:
+            spent[label] += time.perf_counter() - start
+    setattr(module, name, wrapper)
+
+
+for module, name, label in ((train, "load_splits", "read captions, list images"),
+                            (train, "build_model", "build the model"),
+                            (data.prepare, "extract_features", "extract features (1,500 JPEGs)"),
+                            (train, "prepare_splits", "prepare splits (features included)"),
+                            (train, "graphed_step", "set up CUDA graphs"),
+                            (train, "training_step", "training steps (launch, captures)"),
+                            (train, "end_of_epoch", "validate, snapshot checkpoints"),
+                            (utils.CheckpointWriter, "finish", "wait for checkpoint writes"),
+                            (train, "wait_for_cache_writes", "wait for feature cache writes")):
+    timed(module, name, label)
+for attempt in ("warm-up", "timed"):            # the first run warms up CUDA, cuDNN and the page cache
+    spent.clear()
+    with tempfile.TemporaryDirectory() as tmp:
+        config = bench.end_to_end_config(tmp, images, captions_path, names, 5, 224, "lstm", 10, 512, device)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        train.train(config)
+        torch.cuda.synchronize()
+        total = time.perf_counter() - start
+        print(f"{attempt}: train.train, {len(names)} images, 10 epochs, batch 512: {total:.2f} s")
+        if attempt == "timed":
+            for label, seconds in spent.items():
+                print(f"    {seconds:6.3f} s  {label}")
+            model, vocab, _ = load_model(load_checkpoint(os.path.join(tmp, "run", "checkpoint_best.pth")))
+            model.to(device).eval()
+            with torch.no_grad():
+                for _ in range(2):
+                    torch.cuda.synchronize()
+                    start = time.perf_counter()
+                    feats, _ = extract_features(model.encoder, paths, 224, None, device, batch_size=256, num_workers=0)
+                    torch.cuda.synchronize()
+                    middle = time.perf_counter()
+                    for i in range(0, len(feats), 256):
+                        generate(model, feats[i:i + 256].to(device, non_blocking=True), vocab, beam_size=1, max_len=bench.MAX_LEN)
+                    torch.cuda.synchronize()
+                    end = time.perf_counter()
+                    print(f"greedy captioning of {len(paths)} JPEGs at batch 256 (bench.ours_infer's steps): features "
+                          f"{middle - start:.3f} s, decoding {end - middle:.3f} s: {len(paths) / (end - start):.0f} images/s")
+PY
+grep -v "it/s\]\|image/s\]\|step/s\]\|s/it\]\|s/step\]\|s/image\]" "$OUT/e2e.log" | grep -v "^ *$" | grep -v "^epoch \|^done:\|^device "
+echo "[e2e done at ${SECONDS} s]"
+
+# Feature extraction taken apart: where do its images/s go?
+timeout 90 "$PYTHON" - > "$OUT/extract.log" 2>&1 <<'PY' || status=1
+import glob, os, tempfile, time
+import torch
+from data.features import extract_features, jpeg_batches
+from models.encoder import EncoderCNN
+from utils import atomic_save
+device = torch.device("cuda")
+paths = sorted(glob.glob("devdata/flickr8k/Images/*.jpg"))[:1500] * 3
 sync = torch.cuda.synchronize
 
 
-def timed(what, run, profiled):
-    """run() timed, under cProfile when profiled; prints its time and, when profiled, where it went."""
-    profile = cProfile.Profile()
+def rate(run, n):
+    run()                                       # warm-up
     sync()
     start = time.perf_counter()
-    if profiled:
-        profile.enable()
     run()
     sync()
-    profile.disable()
-    print(f"{what}{' (profiled)' if profiled else ''}: {time.perf_counter() - start:.2f} s", flush=True)
-    if profiled:
-        stats = pstats.Stats(profile, stream=sys.stdout).sort_stats("cumulative")
-        stats.print_stats(os.getcwd(), 25)      # this project's functions
-        stats.print_stats(20)                   # and everything, torch's included
-        sys.stdout.flush()
+    return n / (time.perf_counter() - start)
 
 
-for profiled in (False, True):                  # the first run warms up CUDA, cuDNN and the page cache
-    with tempfile.TemporaryDirectory() as tmp:
-        config = bench.end_to_end_config(tmp, images, captions_path, names, 5, 224, "lstm", 10, 512, device)
-        timed(f"train.train, {len(names)} images, 10 epochs, batch 512", lambda: train.train(config), profiled)
-        if profiled:                            # bench's greedy captioning figure at batch 256, the same way
-            model, vocab, _ = load_model(load_checkpoint(os.path.join(tmp, "run", "checkpoint_best.pth")))
-            model.to(device)
-            for profile_it in (False, True):
-                timed(f"bench.ours_infer, {len(paths)} JPEGs, greedy, batch 256",
-                      lambda: bench.ours_infer(model, vocab, paths, 224, 256, 1, device), profile_it)
+decode = lambda: [images.sum() for images, _, _ in jpeg_batches(paths, 224, 256, 8, device)]  # noqa: E731
+print(f"read + GPU decode only (jpeg_batches, batch 256, 8 reading threads), {len(paths)} files: "
+      f"{rate(decode, len(paths)):.0f} images/s")
+encoder = EncoderCNN("resnet50", "none", 256, spatial=True).to(device).eval()
+for benchmark in (False, True):
+    torch.backends.cudnn.benchmark = benchmark
+    for batch in (256, 512):
+        x = torch.randint(0, 256, (batch, 3, 224, 224), dtype=torch.uint8, device=device)
+
+        def cnn():
+            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+                for _ in range(10):
+                    encoder.extract(x).half()
+        print(f"bf16 ResNet-50 alone (encoder.extract, uint8 input on the GPU), batch {batch}, cudnn.benchmark "
+              f"{benchmark}: {rate(cnn, 10 * batch):.0f} images/s")
+torch.backends.cudnn.benchmark = False
+whole = lambda: extract_features(encoder, paths, 224, None, device, batch_size=256, num_workers=2)  # noqa: E731
+print(f"extract_features, batch 256, {len(paths)} files: {rate(whole, len(paths)):.0f} images/s")
+shard = torch.randn(1024, 49, 2048).half()
+with tempfile.TemporaryDirectory() as tmp:       # where bench.py writes its run
+    for durable in (True, False, True, False):
+        start = time.perf_counter()
+        atomic_save({"files": [], "features": shard}, os.path.join(tmp, f"shard{durable}.pt"), durable=durable)
+        print(f"atomic_save of a 200 MB shard, fsync {durable}: {time.perf_counter() - start:.3f} s")
 PY
-grep -v "it/s\]\|image/s\]\|step/s\]\|s/it\]\|s/step\]\|s/image\]" "$OUT/e2e.log" | grep -v "^ *$" | head -120
-echo "[e2e done at ${SECONDS} s]"
+grep -v "it/s\]\|image/s\]\|step/s\]\|s/it\]\|s/step\]\|s/image\]" "$OUT/extract.log"
+echo "[extract done at ${SECONDS} s]"
 exit $status

@@ -156,9 +156,9 @@ def test_extraction_need_not_wait_for_its_cache_writes(tiny_data, tmp_path, monk
     """train.py trains while the shards are written; they are all on disk after wait_for_cache_writes()."""
     disk_free, real_save = threading.Event(), feature_cache.atomic_save
 
-    def slow_save(obj, path):
+    def slow_save(obj, path, durable=True):
         disk_free.wait()
-        real_save(obj, path)
+        real_save(obj, path, durable)
 
     monkeypatch.setattr(feature_cache, "atomic_save", slow_save)
     enc, files = encoder(), paths(tiny_data)
@@ -176,7 +176,7 @@ def test_extraction_need_not_wait_for_its_cache_writes(tiny_data, tmp_path, monk
 
 
 def test_a_failed_cache_write_warns_and_keeps_the_features(tiny_data, tmp_path, monkeypatch, capsys):
-    def full_disk(obj, path):
+    def full_disk(obj, path, durable=True):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(feature_cache, "atomic_save", full_disk)
