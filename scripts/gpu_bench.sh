@@ -45,7 +45,7 @@ from models.encoder import EncoderCNN
 device = torch.device("cuda")
 print("JPEG decoding on the GPU:", gpu_jpeg_available(device))
 paths = sorted(glob.glob("devdata/flickr8k/Images/*.jpg"))[:1024]
-images, good, _ = next(jpeg_batches(paths[:64], 224, 64, 8, device))                    # [n, 3, 224, 224] uint8
+images, good, _ = next(jpeg_batches(paths[:64], 224, 64, device))                    # [n, 3, 224, 224] uint8
 pil = torch.stack([ImageFiles(paths, 224)[i][0] for i in good]).to(device)
 diff = (images.int() - pil.int()).abs()
 print(f"GPU decode+resize vs PIL, {len(good)} images: mean |diff| {diff.float().mean():.3f} grey levels, "
@@ -257,8 +257,8 @@ def rate(run, n):
     return n / (time.perf_counter() - start)
 
 
-decode = lambda: [images.sum() for images, _, _ in jpeg_batches(paths, 224, 256, 8, device)]  # noqa: E731
-print(f"read + GPU decode only (jpeg_batches, batch 256, 8 reading threads), {len(paths)} files: "
+decode = lambda: [images.sum() for images, _, _ in jpeg_batches(paths, 224, 256, device)]  # noqa: E731
+print(f"read + GPU decode only (jpeg_batches, batch 256), {len(paths)} files: "
       f"{rate(decode, len(paths)):.0f} images/s")
 encoder = EncoderCNN("resnet50", "none", 256, spatial=True).to(device).eval()
 for benchmark in (False, True):

@@ -84,7 +84,7 @@ def jpegs(tiny_data, tmp_path):
 def test_jpeg_path_gives_pils_pixels_and_rejects_bad_files(jpegs, decode_bytes, monkeypatch):
     monkeypatch.setattr(features, "DECODE_BYTES", decode_bytes)
     images, good, rejected = [], [], []
-    for batch, decoded, bad in features.jpeg_batches(jpegs, 32, 4, 2, CPU):   # the CUDA code path, on the CPU
+    for batch, decoded, bad in features.jpeg_batches(jpegs, 32, 4, CPU):   # the CUDA code path, on the CPU
         images.append(batch)
         good += decoded
         rejected += bad
