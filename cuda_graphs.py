@@ -1,10 +1,13 @@
 """CUDA graphs for train.py's step: on a GPU a decoder's step is bound by launching kernels, not by running them.
 
 A step's gather, forward, loss, backward and gradient clipping (hundreds of small kernels per
-caption word) are captured once per caption length and then replayed with one launch. The fused
+caption word) are captured once per caption length (rounded up to a multiple of 4) and replayed as one launch. The fused
 AdamW update stays outside the graph, so the learning-rate schedule, checkpoints and --resume
 work exactly as in an eager step. On an H200 the soft-attention step at batch 512 spent 6.4 of its
-21.2 ms in kernels (scripts/gpu_bench.sh, profile.log); the rest was the CPU launching them.
+21.2 ms in kernels; the rest was the CPU launching them. With graphs, a 30,000-caption epoch at batch
+512 by length took 0.73 s instead of 1.64 s (attention), 0.13 s instead of 0.42 s (LSTM) and 0.99 s
+instead of 2.93 s (Transformer); over 30 steps from the same weights, graphed and eager losses differed
+by at most 5e-7 (relative) in fp32 and 2.4e-4 in bf16 (docs/gpu_bench_h200.log, from scripts/gpu_bench.sh).
 
     graphed = graphed_step(model, params, inputs, image_index, tokens, lengths, config, world, scaler)
     loss = graphed(rows, longest)   # rows: caption indices [batch_size] on the GPU; then optimizer.step()
@@ -62,8 +65,8 @@ class GraphedStep:
             p.grad = grad
         torch._foreach_zero_(self.grads)
         with self.amp:
-            loss, extra = self.model(self.inputs[self.image_index[rows]], self.tokens[rows, :length], self.lengths[rows],
-                                     self.config["train"]["label_smoothing"])
+            loss, extra = self.model(self.inputs[self.image_index[rows]], self.tokens[rows, :length],
+                                     self.lengths[rows], self.config["train"]["label_smoothing"])
         (loss + extra).backward()
         torch.nn.utils.clip_grad_norm_(self.params, self.config["train"]["grad_clip"])
         return loss.detach()

@@ -173,7 +173,8 @@ def train(config, checkpoint=None, resume=None):
     else:
         captions, train_names, _ = loaded
         vocab = Vocabulary.build((c for n in train_names for c in captions[n]), config["data"]["min_word_freq"])
-    with torch.device(device):   # initialised where it trains: a random ResNet-50 takes ~0.2 s on a CPU
+    # Initialised where it trains: on an H200 machine ResNet-50 took 0.26 s on its CPU, 0.04 s on the GPU.
+    with torch.device(device):
         model = build_model(config, len(vocab))
     if checkpoint:
         load_weights(model, checkpoint["model"], resume, checkpoint["config"])
@@ -258,7 +259,8 @@ def train(config, checkpoint=None, resume=None):
         log = open(os.path.join(out_dir, "loss_log.txt"), "a", encoding="utf-8")
         if new_log:
             log.write(LOG_HEADER)
-        print(f"device {device} x{world}{' (CUDA graphs)' if graphed else ''} | {len(train_set['names'])} train images, {n_captions} captions | "
+        print(f"device {device} x{world}{' (CUDA graphs)' if graphed else ''} | "
+              f"{len(train_set['names'])} train images, {n_captions} captions | "
               f"{len(val_set['names']) if val_set else 0} val images | vocab {len(vocab)} | {steps_per_epoch} steps/epoch",
               file=sys.stderr)
     started = time.time() - progress["elapsed"]
@@ -278,7 +280,8 @@ def train(config, checkpoint=None, resume=None):
                 normalizer = (lengths[order[span]] - 1).sum().item() / world
                 share = slice(rank, None, world)
                 loss = training_step(step_model, optimizer, scaler, graphed, order_on_device[span][share],
-                                     lengths[order[span][share]], inputs, image_index, tokens_all, config, amp, normalizer)
+                                     lengths[order[span][share]], inputs, image_index, tokens_all, config, amp,
+                                     normalizer)
                 scheduler.step()
                 progress["step"] += 1
                 progress["batch"] = b + 1

@@ -1,10 +1,11 @@
-"""Feature extraction's settings on a GPU, swept: JPEG-decoding threads, batch size and file-reading threads.
+"""Feature extraction's settings on a GPU, swept: JPEG-decoding threads and batch size.
 
-    python scripts/extract_sweep.py     # needs devdata/flickr8k/Images (see gpu_bench.sh); about a minute on an H200
+    python scripts/extract_sweep.py     # needs devdata/flickr8k/Images (see gpu_bench.sh); under a minute on an H200
 
 Each setting runs extract_features as bench.py's extraction figure does (1,500 files cycled to 7,500, all in the
 page cache, random ResNet-50 weights, bf16), after a warm-up pass. First, the ceiling: torchvision's GPU decoder
-alone on JPEG bytes already in memory, in batches of 256, from one thread and from four.
+alone on JPEG bytes already in memory, in batches of 256, from one thread and from four. (Its run in
+docs/gpu_bench_h200.log, run 3, also swept the file-reading threads of the extraction that came before.)
 """
 import glob
 import os
@@ -48,11 +49,10 @@ for threads in (1, 4):
 encoder = EncoderCNN("resnet50", "none", 256, spatial=True).to(device).eval()
 for decode_threads in (2, 4, 8):
     for batch in (256, 512):
-        for readers in (8, 16):
-            features.DECODE_THREADS = decode_threads
+        features.DECODE_THREADS = decode_threads
 
-            def extract():
-                features.extract_features(encoder, paths, 224, None, device, batch_size=batch, num_workers=readers)
-            extract()
-            print(f"extract_features: {decode_threads} decoding threads, batch {batch}, {readers} reading threads: "
-                  f"{len(paths) / seconds(extract):.0f} images/s", flush=True)
+        def extract():
+            features.extract_features(encoder, paths, 224, None, device, batch_size=batch)
+        extract()
+        print(f"extract_features: {decode_threads} decoding threads, batch {batch}: "
+              f"{len(paths) / seconds(extract):.0f} images/s", flush=True)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU benchmark in one command, for a rented H100/H200 (H200: about 4 minutes, 5 at most).
+# The GPU benchmark in one command, for a rented H100/H200 (H200: about 4.5 minutes, 5 at most).
 #
 #     bash scripts/gpu_bench.sh        # writes $OUT/bench_gpu.json and $OUT/*.log ($OUT defaults to ./)
 #
