@@ -6,7 +6,7 @@ AdamW update stays outside the graph, so the learning-rate schedule, checkpoints
 work exactly as in an eager step. On an H200 the soft-attention step at batch 512 spent 6.4 of its
 21.2 ms in kernels; the rest was the CPU launching them. With graphs, a 30,000-caption epoch at batch
 512 by length took 0.73 s instead of 1.64 s (attention), 0.13 s instead of 0.42 s (LSTM) and 0.99 s
-instead of 2.93 s (Transformer); over 30 steps from the same weights, graphed and eager losses differed
+instead of 2.93 s (Transformer); over 29 steps from the same weights, graphed and eager losses differed
 by at most 5e-7 (relative) in fp32 and 2.4e-4 in bf16 (docs/gpu_bench_h200.log, from scripts/gpu_bench.sh).
 
     graphed = graphed_step(model, params, inputs, image_index, tokens, lengths, config, world, scaler)
