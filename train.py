@@ -12,6 +12,7 @@ Writes into train.out_dir: checkpoint_last.pth, checkpoint_best.pth, loss_log.tx
 config.yaml, vocab.json. Ctrl-C (or SIGTERM) saves checkpoint_last.pth; --resume continues from it.
 """
 import argparse
+import gc
 import math
 import os
 import random
@@ -167,6 +168,9 @@ def train(config, checkpoint=None, resume=None):
     rank, world, device = setup_distributed(config)
     main_process = rank == 0
     seed_everything(t["seed"])
+    # A full garbage collection walks every object, and with torch loaded that takes 0.1-0.2 s; preparing
+    # the captions sets some off. What exists now outlives the run: leave it out of collections until the end.
+    gc.freeze()
     loaded = load_splits(config["data"])     # read once: Flickr8k's captions take a good part of a second to parse
     if checkpoint:
         vocab = Vocabulary(checkpoint["vocab"])
@@ -178,6 +182,12 @@ def train(config, checkpoint=None, resume=None):
         model = build_model(config, len(vocab))
     if checkpoint:
         load_weights(model, checkpoint["model"], resume, checkpoint["config"])
+    # A frozen CNN is copied to the CPU once, for every checkpoint; the feature cache's key hashes that copy
+    # rather than copying the weights again.
+    frozen_cnn = ({k: v.cpu() for k, v in model.state_dict().items() if k.startswith("encoder.backbone.")}
+                  if main_process and not t["fine_tune_encoder"] else {})
+    if frozen_cnn:
+        model.encoder.weights_fingerprint({k[len("encoder.backbone."):]: v for k, v in frozen_cnn.items()})
     if main_process:
         os.makedirs(out_dir, exist_ok=True)
         vocab.save(os.path.join(out_dir, "vocab.json"))
@@ -234,16 +244,13 @@ def train(config, checkpoint=None, resume=None):
     if t["compile"]:
         step_model = torch.compile(step_model)
     graphed = graphed_step(model, decoder_params, inputs, image_index, tokens_all, lengths, config, world, scaler)
-
     # Checkpoints are written by a background thread while the next epoch trains: on a GPU an epoch
-    # can take less time than writing a ResNet-50 to disk. A frozen CNN is copied to the CPU once.
+    # can take less time than writing a ResNet-50 to disk.
     writer = CheckpointWriter(out_dir)
-    frozen_cnn = ({k: v.cpu() for k, v in model.state_dict().items() if k.startswith("encoder.backbone.")}
-                  if main_process and not t["fine_tune_encoder"] else {})
 
-    def save(name, *same_as):
+    def save(name, *same_as, last=False):
         """Snapshot the run now; write checkpoint `name` (the names in same_as become links to it) in the
-        background."""
+        background. last: the run ends after this one (CheckpointWriter.submit)."""
         if not main_process:
             return
         rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
@@ -251,7 +258,7 @@ def train(config, checkpoint=None, resume=None):
         state = checkpoint_state(model, vocab, config, frozen_cnn, optimizer=optimizer.state_dict(),
                                  scheduler=scheduler.state_dict(), scaler=scaler.state_dict() if scaler else None,
                                  progress=dict(progress), rng=rng)
-        writer.submit(state, name, *same_as)
+        writer.submit(state, name, *same_as, last=last)
 
     log = None
     if main_process:
@@ -307,12 +314,13 @@ def train(config, checkpoint=None, resume=None):
         writer.finish()
     except KeyboardInterrupt:
         progress["elapsed"] = time.time() - started
-        save("checkpoint_last.pth")
+        save("checkpoint_last.pth", last=True)
         writer.finish()
         if main_process:
             print(f"\ninterrupted: saved {out_dir}/checkpoint_last.pth; continue with --resume {out_dir}", file=sys.stderr)
         sys.exit(130)
     finally:
+        gc.unfreeze()
         writer.close()
         wait_for_cache_writes()     # the feature cache's last shards, written while training went on
         if log:
@@ -343,12 +351,13 @@ def end_of_epoch(model, val_set, config, vocab, device, amp, progress, higher_is
     progress["stale_epochs"] = 0 if improved else progress["stale_epochs"] + 1
     if improved:
         progress["best"] = metric
-    save("checkpoint_last.pth", *(["checkpoint_best.pth"] if improved else []))
     patience = config["train"]["early_stop_patience"]
-    if patience and progress["stale_epochs"] >= patience:
+    stop = bool(patience and progress["stale_epochs"] >= patience)
+    save("checkpoint_last.pth", *(["checkpoint_best.pth"] if improved else []),
+         last=stop or epoch == config["train"]["epochs"])
+    if stop:
         print(f"early stop: no improvement for {progress['stale_epochs']} epochs", file=sys.stderr)
-        return True
-    return False
+    return stop
 
 
 def main(argv=None):

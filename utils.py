@@ -15,24 +15,43 @@ CHECKPOINT_FORMAT = 1
 TEMP_PREFIX = ".tmp-"  # atomic_save's and atomic_link's files before their rename: a folder's readers skip them
 
 
-def atomic_save(obj, path: str, durable: bool = True) -> None:
+def atomic_save(obj, path: str, durable: bool = True, abandon: threading.Event | None = None) -> bool:
     """torch.save to a temp file in the same folder, then rename: a crash never leaves half a file.
-    durable=False skips the fsync, for files whose readers detect damage and rebuild them (the feature cache)."""
+    durable=False skips the fsync, for files whose readers detect damage and rebuild them (the feature cache).
+    abandon: once it is set, the rest is not written and nothing is renamed into place. Returns whether it was."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".pt", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            torch.save(obj, _Abandonable(f, abandon) if abandon else f)
             f.flush()
+            if abandon and abandon.is_set():
+                os.remove(tmp)
+                return False
             if durable:          # else a power cut may leave a renamed file that is not all on disk
                 os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; checkpoints are ordinary files
         os.replace(tmp, path)
+        return True
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+class _Abandonable:
+    """A file that drops what torch.save gives it once `abandon` is set: torch.save then ends in a fraction of the
+    time (a ResNet-50's 112 MB: 0.03 s instead of 0.1-0.2 s), and atomic_save deletes the part written."""
+
+    def __init__(self, file, abandon: threading.Event):
+        self.file, self.abandon = file, abandon
+
+    def write(self, data) -> int:
+        return len(memoryview(data)) if self.abandon.is_set() else self.file.write(data)
+
+    def flush(self) -> None:
+        self.file.flush()
 
 
 def atomic_link(src: str, dst: str) -> None:
@@ -61,19 +80,28 @@ class CheckpointWriter:
     def __init__(self, out_dir: str):
         self.out_dir = out_dir
         self.waiting = {}       # file name -> the newest snapshot for it, not yet being written
-        self.running = False    # whether the thread is in _write_waiting (guarded by lock, as is waiting)
+        self.writing = []       # (names, abandon event) of each write in progress
+        self.running = False    # whether the thread is in _write_waiting (guarded by lock, as are the two above)
         self.lock = threading.Lock()
         self.thread = ThreadPoolExecutor(1)
+        # Different snapshots go to different files, so they are written at once: at a run's end the last
+        # epoch's checkpoint_last.pth and an older epoch's checkpoint_best.pth are often both still to write.
+        self.files = ThreadPoolExecutor(2)
         self.writes = []        # futures of the thread's writing rounds
 
-    def submit(self, state: dict, name: str, *same_as: str) -> None:
-        """Write `state` to `name` soon; the names in same_as become links to the same file."""
+    def submit(self, state: dict, name: str, *same_as: str, last: bool = False) -> None:
+        """Write `state` to `name` soon; the names in same_as become links to the same file.
+        last: the run's last snapshot, which the run waits for. A write in progress whose every name this
+        snapshot replaces is abandoned rather than finished: its file would be replaced at once."""
         for done in [w for w in self.writes if w.done()]:
             self.writes.remove(done)
             done.result()       # a failed write (a full disk) raises here
         with self.lock:
             for n in (name, *same_as):
                 self.waiting[n] = state
+            for names, abandon in self.writing if last else []:
+                if set(names) <= {name, *same_as}:
+                    abandon.set()
             if not self.running:
                 self.running = True
                 self.writes.append(self.thread.submit(self._write_waiting))
@@ -85,6 +113,7 @@ class CheckpointWriter:
 
     def close(self) -> None:
         self.thread.shutdown()
+        self.files.shutdown()
 
     def _write_waiting(self) -> None:
         try:
@@ -93,18 +122,25 @@ class CheckpointWriter:
                     if not self.waiting:
                         self.running = False
                         return
-                    waiting, self.waiting = self.waiting, {}
-                names_of = {}   # id(snapshot) -> (snapshot, its names): one write per snapshot, links for the rest
-                for n, state in waiting.items():
-                    names_of.setdefault(id(state), (state, []))[1].append(n)
-                for state, (first, *others) in names_of.values():
-                    atomic_save(state, os.path.join(self.out_dir, first))
-                    for other in others:
-                        atomic_link(os.path.join(self.out_dir, first), os.path.join(self.out_dir, other))
+                    names_of = {}   # id(snapshot) -> (snapshot, its names): one write per snapshot, links for the rest
+                    for n, state in self.waiting.items():
+                        names_of.setdefault(id(state), (state, []))[1].append(n)
+                    self.waiting = {}
+                    writes = [(state, names, threading.Event()) for state, names in names_of.values()]
+                    self.writing = [(names, abandon) for _, names, abandon in writes]
+                for write in [self.files.submit(self._write, *w) for w in writes]:
+                    write.result()
+                with self.lock:
+                    self.writing = []
         except BaseException:
             with self.lock:
-                self.running = False
+                self.running, self.writing = False, []
             raise
+
+    def _write(self, state: dict, names: list, abandon: threading.Event) -> None:
+        if atomic_save(state, os.path.join(self.out_dir, names[0]), abandon=abandon):
+            for other in names[1:]:
+                atomic_link(os.path.join(self.out_dir, names[0]), os.path.join(self.out_dir, other))
 
 
 def checkpoint_state(model, vocab, config: dict, unchanging=None, **state) -> dict:

@@ -25,8 +25,8 @@ def encode_captions(names, captions, vocab, max_words):
             image_index.append(i)
     lengths = torch.tensor([len(r) for r in rows])
     tokens = torch.full((len(rows), int(lengths.max())), vocab.pad_id, dtype=torch.long)
-    for j, r in enumerate(rows):
-        tokens[j, :len(r)] = torch.tensor(r)
+    # One copy of all ids, in row order, into the cells they fill: a tensor per row took 0.1 s for 7,500 captions.
+    tokens[torch.arange(tokens.shape[1]) < lengths[:, None]] = torch.tensor([i for r in rows for i in r])
     return tokens, lengths, torch.tensor(image_index)
 
 
@@ -61,15 +61,24 @@ def prepare_splits(config, vocab, encoder, device, show_progress=True, loaded=No
     loaded: load_splits' (captions, train names, val names) when the caller has them already.
     """
     captions, train_names, val_names = loaded or load_splits(config["data"])
+    # Both splits' images in one pass: one pipeline and one cache lookup, and no small batch of its own for val.
+    names = list(dict.fromkeys(train_names + val_names))
+    inputs, ok = load_inputs(encoder, config, [os.path.join(config["data"]["images"], n) for n in names], device,
+                             "features", show_progress)
+    row_of = {n: row for row, n in enumerate(n for n, good in zip(names, ok) if good)}
     splits = {}
     for split, names in (("train", train_names), ("val", val_names)):
+        names = [n for n in names if n in row_of]
         if not names:
+            if split == "train":
+                raise ValueError(f"none of the {len(train_names)} train images in {config['data']['images']} "
+                                 f"could be read; see the warnings above")
             splits[split] = None
             continue
-        paths = [os.path.join(config["data"]["images"], n) for n in names]
-        inputs, ok = load_inputs(encoder, config, paths, device, f"{split} features", show_progress)
-        names = [n for n, good in zip(names, ok) if good]
+        rows = [row_of[n] for n in names]
+        split_inputs = (inputs[rows[0]:rows[-1] + 1] if rows == list(range(rows[0], rows[-1] + 1))
+                        else inputs[torch.tensor(rows)])                       # a view where the rows are in a run
         tokens, lengths, image_index = encode_captions(names, captions, vocab, config["data"]["max_caption_len"])
-        splits[split] = {"inputs": inputs, "tokens": tokens, "lengths": lengths, "image_index": image_index,
+        splits[split] = {"inputs": split_inputs, "tokens": tokens, "lengths": lengths, "image_index": image_index,
                          "names": names, "references": {n: captions[n] for n in names}}
     return splits

@@ -7,7 +7,7 @@ import torch
 
 from data.dataset import ImageFiles
 from data import features as feature_cache
-from data.features import cache_key, extract_features, wait_for_cache_writes
+from data.features import CUDA_BATCH, cache_key, extract_features, wait_for_cache_writes
 from models.encoder import EncoderCNN
 
 CPU = torch.device("cpu")
@@ -185,3 +185,20 @@ def test_a_failed_cache_write_warns_and_keeps_the_features(tiny_data, tmp_path, 
     assert all(ok) and torch.equal(got, fresh)
     err = capsys.readouterr().err
     assert "could not write 6 images' features to the cache" in err and "No space left" in err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_short_batch_on_cuda_runs_padded_and_keeps_only_its_own_rows(tiny_data):
+    """So that the CNN only ever sees one batch size (a new one makes cuDNN build its plans again)."""
+    cuda = torch.device("cuda")
+    enc = encoder().to(cuda)
+    files = paths(tiny_data, 20)                          # one batch: 20 images and 236 rows of padding
+    sizes, extract = [], enc.extract
+    enc.extract = lambda images: sizes.append(len(images)) or extract(images)
+    feats, ok = extract_features(enc, files, 32, None, cuda, num_workers=0)
+    assert sizes == [CUDA_BATCH] and feats.shape == (20, 1, 512) and all(ok)
+    images = ImageFiles(files, 32)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        alone = extract(torch.stack([images[i][0] for i in range(20)]).to(cuda)).half().cpu()
+    cosine = torch.nn.functional.cosine_similarity(feats.float().flatten(1), alone.float().flatten(1))
+    assert cosine.min() > 0.999

@@ -126,11 +126,11 @@ def test_writer_skips_snapshots_superseded_while_the_disk_is_busy(tmp_path, monk
     checkpoint_best.pth keeps the snapshot it was given."""
     writing, disk_free, written = threading.Event(), threading.Event(), []
 
-    def slow_save(state, path):
+    def slow_save(state, path, abandon=None):
         writing.set()
         disk_free.wait()
         written.append((os.path.basename(path), state["epoch"]))
-        atomic_save(state, path)
+        return atomic_save(state, path, abandon=abandon)
 
     monkeypatch.setattr(utils, "atomic_save", slow_save)
     writer = CheckpointWriter(str(tmp_path))
@@ -144,14 +144,80 @@ def test_writer_skips_snapshots_superseded_while_the_disk_is_busy(tmp_path, monk
         disk_free.set()                                 # a failed call must not leave the writer blocked
     writer.finish()
     writer.close()
-    assert written == [("checkpoint_last.pth", 1), ("checkpoint_last.pth", 4), ("checkpoint_best.pth", 2)]
+    assert written[0] == ("checkpoint_last.pth", 1)                           # then two files at once
+    assert sorted(written[1:]) == [("checkpoint_best.pth", 2), ("checkpoint_last.pth", 4)]
     assert torch.load(tmp_path / "checkpoint_last.pth", weights_only=True) == {"epoch": 4}
     assert torch.load(tmp_path / "checkpoint_best.pth", weights_only=True) == {"epoch": 2}
     assert sorted(os.listdir(tmp_path)) == ["checkpoint_best.pth", "checkpoint_last.pth"]
 
 
+def test_writer_writes_different_snapshots_at_once(tmp_path, monkeypatch):
+    writing, disk_free = threading.Event(), threading.Event()
+    both_started = threading.Barrier(2, timeout=60)      # broken, and the test failed, if one waited for the other
+
+    def save(state, path, abandon=None):
+        if state["epoch"] == 1:                         # the disk is busy while epochs 2 and 3 end
+            writing.set()
+            disk_free.wait()
+        else:
+            both_started.wait()
+        return atomic_save(state, path, abandon=abandon)
+
+    monkeypatch.setattr(utils, "atomic_save", save)
+    writer = CheckpointWriter(str(tmp_path))
+    try:
+        writer.submit({"epoch": 1}, "checkpoint_last.pth", "checkpoint_best.pth")
+        assert writing.wait(timeout=60)
+        writer.submit({"epoch": 2}, "checkpoint_last.pth", "checkpoint_best.pth")
+        writer.submit({"epoch": 3}, "checkpoint_last.pth")
+    finally:
+        disk_free.set()
+    writer.finish()
+    writer.close()
+    assert torch.load(tmp_path / "checkpoint_best.pth", weights_only=True) == {"epoch": 2}
+    assert torch.load(tmp_path / "checkpoint_last.pth", weights_only=True) == {"epoch": 3}
+
+
+@pytest.mark.parametrize("covered", [True, False])
+def test_writer_abandons_a_write_the_last_snapshot_replaces(tmp_path, monkeypatch, covered):
+    """The run's last snapshot does not wait for an older write of the same names to finish; an older write
+    of a name it does not replace (checkpoint_best.pth) is finished."""
+    writing, disk_free, saved = threading.Event(), threading.Event(), []
+
+    def slow_save(state, path, abandon=None):
+        writing.set()
+        disk_free.wait()
+        saved.append((os.path.basename(path), state["epoch"], atomic_save(state, path, abandon=abandon)))
+        return saved[-1][2]
+
+    monkeypatch.setattr(utils, "atomic_save", slow_save)
+    writer = CheckpointWriter(str(tmp_path))
+    try:
+        writer.submit({"epoch": 1}, "checkpoint_last.pth", *([] if covered else ["checkpoint_best.pth"]))
+        assert writing.wait(timeout=60)                                         # epoch 1 is being written
+        writer.submit({"epoch": 2}, "checkpoint_last.pth", last=True)
+    finally:
+        disk_free.set()
+    writer.finish()
+    writer.close()
+    assert saved == [("checkpoint_last.pth", 1, not covered), ("checkpoint_last.pth", 2, True)]
+    assert torch.load(tmp_path / "checkpoint_last.pth", weights_only=True) == {"epoch": 2}
+    assert sorted(os.listdir(tmp_path)) == ([] if covered else ["checkpoint_best.pth"]) + ["checkpoint_last.pth"]
+    if not covered:
+        assert torch.load(tmp_path / "checkpoint_best.pth", weights_only=True) == {"epoch": 1}
+
+
+def test_abandoned_atomic_save_leaves_the_old_file(tmp_path):
+    atomic_save({"epoch": 1}, str(tmp_path / "c.pth"))
+    abandon = threading.Event()
+    abandon.set()
+    assert not atomic_save({"epoch": 2, "weights": torch.zeros(1000)}, str(tmp_path / "c.pth"), abandon=abandon)
+    assert torch.load(tmp_path / "c.pth", weights_only=True) == {"epoch": 1}
+    assert os.listdir(tmp_path) == ["c.pth"]                                    # no temp file left
+
+
 def test_writer_raises_a_failed_write(tmp_path, monkeypatch):
-    def full_disk(state, path):
+    def full_disk(state, path, abandon=None):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(utils, "atomic_save", full_disk)
