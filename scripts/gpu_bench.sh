@@ -2,12 +2,13 @@
 # The GPU benchmark in one command, for a rented H100/H200 (H200: about 4.5 minutes, 5 at most).
 #
 #     bash scripts/gpu_bench.sh        # writes $OUT/bench_gpu.json and $OUT/*.log ($OUT defaults to ./)
+#     bash scripts/gpu_bench.sh checks bench      # only these parts
 #
 # Expects devdata/flickr8k (git-ignored): about 1,500 Flickr8k JPEGs in Images/, captions.txt
 # and Flickr_8k.trainImages.txt. Six parts, each with its own log, so one failing keeps the others:
 #   checks.log   versions; GPU JPEG decoding gives PIL's pixels (why the feature cache key ignores the
-#                decode path); the pipelined extract_features (next batch decoded on a side stream)
-#                gives the features of PIL images run one batch at a time
+#                decode path); the pipelined extract_features (next batch decoded on a side stream, a short
+#                last batch padded) gives the features of PIL images run one batch at a time
 #   graph.log    train.py's CUDA graphs (cuda_graphs.py) against eager steps, from the same weights over the
 #                same batches (batch 512 by length, dropout off): losses step by step, fp32 and bf16, per decoder
 #   epochs.log   decoder training epoch over 30,000 captions, as bench.py measures it (CUDA graphs unless
@@ -32,6 +33,9 @@ fi
 mkdir -p "$OUT"
 status=0
 SECONDS=0
+PARTS=" ${*:-checks graph epochs bench e2e extract} "
+part() { [[ "$PARTS" == *" $1 "* ]]; }
+if part checks; then
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
 "$PYTHON" - <<'PY'
 import glob, sys
@@ -44,7 +48,7 @@ from data.features import extract_features, gpu_jpeg_available, jpeg_batches
 from models.encoder import EncoderCNN
 device = torch.device("cuda")
 print("JPEG decoding on the GPU:", gpu_jpeg_available(device))
-paths = sorted(glob.glob("devdata/flickr8k/Images/*.jpg"))[:1024]
+paths = sorted(glob.glob("devdata/flickr8k/Images/*.jpg"))[:1100]      # the last batch (76) runs padded to 256
 images, good, _ = next(jpeg_batches(paths[:64], 224, 64, device))                    # [n, 3, 224, 224] uint8
 pil = torch.stack([ImageFiles(paths, 224)[i][0] for i in good]).to(device)
 diff = (images.int() - pil.int()).abs()
@@ -70,7 +74,9 @@ with torch.no_grad():
 PY
 } > "$OUT/checks.log" 2>&1 || status=1
 cat "$OUT/checks.log"; echo "[checks done at ${SECONDS} s]"
+fi
 
+if part graph; then
 timeout 120 "$PYTHON" - > "$OUT/graph.log" 2>&1 <<'PY' || status=1
 # The same weights, batches and learning rate, stepped eagerly and through GraphedStep: the losses must agree up to
 # the arithmetic's noise (fp32: summation order; bf16: also rounding, which training amplifies step by step).
@@ -123,7 +129,9 @@ for decoder in ("lstm", "attention", "transformer"):
         del first
 PY
 cat "$OUT/graph.log"; echo "[graph done at ${SECONDS} s]"
+fi
 
+if part epochs; then
 timeout 150 "$PYTHON" - > "$OUT/epochs.log" 2>&1 <<'PY' || status=1
 import torch
 import bench
@@ -155,13 +163,17 @@ for decoder, batch, amp, by_length, graphs in (
     del model
 PY
 cat "$OUT/epochs.log"; echo "[epochs done at ${SECONDS} s]"
+fi
 
+if part bench; then
 timeout 240 "$PYTHON" bench.py --device cuda --data devdata/flickr8k --out "$OUT/bench_gpu.json" > "$OUT/bench.log" 2>&1 || status=1
 grep -v "it/s\]\|image/s\]\|step/s\]\|s/it\]\|s/step\]\|s/image\]" "$OUT/bench.log" | tail -16
 echo "[bench done at ${SECONDS} s]"
+fi
 
 # Where bench's end-to-end time goes (JPEGs to a checkpoint, 10 epochs): train.train's phases, timed on the
 # main thread (the steps are asynchronous: their GPU time shows up where the CPU next waits for it).
+if part e2e; then
 timeout 90 "$PYTHON" - > "$OUT/e2e.log" 2>&1 <<'PY' || status=1
 import argparse, collections, functools, os, tempfile, time
 import torch
@@ -232,8 +244,10 @@ for attempt in ("warm-up", "timed"):            # the first run warms up CUDA, c
 PY
 grep -v "it/s\]\|image/s\]\|step/s\]\|s/it\]\|s/step\]\|s/image\]" "$OUT/e2e.log" | grep -v "^ *$" | grep -v "^epoch \|^done:\|^device "
 echo "[e2e done at ${SECONDS} s]"
+fi
 
 # Feature extraction taken apart: where do its images/s go?
+if part extract; then
 timeout 90 "$PYTHON" - > "$OUT/extract.log" 2>&1 <<'PY' || status=1
 import glob, os, tempfile, time
 import torch
@@ -281,4 +295,5 @@ with tempfile.TemporaryDirectory() as tmp:       # where bench.py writes its run
 PY
 grep -v "it/s\]\|image/s\]\|step/s\]\|s/it\]\|s/step\]\|s/image\]" "$OUT/extract.log"
 echo "[extract done at ${SECONDS} s]"
+fi
 exit $status
