@@ -1,5 +1,7 @@
 """Where bench.py's start-up costs go on a GPU: the first CNN call at each batch size, extraction's first run
-against the runs after it, and the end-to-end run (train.train, 1,500 JPEGs, 10 epochs) phase by phase.
+against the runs after it, and the end-to-end run (train.train, 1,500 JPEGs, 10 epochs): its phases, the cache
+and checkpoint writes (torch.save, fsync, rename) on their threads, the main thread sampled every 2 ms, and
+train.py's gc.freeze() off and on.
 
     python3 scripts/profile_e2e.py
     DEVICE=cpu N_IMAGES=20 python3 scripts/profile_e2e.py      # a smoke test of this script
