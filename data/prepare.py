@@ -62,10 +62,10 @@ def prepare_splits(config, vocab, encoder, device, show_progress=True, loaded=No
     """
     captions, train_names, val_names = loaded or load_splits(config["data"])
     # Both splits' images in one pass: one pipeline and one cache lookup, and no small batch of its own for val.
-    names = list(dict.fromkeys(train_names + val_names))
-    inputs, ok = load_inputs(encoder, config, [os.path.join(config["data"]["images"], n) for n in names], device,
+    both = list(dict.fromkeys(train_names + val_names))
+    inputs, ok = load_inputs(encoder, config, [os.path.join(config["data"]["images"], n) for n in both], device,
                              "features", show_progress)
-    row_of = {n: row for row, n in enumerate(n for n, good in zip(names, ok) if good)}
+    row_of = {n: row for row, n in enumerate(n for n, good in zip(both, ok) if good)}
     splits = {}
     for split, names in (("train", train_names), ("val", val_names)):
         names = [n for n in names if n in row_of]
