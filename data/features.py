@@ -314,16 +314,15 @@ def extract_features(encoder, paths: list[str], image_size: int, cache_dir: str 
                 bar.update(len(good) + len(rejected))
                 if images is None or not len(images):
                     continue
-                n = len(images)
+                n, images = len(images), images.to(device, non_blocking=True)
                 bf16 = device.type == "cuda" and n >= AMP_MIN_BATCH
                 if bf16 and n < batch_size:
                     # A batch size the CNN has not run makes cuDNN build a plan for each convolution: on an H200
                     # a bf16 ResNet-50 took 0.07-0.19 s at a new size, 0.01 s at a known one. So a short batch
                     # is padded to the size every other batch has (scripts/profile_e2e.py).
-                    padding = images.new_zeros((batch_size - n, *images.shape[1:]), device=device)
-                    images = torch.cat([images.to(device, non_blocking=True), padding])
+                    images = torch.cat([images, images.new_zeros((batch_size - n, *images.shape[1:]))])
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    feats = encoder.extract(images.to(device, non_blocking=True))[:n]     # [n, P, C]
+                    feats = encoder.extract(images)[:n]                                   # [n, P, C]
                 # On CUDA the copy to pinned memory runs while the next batch is computed; its rows are kept then.
                 host = torch.empty(feats.shape, dtype=torch.float16, pin_memory=device.type == "cuda")
                 host.copy_(feats.half(), non_blocking=True)

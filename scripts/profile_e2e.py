@@ -76,9 +76,11 @@ del model
 # End to end: a warm-up run, then a timed one, its phases timed on the main thread (the steps are asynchronous:
 # their GPU time shows where the CPU next waits for it).
 spent, calls = collections.defaultdict(float), collections.Counter()
+writes = []     # checkpoint and cache writes, on their threads: how long torch.save, fsync and rename take
 
 
-def timed(owner, name, label):
+def timed(owner, name, record):
+    """Replace owner.name with a wrapper that calls record(start, seconds) after each call."""
     real = getattr(owner, name)
 
     @functools.wraps(real)
@@ -87,9 +89,19 @@ def timed(owner, name, label):
         try:
             return real(*args, **kwargs)
         finally:
-            spent[label] += time.perf_counter() - start
-            calls[label] += 1
+            record(start, time.perf_counter() - start)
     setattr(owner, name, wrapper)
+
+
+def phase(label):
+    def record(start, seconds):
+        spent[label] += seconds
+        calls[label] += 1
+    return record
+
+
+def write(name):
+    return lambda start, seconds: writes.append((start, seconds, name, threading.current_thread().name[:22]))
 
 
 for owner, name, label in ((train, "load_splits", "read captions, list images"),
@@ -104,26 +116,9 @@ for owner, name, label in ((train, "load_splits", "read captions, list images"),
                            (train, "checkpoint_state", "snapshot for checkpoints"),
                            (utils.CheckpointWriter, "finish", "wait for checkpoint writes"),
                            (train, "wait_for_cache_writes", "wait for feature cache writes")):
-    timed(owner, name, label)
-# Checkpoint and cache writes, on their threads: how long torch.save, fsync and rename take.
-writes = []
-
-
-def timed_io(owner, name):
-    real = getattr(owner, name)
-
-    @functools.wraps(real)
-    def wrapper(*args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return real(*args, **kwargs)
-        finally:
-            writes.append((start, time.perf_counter() - start, name, threading.current_thread().name[:22]))
-    setattr(owner, name, wrapper)
-
-
+    timed(owner, name, phase(label))
 for owner, name in ((torch, "save"), (os, "fsync"), (os, "replace")):
-    timed_io(owner, name)
+    timed(owner, name, write(name))
 
 # The main thread sampled every 2 ms during the timed run: wall time by the innermost line of this project's code
 # (time in torch, in a lock or waiting for the GIL counts for the project line that called it).
