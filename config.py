@@ -43,7 +43,7 @@ DEFAULTS = {
         "warmup_steps": 0,
         "label_smoothing": 0.0,
         "batch_by_length": False, # batches of captions of similar length: faster steps on a GPU
-        "select_metric": "bleu4", # bleu4 | loss: what picks checkpoint_best.pth
+        "select_metric": "bleu4", # bleu4 | cider | loss: what picks checkpoint_best.pth (greedy, on val)
         "early_stop_patience": 0, # epochs without improvement before stopping; 0 = never
         "val_bleu_images": 500,   # images decoded for the per-epoch validation BLEU-4; 0 = off
         "out_dir": "runs/flickr8k",

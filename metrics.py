@@ -278,9 +278,12 @@ def score_captions(hypotheses: dict[str, str], references: dict[str, list[str]],
     return metrics, per_image, notes
 
 
-def bleu4_quick(hypotheses: dict[str, str], references: dict[str, list[str]]) -> float:
-    """Corpus BLEU-4 with the Python tokenizer only; equals score_captions(..., use_java=False)["BLEU-4"]."""
+def quick_scores(hypotheses: dict[str, str], references: dict[str, list[str]]) -> dict[str, float]:
+    """Corpus BLEU-4 and CIDEr-D with the Python tokenizer only, no Java: train.py's per-epoch validation.
+    Each equals score_captions(..., use_java=False)'s."""
     ids = _check_inputs(hypotheses, references)
     gts, res = _tokenize_all(ids, hypotheses, references, tokenize_ptb)
     _check_references(gts)
-    return _bleu(gts, res)[0][3]
+    with contextlib.redirect_stdout(io.StringIO()):
+        cider = Cider().compute_score(gts, res)[0]
+    return {"BLEU-4": _bleu(gts, res)[0][3], "CIDEr": float(cider)}

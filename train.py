@@ -36,7 +36,7 @@ from models import build_model
 from utils import (CheckpointWriter, checkpoint_state, load_checkpoint, load_weights, pick_device, run_main,
                    seed_everything)
 
-LOG_HEADER = "step\tepoch\tsplit\tloss\tlr\telapsed\tbleu4\n"
+LOG_HEADER = "step\tepoch\tsplit\tloss\tlr\telapsed\tbleu4\tcider\n"
 BUCKET_BATCHES = 50   # train.batch_by_length sorts runs of this many batches: longer runs, more even lengths
 
 
@@ -51,7 +51,7 @@ def batch_loss(model, inputs, tokens, lengths, config, amp, normalizer=None, lab
 
 @torch.no_grad()
 def validate(model, val, config, vocab, device, amp):
-    """Validation loss over all val captions, and greedy BLEU-4 on the first val_bleu_images images."""
+    """Validation loss over all val captions, and greedy {"BLEU-4", "CIDEr"} on the first val_bleu_images images."""
     model.eval()
     total, count = 0.0, 0
     for start in range(0, len(val["tokens"]), config["train"]["batch_size"]):
@@ -59,10 +59,10 @@ def validate(model, val, config, vocab, device, amp):
         loss, _ = batch_loss(model, val["inputs"][val["image_index"][rows].to(device)], val["tokens"][rows].to(device),
                              val["lengths"][rows], config, amp, label_smoothing=0.0)   # a true perplexity
         total, count = total + loss.item() * len(val["tokens"][rows]), count + len(val["tokens"][rows])
-    bleu4 = float("nan")
+    scores = {"BLEU-4": float("nan"), "CIDEr": float("nan")}
     n = min(config["train"]["val_bleu_images"], len(val["names"]))
     if n:
-        from metrics import bleu4_quick
+        from metrics import quick_scores
         hypotheses = {}
         for start in range(0, n, 256):
             inputs = val["inputs"][start:min(start + 256, n)].to(device)
@@ -70,9 +70,9 @@ def validate(model, val, config, vocab, device, amp):
                 features = model.encoder.extract(inputs) if config["train"]["fine_tune_encoder"] else inputs
                 results = generate(model, features, vocab, beam_size=1, max_len=config["decode"]["max_len"])
             hypotheses.update({val["names"][start + j]: r["caption"] for j, r in enumerate(results)})
-        bleu4 = bleu4_quick(hypotheses, {name: val["references"][name] for name in hypotheses})
+        scores = quick_scores(hypotheses, {name: val["references"][name] for name in hypotheses})
     model.train()
-    return total / max(count, 1), bleu4
+    return total / max(count, 1), scores
 
 
 def make_amp(device, enabled):
@@ -224,7 +224,7 @@ def train(config, checkpoint=None, resume=None):
     optimizer = torch.optim.AdamW(groups, weight_decay=t["weight_decay"], fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, t["epochs"] * steps_per_epoch))
     amp, scaler = make_amp(device, t["amp"])
-    higher_is_better = t["select_metric"] == "bleu4" and t["val_bleu_images"] > 0
+    higher_is_better = t["select_metric"] in ("bleu4", "cider") and t["val_bleu_images"] > 0
     progress = {"epoch": 0, "batch": 0, "step": 0, "best": None, "stale_epochs": 0, "elapsed": 0.0}
     # Reading images draws from the global RNG only on a cache miss; re-seed so dropout never depends on the cache.
     torch.manual_seed(t["seed"] + 1 + rank)
@@ -297,7 +297,7 @@ def train(config, checkpoint=None, resume=None):
                 if main_process and (progress["step"] % t["log_every"] == 0 or b + 1 == steps_per_epoch):
                     lr, mean_loss = optimizer.param_groups[0]["lr"], float(running) / running_n
                     log.write(f"{progress['step']}\t{epoch + 1}\ttrain\t{mean_loss:.5f}\t{lr:.3e}\t"
-                              f"{time.time() - started:.1f}\tnan\n")
+                              f"{time.time() - started:.1f}\tnan\tnan\n")
                     log.flush()
                     bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.1e}")
                     running, running_n = 0.0, 0
@@ -340,14 +340,16 @@ def end_of_epoch(model, val_set, config, vocab, device, amp, progress, higher_is
     """Validate, log, write checkpoints; returns True when early stopping says stop."""
     epoch, improved, metric = progress["epoch"], True, None
     if val_set:
-        val_loss, val_bleu4 = validate(model, val_set, config, vocab, device, amp)
+        val_loss, scores = validate(model, val_set, config, vocab, device, amp)
         log.write(f"{progress['step']}\t{epoch}\tval\t{val_loss:.5f}\t{optimizer.param_groups[0]['lr']:.3e}\t"
-                  f"{time.time() - started:.1f}\t{val_bleu4:.5f}\n")
+                  f"{time.time() - started:.1f}\t{scores['BLEU-4']:.5f}\t{scores['CIDEr']:.5f}\n")
         log.flush()
-        metric = val_bleu4 if higher_is_better else val_loss
+        metric = {"bleu4": scores["BLEU-4"], "cider": scores["CIDEr"]}.get(config["train"]["select_metric"])
+        metric = metric if higher_is_better else val_loss
         improved = progress["best"] is None or (metric > progress["best"] if higher_is_better else metric < progress["best"])
         print(f"epoch {epoch}: val loss {val_loss:.4f} (perplexity {math.exp(min(val_loss, 50)):.2f}), "
-              f"val BLEU-4 {val_bleu4:.4f}{' *best*' if improved else ''}", file=sys.stderr)
+              f"val BLEU-4 {scores['BLEU-4']:.4f}, CIDEr {scores['CIDEr']:.4f}{' *best*' if improved else ''}",
+              file=sys.stderr)
     progress["stale_epochs"] = 0 if improved else progress["stale_epochs"] + 1
     if improved:
         progress["best"] = metric

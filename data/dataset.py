@@ -11,7 +11,7 @@ import sys
 import warnings
 
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from models.encoder import resize_image
 
@@ -120,7 +120,8 @@ def load_image(path: str):
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 image.load()
-                return image.convert("RGB")
+                # A phone photo stores its pixels as the sensor saw them, and how to turn them in its EXIF.
+                return ImageOps.exif_transpose(image).convert("RGB")
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ValueError(f"{path}: image too large (over {Image.MAX_IMAGE_PIXELS:,} pixels)") from None
     except FileNotFoundError:

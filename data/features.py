@@ -21,6 +21,7 @@ upsampling differs), the features' cosine similarity stays above 0.999, and a ca
 on a GPU machine should stay valid on a laptop, and the other way round.
 """
 import hashlib
+import io
 import os
 import time
 import warnings
@@ -145,11 +146,25 @@ def gpu_jpeg_available(device) -> bool:
 
 
 def _read_bytes(path: str):
+    """A JPEG's bytes, or None for a file the GPU path leaves to PIL: unreadable, or turned by its EXIF
+    orientation (the GPU decoder ignores it; load_image applies it)."""
     try:
         with open(path, "rb") as f:
-            return torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
+            data = f.read()
     except OSError:
         return None
+    if exif_orientation(data) not in (0, 1):
+        return None
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+def exif_orientation(data: bytes) -> int:
+    """The EXIF orientation tag of a JPEG (1 = upright; 0 = none or unreadable), read from its header only."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return int(image.getexif().get(0x0112, 0))
+    except Exception:             # PIL decides later whether the file is readable at all, and says why
+        return 0
 
 
 def _decode_all(data: list, device) -> list:

@@ -29,7 +29,7 @@ def input_size(encoder: str, image_size: int) -> int:
 def transform_id(encoder: str, image_size: int) -> str:
     """Names everything that turns a file into the backbone's input; part of the cache key."""
     mean, std = (LITE_MEAN, LITE_STD) if encoder == "efficientnet_lite2" else (IMAGENET_MEAN, IMAGENET_STD)
-    return f"rgb|resize{input_size(encoder, image_size)}-bilinear-squash|uint8|mean{mean}|std{std}"
+    return f"rgb|exif-oriented|resize{input_size(encoder, image_size)}-bilinear-squash|uint8|mean{mean}|std{std}"
 
 
 def resize_image(image, size: int) -> torch.Tensor:

@@ -28,7 +28,7 @@ def test_bleu_brevity_penalty_by_hand():
         expected = brevity_penalty * math.prod(precisions[:n]) ** (1 / n)
         assert scores[f"BLEU-{n}"] == pytest.approx(expected, rel=1e-6)
     assert per_image["img"]["BLEU-4"] == pytest.approx(scores["BLEU-4"], rel=1e-6)
-    assert metrics.bleu4_quick(hyps, refs) == scores["BLEU-4"]
+    assert metrics.quick_scores(hyps, refs) == {"BLEU-4": scores["BLEU-4"], "CIDEr": scores["CIDEr"]}
 
 
 def test_rouge_l_by_hand():
@@ -166,8 +166,9 @@ def test_empty_hypothesis_scores_zero_and_stdout_stays_clean(capsys):
     assert scores["ROUGE-L"] == 0 and scores["CIDEr"] == 0 and scores["METEOR"] is None
     assert per_image["a"] == {"BLEU-4": 0.0, "ROUGE-L": 0.0, "CIDEr": 0.0, "METEOR": None}
     assert notes and "METEOR" in notes[0]
-    assert metrics.bleu4_quick({"a": "", "b": "a man"}, refs) == \
-        metrics.score_captions({"a": "", "b": "a man"}, refs, use_java=False)[0]["BLEU-4"]
+    quick = metrics.quick_scores({"a": "", "b": "a man"}, refs)
+    full = metrics.score_captions({"a": "", "b": "a man"}, refs, use_java=False)[0]
+    assert quick == {"BLEU-4": full["BLEU-4"], "CIDEr": full["CIDEr"]}
     assert capsys.readouterr().out == ""
 
 

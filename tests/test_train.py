@@ -21,10 +21,10 @@ def test_writes_checkpoints_log_config_vocab(tiny_overrides, tmp_path):
     out = tmp_path / "run"
     assert {"checkpoint_last.pth", "checkpoint_best.pth", "loss_log.txt", "config.yaml", "vocab.json"} <= set(os.listdir(out))
     lines = (out / "loss_log.txt").read_text().splitlines()
-    assert lines[0].split("\t") == ["step", "epoch", "split", "loss", "lr", "elapsed", "bleu4"]
+    assert lines[0].split("\t") == ["step", "epoch", "split", "loss", "lr", "elapsed", "bleu4", "cider"]
     rows = [line.split("\t") for line in lines[1:]]
     val = [r for r in rows if r[2] == "val"]
-    assert len(val) == 2 and all(0.0 <= float(r[6]) <= 1.0 for r in val)
+    assert len(val) == 2 and all(0.0 <= float(r[6]) <= 1.0 and float(r[7]) >= 0.0 for r in val)
     train_losses = [float(r[3]) for r in rows if r[2] == "train"]
     assert train_losses[-1] < train_losses[0]
     checkpoint = load_checkpoint(str(out / "checkpoint_last.pth"))
