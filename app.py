@@ -2,12 +2,15 @@
 for attention and Transformer decoders, a heatmap per word. Runs on a CPU.
 
     pip install -r requirements-app.txt            # requirements.txt plus streamlit
-    streamlit run app.py
+    streamlit run app.py                           # opens with the shipped Flickr8k model
     CAPTION_APP_CHECKPOINT=runs/demo/checkpoint_best.pth streamlit run app.py   # preselect a checkpoint
 
-The sidebar lists every checkpoint_*.pth under runs/ (or under $CAPTION_APP_RUNS_DIR) and takes
-any other checkpoint path; train one first with `python train.py`. The model is loaded once
-per checkpoint file (path + modification time) and shared by all reruns and visitors.
+The sidebar offers the shipped model (pretrained/) and every checkpoint_*.pth under runs/ (or under
+$CAPTION_APP_RUNS_DIR), and takes a typed path inside those two folders. A path elsewhere on the
+server is refused, unless whoever runs the server sets CAPTION_APP_ANY_CHECKPOINT=1: in a public
+Space, a box that opens any path would tell visitors which files exist. The model is loaded once per
+checkpoint file (path + modification time) and shared by all reruns and visitors. The upload limit
+is Streamlit's own server.maxUploadSize, set in .streamlit/config.toml.
 """
 import io
 import math
@@ -17,14 +20,14 @@ import streamlit as st
 import torch
 from PIL import Image
 
-from data.dataset import load_image
-from decoding import generate
-from gallery import attention_overlay
-from models.encoder import input_size, resize_image
-from utils import load_checkpoint, load_model, pick_device
+from data.images import input_size, load_image, resize_image
+from evaluation.gallery import attention_overlay
+from models.checkpoint import PRETRAINED, load_checkpoint, load_model
+from models.decoding import generate
+from utils import pick_device
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-MAX_UPLOAD_MB = 10                  # bigger files are refused; the pixel limit is data.dataset's Image.MAX_IMAGE_PIXELS
+ANY_CHECKPOINT = "CAPTION_APP_ANY_CHECKPOINT"   # set to 1 by the operator: the path box opens any file
 UPLOAD_TYPES = ["jpg", "jpeg", "png", "webp"]
 EXAMPLES_DIR = os.path.join(ROOT, "demo_images")
 N_EXAMPLES = 4
@@ -61,10 +64,8 @@ class NamedBytes(io.BytesIO):
 
 
 def read_image(data: bytes, name: str) -> Image.Image:
-    """Uploaded bytes -> RGB image, or ValueError naming the file (not an image, over MAX_UPLOAD_MB, too many pixels)."""
-    if len(data) > MAX_UPLOAD_MB * 2**20:
-        raise ValueError(f"{name}: the file is {len(data) / 2**20:.1f} MB, over the {MAX_UPLOAD_MB} MB limit; "
-                         f"upload a smaller image")
+    """Uploaded bytes -> RGB image turned by its EXIF orientation, or ValueError naming the file (not an image,
+    too many pixels). Streamlit itself refuses files over its upload limit."""
     return load_image(NamedBytes(data, name))
 
 
@@ -99,16 +100,38 @@ def show_result(name: str, image: Image.Image, result: dict) -> None:
         st.image(list(overlays), caption=list(words), width=96)
 
 
+def runs_dir() -> str:
+    return os.environ.get("CAPTION_APP_RUNS_DIR", os.path.join(ROOT, "runs"))
+
+
+def offered_checkpoints() -> list[str]:
+    """The shipped model first (when this copy has it), then the runs' checkpoints; the operator's
+    CAPTION_APP_CHECKPOINT, if set, first of all."""
+    found = ([PRETRAINED] if os.path.isfile(PRETRAINED) else []) + find_checkpoints(runs_dir())
+    options = [os.path.relpath(p, ROOT) if p.startswith(ROOT + os.sep) else p for p in found]
+    preset = os.environ.get("CAPTION_APP_CHECKPOINT")
+    return [preset] + [o for o in options if o != preset] if preset else options
+
+
+def allowed(path: str) -> bool:
+    """Whether a typed path lies inside pretrained/ or the runs folder (after links are followed)."""
+    if os.environ.get(ANY_CHECKPOINT) == "1":
+        return True
+    real = os.path.realpath(os.path.join(ROOT, path))
+    return any(real.startswith(os.path.realpath(folder) + os.sep)
+               for folder in (os.path.dirname(PRETRAINED), runs_dir()))
+
+
 def sidebar_checkpoint() -> str | None:
     """The checkpoint path the sidebar selects: the typed path if any, else the selectbox's choice."""
-    runs_dir = os.environ.get("CAPTION_APP_RUNS_DIR", os.path.join(ROOT, "runs"))
-    options = [os.path.relpath(p, ROOT) if p.startswith(ROOT + os.sep) else p for p in find_checkpoints(runs_dir)]
-    preset = os.environ.get("CAPTION_APP_CHECKPOINT")
-    if preset:
-        options = [preset] + [o for o in options if o != preset]
+    options = offered_checkpoints()
     st.sidebar.header("Model")
-    chosen = st.sidebar.selectbox("Checkpoint", options, index=0, placeholder="none found under runs/") if options else None
-    typed = st.sidebar.text_input("...or any checkpoint path", placeholder="runs/my_run/checkpoint_best.pth").strip()
+    chosen = st.sidebar.selectbox("Checkpoint", options, index=0, placeholder="none found") if options else None
+    typed = st.sidebar.text_input("...or a checkpoint path under pretrained/ or runs/",
+                                  placeholder="runs/my_run/checkpoint_best.pth").strip()
+    if typed and not allowed(typed):
+        st.sidebar.error(f"{typed}: outside pretrained/ and runs/; this demo opens only its own checkpoints")
+        return chosen
     return typed or chosen
 
 
@@ -132,12 +155,14 @@ def main() -> None:
     st.title("Image captioning")
     path = sidebar_checkpoint()
     if not path:
-        st.error("No checkpoint found under runs/. Train one with `python train.py` (it writes "
-                 "runs/<name>/checkpoint_best.pth), or type a checkpoint path in the sidebar.")
+        st.error("No checkpoint found: this copy has no shipped model in pretrained/ (restore it with "
+                 "`git checkout -- pretrained/`) and nothing under runs/. Train one with `python train.py` "
+                 "(it writes runs/<name>/checkpoint_best.pth).")
         st.stop()
+    full = os.path.join(ROOT, path)
     try:
-        captioner = load_captioner(path, os.path.getmtime(path) if os.path.exists(path) else 0.0)
-    except ValueError as e:
+        captioner = load_captioner(full, os.path.getmtime(full) if os.path.exists(full) else 0.0)
+    except (ValueError, OSError) as e:
         st.error(f"Cannot load the checkpoint: {e}. Train one with `python train.py`, or pick another in the sidebar.")
         st.stop()
     _, _, config, device = captioner
@@ -145,11 +170,10 @@ def main() -> None:
     beam_size = st.sidebar.slider("Beam size", 1, 10, min(max(config["decode"]["beam_size"], 1), 10))
     max_len = st.sidebar.slider("Max caption length (words)", 5, 60, min(max(config["decode"]["max_len"], 5), 60))
     st.sidebar.caption(f"{config['model']['encoder']} + {config['model']['decoder']} on {device.type}; "
-                       f"uploads up to {MAX_UPLOAD_MB} MB and {Image.MAX_IMAGE_PIXELS:,} pixels")
+                       f"images up to {Image.MAX_IMAGE_PIXELS:,} pixels")
 
     upload_column, example_column = st.columns([2, 3], gap="large")
-    uploads = upload_column.file_uploader(f"Upload images ({', '.join(UPLOAD_TYPES)}; up to {MAX_UPLOAD_MB} MB each)",
-                                          type=UPLOAD_TYPES, accept_multiple_files=True)
+    uploads = upload_column.file_uploader("Upload images", type=UPLOAD_TYPES, accept_multiple_files=True)
     with example_column:
         example_buttons()
     inputs = [(upload.name, upload.getvalue()) for upload in uploads or []]

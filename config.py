@@ -5,6 +5,7 @@ overlaid by `--set KEY=VALUE` pairs from the command line. Unknown keys are reje
 so a typo never silently trains the wrong model.
 """
 import copy
+import math
 
 import yaml
 
@@ -44,19 +45,24 @@ DEFAULTS = {
         "label_smoothing": 0.0,
         "batch_by_length": False, # batches of captions of similar length: faster steps on a GPU
         "select_metric": "bleu4", # bleu4 | cider | loss: what picks checkpoint_best.pth (greedy, on val)
-        "early_stop_patience": 0, # epochs without improvement before stopping; 0 = never
-        "val_bleu_images": 500,   # images decoded for the per-epoch validation BLEU-4; 0 = off
+        "early_stop_patience": 0, # validations without improvement before stopping; 0 = never
+        "val_bleu_images": 500,   # images decoded for validation BLEU-4 and CIDEr; 0 = off
+        "val_every": 0,           # steps between validations (and checkpoints) within an epoch; 0 = at its end only
         "out_dir": "runs/flickr8k",
         "seed": 42,
         "device": "auto",         # auto | cpu | cuda | mps
         "num_workers": 2,
         "cache_features": True,
         "cache_dir": "cache/features",
+        "cache_on_device": "auto",  # auto | true | false: hold the training features on the device, or stream them
         "fine_tune_encoder": False,  # train the last CNN block too (no feature cache then)
         "amp": True,              # mixed precision on CUDA
         "compile": False,         # torch.compile the decoder
         "cuda_graphs": True,      # one GPU: replay each step as a CUDA graph (cuda_graphs.py)
         "log_every": 50,          # steps between train rows in loss_log.txt
+        "init_from": "",          # a checkpoint whose weights start a new run (same vocabulary and model)
+        "scst": False,            # self-critical training with a CIDEr-D reward (needs init_from)
+        "scst_samples": 5,        # captions sampled per image; the baseline is the mean of the others'
     },
     "decode": {
         "max_len": 30,            # words generated at most
@@ -64,6 +70,47 @@ DEFAULTS = {
         "length_penalty": 1.0,    # beam score = log p / length ** length_penalty
     },
 }
+
+
+CHOICES = {
+    "model.encoder": ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "efficientnet_lite2"),
+    "model.decoder": ("lstm", "attention", "transformer"),
+    "train.lr_schedule": ("cosine", "constant"),
+    "train.select_metric": ("bleu4", "cider", "loss"),
+    "train.cache_on_device": ("auto", "true", "false"),
+}
+# (lowest, highest) allowed, None for no bound; an interval's open ends are in OPEN_ABOVE/OPEN_BELOW
+RANGES = {
+    "data.val_fraction": (0.0, 1.0), "data.min_word_freq": (1, None), "data.max_caption_len": (1, None),
+    "data.image_size": (0, 2048), "model.embed_size": (1, None), "model.hidden_size": (1, None),
+    "model.attention_size": (1, None), "model.dropout": (0.0, 1.0), "model.alpha_c": (0.0, None),
+    "model.num_layers": (1, None), "model.num_heads": (1, None), "train.epochs": (1, None),
+    "train.batch_size": (1, None), "train.lr": (0.0, None), "train.encoder_lr": (0.0, None),
+    "train.weight_decay": (0.0, None), "train.grad_clip": (0.0, None), "train.warmup_steps": (0, None),
+    "train.label_smoothing": (0.0, 1.0), "train.early_stop_patience": (0, None), "train.val_bleu_images": (0, None),
+    "train.val_every": (0, None), "train.num_workers": (0, None), "train.log_every": (1, None),
+    "train.scst_samples": (2, None), "decode.max_len": (1, None), "decode.beam_size": (1, None),
+    "decode.length_penalty": (0.0, None),
+}
+OPEN_ABOVE = {"train.lr", "train.encoder_lr", "train.grad_clip"}        # must be more than the lowest
+OPEN_BELOW = {"data.val_fraction", "model.dropout", "train.label_smoothing"}   # must be less than the highest
+
+
+def check_value(key: str, value, where: str) -> None:
+    """ValueError with the allowed values or range when a key's value is outside them."""
+    if key in CHOICES and value not in CHOICES[key]:
+        raise ValueError(f"{where}: {key}={value!r} is not one of {', '.join(CHOICES[key])}")
+    if key not in RANGES:
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{where}: {key}={value!r} is not a finite number")
+    low, high = RANGES[key]
+    too_low = low is not None and (value <= low if key in OPEN_ABOVE else value < low)
+    too_high = high is not None and (value >= high if key in OPEN_BELOW else value > high)
+    if too_low or too_high:
+        lower = "" if low is None else f"{'more than' if key in OPEN_ABOVE else 'at least'} {low}"
+        upper = "" if high is None else f"{'less than' if key in OPEN_BELOW else 'at most'} {high}"
+        raise ValueError(f"{where}: {key}={value!r} is out of range; it must be {' and '.join(p for p in (lower, upper) if p)}")
 
 
 def parse_overrides(pairs: list[str]) -> dict:
@@ -86,6 +133,7 @@ def merge(config: dict, updates: dict, source: str) -> dict:
             known = ", ".join(f"{s}.{k}" for s in DEFAULTS for k in DEFAULTS[s])
             raise ValueError(f"{source}: unknown config key {dotted!r}; known keys: {known}")
         config[section][key] = _coerce(value, DEFAULTS[section][key], f"{source}: {dotted}")
+        check_value(dotted, config[section][key], source)
     return config
 
 
@@ -93,6 +141,8 @@ def _coerce(value, default, where: str):
     """Give value the default's type; YAML reads 1e-3 as a string and 5 where 5.0 is meant."""
     if value is None and isinstance(default, str):
         return ""
+    if isinstance(value, bool) and isinstance(default, str):     # YAML reads `true` as a boolean
+        return str(value).lower()
     try:
         if isinstance(default, bool):
             if isinstance(value, bool):

@@ -1,8 +1,8 @@
-"""Caption images with a trained checkpoint, and show the results.
+"""Caption images, and show the results. Without --checkpoint it uses the shipped Flickr8k model.
 
-    python inference_visualize.py --checkpoint runs/demo/checkpoint_best.pth --images demo_images/shape_0001.png my_photos/
+    python inference_visualize.py --images my_photos/                       # the shipped model, pretrained/
     python inference_visualize.py --checkpoint runs/demo/checkpoint_best.pth --split val --max-images 24
-    python inference_visualize.py --checkpoint CKPT --images photos/ --beam-size 5 --out outputs
+    python inference_visualize.py --checkpoint CKPT --images photos/ a.jpg --beam-size 5 --out outputs
 
 Prints `NAME<TAB>CAPTION` per image to stdout and writes, under --out:
   <image stem>.jpg        the image with its caption drawn underneath
@@ -13,6 +13,7 @@ Files that are not readable images are skipped with a warning and counted.
 """
 import argparse
 import csv
+import io
 import math
 import os
 import sys
@@ -20,24 +21,28 @@ import sys
 import torch
 from tqdm import tqdm
 
-from data.dataset import image_loader, list_images, load_image, load_splits, warn
-from decoding import generate
-from gallery import attention_overlay, caption_image, image_to_data_uri, write_gallery
-from models.encoder import input_size
-from utils import load_checkpoint, load_model, pick_device, run_main
+from data.captions import load_splits
+from data.demo import knows_only_shapes
+from data.images import image_loader, input_size, list_images, load_image
+from evaluation.gallery import attention_overlay, caption_image, image_to_data_uri, write_gallery
+from models.checkpoint import PRETRAINED, load_checkpoint, load_model, load_shipped
+from models.decoding import generate
+from utils import atomic_write, int_at_least, pick_device, run_main, warn
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="checkpoint_best.pth (or a run folder)")
+    parser.add_argument("--checkpoint", help=f"a checkpoint, or a run folder (default: the shipped model, "
+                                             f"{os.path.relpath(PRETRAINED)})")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", nargs="+", metavar="PATH", help="image files and/or folders")
     source.add_argument("--split", choices=["train", "val"], help="images of the checkpoint's dataset split")
     parser.add_argument("--out", default="outputs", help="output folder (default: outputs)")
-    parser.add_argument("--beam-size", type=int, default=None, help="beam width (default: the checkpoint's decode.beam_size)")
-    parser.add_argument("--max-len", type=int, default=None, help="maximum caption length in words")
-    parser.add_argument("--max-images", type=int, default=None, help="caption at most N images")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--beam-size", type=int_at_least(1), default=None,
+                        help="beam width (default: the checkpoint's decode.beam_size)")
+    parser.add_argument("--max-len", type=int_at_least(1), default=None, help="maximum caption length in words")
+    parser.add_argument("--max-images", type=int_at_least(1), default=None, help="caption at most N images")
+    parser.add_argument("--batch-size", type=int_at_least(1), default=32)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     parser.add_argument("--no-attention-maps", action="store_true", help="leave per-word heatmaps out of the gallery")
     return parser.parse_args(argv)
@@ -56,10 +61,12 @@ def unique_stem(path: str, taken: set) -> str:
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.beam_size is not None and args.beam_size < 1:
-        raise ValueError("--beam-size must be at least 1")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out} is a file; give a folder for the captioned images and the gallery")
     device = pick_device(args.device)
-    model, vocab, config = load_model(load_checkpoint(args.checkpoint), args.checkpoint)
+    checkpoint_path = args.checkpoint or PRETRAINED
+    checkpoint = load_checkpoint(args.checkpoint) if args.checkpoint else load_shipped()
+    model, vocab, config = load_model(checkpoint, checkpoint_path)
     model.to(device)
     beam_size = args.beam_size or config["decode"]["beam_size"]
     max_len = args.max_len or config["decode"]["max_len"]
@@ -71,39 +78,50 @@ def main(argv=None):
         references = {p: captions[n] for p, n in zip(paths, names)}
     else:
         paths = list_images(args.images)
+        demo_folder = os.path.abspath(config["data"]["images"])
+        if knows_only_shapes(vocab.itos) and any(os.path.dirname(os.path.abspath(p)) != demo_folder for p in paths):
+            warn(f"{checkpoint_path} was trained on the generated shapes demo: it knows coloured shapes only. For "
+                 f"photos, leave out --checkpoint: the shipped Flickr8k model ({os.path.relpath(PRETRAINED)}) is the default")
     paths = paths[:args.max_images] if args.max_images else paths
     if not paths:
         raise ValueError(f"split {args.split!r} of {config['data']['captions']} has no images")
     os.makedirs(args.out, exist_ok=True)
 
-    rows, taken, skipped = [], set(), 0
+    rows, lines, taken, skipped = [], [], set(), 0
     size = input_size(config["model"]["encoder"], config["data"]["image_size"])
     csv_path = os.path.join(args.out, "captions.csv")
-    with open(csv_path, "w", newline="", encoding="utf-8") as csv_file:
-        writer = csv.writer(csv_file)
-        writer.writerow(["image", "caption"])
-        loader = image_loader(paths, size, args.batch_size, num_workers=min(2, len(paths) // args.batch_size))
-        for images, good, bad in tqdm(loader, desc="captioning", unit="batch", file=sys.stderr, dynamic_ncols=True):
-            skipped += len(bad)
-            if images is None:
-                continue
-            with torch.no_grad():
-                features = model.encoder.extract(images.to(device))                  # [b, P, C]
-                results = generate(model, features, vocab, beam_size, max_len, config["decode"]["length_penalty"])
-            for i, result in zip(good, results):
-                path, stem = paths[i], unique_stem(paths[i], taken)
-                print(f"{os.path.basename(path)}\t{result['caption']}", flush=True)
-                writer.writerow([os.path.basename(path), result["caption"]])
-                picture = load_image(path)
-                caption_image(picture, result["caption"]).save(os.path.join(args.out, f"{stem}.jpg"), quality=90)
-                rows.append(gallery_row(picture, path, result, references.get(path, []), not args.no_attention_maps))
+    loader = image_loader(paths, size, args.batch_size, num_workers=min(2, len(paths) // args.batch_size))
+    for images, good, bad in tqdm(loader, desc="captioning", unit="batch", file=sys.stderr, dynamic_ncols=True):
+        skipped += len(bad)
+        if images is None:
+            continue
+        with torch.no_grad():
+            features = model.encoder.extract(images.to(device))                  # [b, P, C]
+            results = generate(model, features, vocab, beam_size, max_len, config["decode"]["length_penalty"])
+        for i, result in zip(good, results):
+            path, stem = paths[i], unique_stem(paths[i], taken)
+            print(f"{os.path.basename(path)}\t{result['caption']}", flush=True)
+            lines.append([os.path.basename(path), result["caption"]])
+            picture = load_image(path)
+            atomic_write(os.path.join(args.out, f"{stem}.jpg"),
+                         lambda f: caption_image(picture, result["caption"]).save(f, format="JPEG", quality=90))
+            rows.append(gallery_row(picture, path, result, references.get(path, []), not args.no_attention_maps))
+        atomic_write(csv_path, lambda f: f.write(csv_text(lines)), binary=False)   # what is done so far is kept
     html_path = os.path.join(args.out, "captions_result.html")
-    title = f"{os.path.basename(os.path.dirname(os.path.abspath(args.checkpoint)))}: {config['model']['encoder']} + " \
+    title = f"{os.path.basename(os.path.dirname(os.path.abspath(checkpoint_path)))}: {config['model']['encoder']} + " \
             f"{config['model']['decoder']}, beam {beam_size}"
     write_gallery(html_path, rows, title)
     if skipped:
         warn(f"skipped {skipped} of {len(paths)} files that are not readable images")
     print(f"captioned {len(rows)} images -> {html_path}, {csv_path}", file=sys.stderr)
+
+
+def csv_text(lines: list) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["image", "caption"])
+    writer.writerows(lines)
+    return buffer.getvalue()
 
 
 def gallery_row(picture, path, result, references, with_attention):

@@ -3,198 +3,72 @@
     python train.py                                    # embedded demo dataset (config.yaml)
     python train.py --config configs/flickr8k.yaml     # Flickr8k, ResNet-50 + LSTM
     python train.py --config configs/flickr8k.yaml --set train.epochs=5 train.batch_size=128
-    python train.py --resume runs/demo                 # continue an interrupted run
+    python train.py --resume runs/demo                 # continue an interrupted run, in that folder
+    python train.py --config configs/flickr8k_lite2_attention_scst.yaml   # self-critical, from train.init_from
     torchrun --nproc_per_node=4 train.py --config configs/flickr8k.yaml   # several GPUs
 
-With a frozen encoder, every image goes through the CNN once (features are cached on disk
-under train.cache_dir); each training step then only runs the decoder on cached features.
-Writes into train.out_dir: checkpoint_last.pth, checkpoint_best.pth, loss_log.txt,
-config.yaml, vocab.json. Ctrl-C (or SIGTERM) saves checkpoint_last.pth; --resume continues from it.
+With a frozen encoder, every image goes through the CNN once (its features are cached on disk under
+train.cache_dir); each step then only runs the decoder on cached features. A cross-entropy step
+trains on a batch of captions; a self-critical step (train.scst) samples captions for a batch of
+images and rewards them with CIDEr-D. Writes into train.out_dir: checkpoint_last.pth,
+checkpoint_best.pth, loss_log.txt, config.yaml, vocab.json. Ctrl-C (or SIGTERM) saves
+checkpoint_last.pth; --resume continues from it.
 """
 import argparse
 import gc
 import math
 import os
-import random
+import shlex
 import signal
 import sys
 import time
 
 import torch
-import torch.distributed as dist
 import yaml
 from tqdm import tqdm
 
 from config import DEFAULTS, load_config, merge, parse_overrides
-from cuda_graphs import graphed_step
-from data.dataset import load_splits
+from data.captions import load_splits
+from data.feature_store import FeatureFeed, fits_on_device
 from data.features import wait_for_cache_writes
 from data.prepare import prepare_splits
 from data.vocab import Vocabulary
-from decoding import generate
 from models import build_model
-from utils import (CheckpointWriter, checkpoint_state, load_checkpoint, load_weights, pick_device, run_main,
-                   seed_everything)
-
-LOG_HEADER = "step\tepoch\tsplit\tloss\tlr\telapsed\tbleu4\tcider\n"
-BUCKET_BATCHES = 50   # train.batch_by_length sorts runs of this many batches: longer runs, more even lengths
-
-
-def batch_loss(model, inputs, tokens, lengths, config, amp, normalizer=None, label_smoothing=None):
-    """Loss of one batch; tokens are cut to the batch's longest caption."""
-    if label_smoothing is None:
-        label_smoothing = config["train"]["label_smoothing"]
-    with amp:
-        return model(inputs, tokens[:, :int(lengths.max())], lengths, label_smoothing,
-                     normalizer, from_images=config["train"]["fine_tune_encoder"])
+from models.checkpoint import is_inference, load_checkpoint, load_model, load_weights
+from training.checkpoints import CheckpointWriter, checkpoint_state, frozen_weights, restore_rng, rng_state
+from training.cuda_graphs import graphed_step
+from training.distributed import broadcast_flag, setup_distributed, shutdown, wrap
+from training.run_folder import RunFolder
+from training.scst import SelfCritical
+from training.step import epoch_order, lr_lambda, make_amp, optimizer_step, training_step
+from training.validation import validate
+from utils import atomic_write_text, run_main, seed_everything, warn
 
 
-@torch.no_grad()
-def validate(model, val, config, vocab, device, amp):
-    """Validation loss over all val captions, and greedy {"BLEU-4", "CIDEr"} on the first val_bleu_images images."""
-    model.eval()
-    total, count = 0.0, 0
-    for start in range(0, len(val["tokens"]), config["train"]["batch_size"]):
-        rows = slice(start, start + config["train"]["batch_size"])
-        loss, _ = batch_loss(model, val["inputs"][val["image_index"][rows].to(device)], val["tokens"][rows].to(device),
-                             val["lengths"][rows], config, amp, label_smoothing=0.0)   # a true perplexity
-        total, count = total + loss.item() * len(val["tokens"][rows]), count + len(val["tokens"][rows])
-    scores = {"BLEU-4": float("nan"), "CIDEr": float("nan")}
-    n = min(config["train"]["val_bleu_images"], len(val["names"]))
-    if n:
-        from metrics import quick_scores
-        hypotheses = {}
-        for start in range(0, n, 256):
-            inputs = val["inputs"][start:min(start + 256, n)].to(device)
-            with amp:
-                features = model.encoder.extract(inputs) if config["train"]["fine_tune_encoder"] else inputs
-                results = generate(model, features, vocab, beam_size=1, max_len=config["decode"]["max_len"])
-            hypotheses.update({val["names"][start + j]: r["caption"] for j, r in enumerate(results)})
-        scores = quick_scores(hypotheses, {name: val["references"][name] for name in hypotheses})
-    model.train()
-    return total / max(count, 1), scores
-
-
-def make_amp(device, enabled):
-    """bf16 autocast on CUDA where supported, else fp16 with a GradScaler; nothing on CPU/MPS."""
-    if not (enabled and device.type == "cuda"):
-        return torch.autocast("cpu", enabled=False), None
-    if torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16), None
-    return torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
-
-
-def optimizer_step(optimizer, scaler, loss, grad_clip):
-    """Backward and one update: the loss scaled under fp16 autocast, gradients clipped to grad_clip."""
-    optimizer.zero_grad(set_to_none=True)
-    if scaler:
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-    else:
-        loss.backward()
-    torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], grad_clip)
-    if scaler:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
-
-
-def training_step(model, optimizer, scaler, graphed, rows, lengths, inputs, image_index, tokens, config, amp,
-                  normalizer=None):
-    """One update on caption rows [B] (on the device; lengths [B] on the CPU), replayed as a CUDA graph where
-    `graphed` (a cuda_graphs.GraphedStep, or None) takes the batch, else eager. -> the batch's loss, on the device"""
-    if graphed is not None and len(rows) == config["train"]["batch_size"]:
-        loss = graphed(rows, int(lengths.max()))
-        if loss is not None:
-            optimizer.step()
-            return loss
-    loss, extra = batch_loss(model, inputs[image_index[rows]], tokens[rows], lengths, config, amp, normalizer)
-    optimizer_step(optimizer, scaler, loss + extra, config["train"]["grad_clip"])
-    return loss
-
-
-def lr_lambda(config, total_steps):
+def train(config, run: RunFolder, checkpoint=None, command="", begun=None):
+    """Train from scratch, from train.init_from's weights, or on from a resumed `checkpoint`. begun: when the
+    command started (time.time()), for the time the last line reports."""
     t = config["train"]
-
-    def factor(step):
-        if step < t["warmup_steps"]:
-            return (step + 1) / t["warmup_steps"]
-        if t["lr_schedule"] == "cosine":
-            progress = (step - t["warmup_steps"]) / max(1, total_steps - t["warmup_steps"])
-            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-        return 1.0
-    return factor
-
-
-def epoch_order(lengths, batch_size: int, seed: int, by_length: bool) -> torch.Tensor:
-    """The captions' order for one epoch: a seeded shuffle; batches are order[b*batch_size:(b+1)*batch_size].
-
-    by_length: batches of captions of about the same length, in random order. A batch's time steps
-    run one after another up to its longest caption, so on a GPU a step costs about that length.
-    The shuffled captions are sorted by length within runs of BUCKET_BATCHES batches; the full
-    batches are then shuffled, and the short one stays last.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(lengths), generator=generator)
-    if not by_length:
-        return order
-    chunks = order.split(batch_size * BUCKET_BATCHES)
-    order = torch.cat([chunk[lengths[chunk].argsort(stable=True)] for chunk in chunks])
-    full = len(order) // batch_size
-    batches = order[:full * batch_size].view(full, batch_size)[torch.randperm(full, generator=generator)]
-    return torch.cat([batches.flatten(), order[full * batch_size:]])
-
-
-def setup_distributed(config):
-    """(rank, world size, device). Under torchrun: one process per GPU (or CPU process with gloo)."""
-    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return 0, 1, pick_device(config["train"]["device"])
-    use_cuda = torch.cuda.is_available() and config["train"]["device"] in ("auto", "cuda")
-    if use_cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if use_cuda else "gloo")
-    device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def train(config, checkpoint=None, resume=None):
-    """Train from scratch, or continue from `checkpoint` (loaded from the path `resume`)."""
-    t = config["train"]
-    out_dir = t["out_dir"]
-    if not checkpoint and os.path.exists(os.path.join(out_dir, "checkpoint_last.pth")):
-        raise ValueError(f"{out_dir} already holds a run; continue it with --resume {out_dir}, "
-                         f"or start a new one with --set train.out_dir=runs/NEW_NAME")
     rank, world, device = setup_distributed(config)
     main_process = rank == 0
     seed_everything(t["seed"])
-    # A full garbage collection walks every object, and with torch loaded that takes 0.1-0.2 s; preparing
-    # the captions sets some off. What exists now outlives the run: leave it out of collections until the end.
-    gc.freeze()
-    loaded = load_splits(config["data"])     # read once: Flickr8k's captions take a good part of a second to parse
-    if checkpoint:
-        vocab = Vocabulary(checkpoint["vocab"])
-    else:
-        captions, train_names, _ = loaded
-        vocab = Vocabulary.build((c for n in train_names for c in captions[n]), config["data"]["min_word_freq"])
-    # Initialised where it trains: on an H200 machine ResNet-50 took 0.26 s on its CPU, 0.04 s on the GPU.
-    with torch.device(device):
+    gc.freeze()    # what exists now outlives the run: full collections, set off by parsing captions, skip it
+    captions, train_names, val_names = loaded = load_splits(config["data"])
+    init = starting_point(config, checkpoint)         # train.init_from's (model, vocab, config), or None
+    init = load_model(*init) if init else None
+    vocab = (Vocabulary(checkpoint["vocab"]) if checkpoint else init[1] if init
+             else Vocabulary.build((c for n in train_names for c in captions[n]), config["data"]["min_word_freq"]))
+    with torch.device(device):              # built where it trains: no copy from the host
         model = build_model(config, len(vocab))
     if checkpoint:
-        load_weights(model, checkpoint["model"], resume, checkpoint["config"])
-    # A frozen CNN is copied to the CPU once, for every checkpoint; the feature cache's key hashes that copy
-    # rather than copying the weights again.
-    frozen_cnn = ({k: v.cpu() for k, v in model.state_dict().items() if k.startswith("encoder.backbone.")}
-                  if main_process and not t["fine_tune_encoder"] else {})
-    if frozen_cnn:
-        model.encoder.weights_fingerprint({k[len("encoder.backbone."):]: v for k, v in frozen_cnn.items()})
+        load_weights(model, checkpoint["model"], run.out_dir, checkpoint["config"])
+    elif init:
+        model.load_state_dict(init[0].state_dict())
+    frozen_cnn = frozen_weights(model, t["fine_tune_encoder"]) if main_process else {}
     if main_process:
-        os.makedirs(out_dir, exist_ok=True)
-        vocab.save(os.path.join(out_dir, "vocab.json"))
-        with open(os.path.join(out_dir, "config.yaml"), "w", encoding="utf-8") as f:
-            yaml.safe_dump(config, f, sort_keys=False)
-    # SIGTERM (a scheduler's preemption, `kill`) stops like Ctrl-C, from here on.
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+        vocab.save(os.path.join(run.out_dir, "vocab.json"))
+        atomic_write_text(os.path.join(run.out_dir, "config.yaml"), yaml.safe_dump(config, sort_keys=False))
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)   # a scheduler's preemption stops like Ctrl-C
     try:
         data = prepare_splits(config, vocab, model.encoder, device, show_progress=main_process, loaded=loaded)
     except KeyboardInterrupt:
@@ -203,19 +77,19 @@ def train(config, checkpoint=None, resume=None):
                   "same command again to continue", file=sys.stderr)
         sys.exit(130)
     train_set, val_set = data["train"], data["val"]
-    # The cached features are small: keep them, the captions and each epoch's order on the device, so a
-    # step is pure device work with no host-device copy (a copy from pageable memory waits for the GPU).
-    inputs, tokens_all = train_set["inputs"].to(device), train_set["tokens"].to(device)
-    image_index, lengths = train_set["image_index"].to(device), train_set["lengths"]
-    if val_set:
-        val_set["inputs"] = val_set["inputs"].to(device)
-    n_captions, bs = len(train_set["tokens"]), t["batch_size"]
-    # A last batch with under 2 captions per process is left out (they are reshuffled into the next epoch):
-    # BatchNorm cannot train on one row.
-    steps_per_epoch = n_captions // bs + (n_captions % bs >= 2 * world)
+    on_device = fits_on_device(train_set["inputs"].nbytes, device, t["cache_on_device"])
+    feed = FeatureFeed(train_set["inputs"], device, on_device)
+    val_feed = FeatureFeed(val_set["inputs"], device, on_device) if val_set else None
+    tokens, lengths = train_set["tokens"].to(device), train_set["lengths"]
+    image_index = train_set["image_index"].to(device)
+    # An epoch is over captions (cross-entropy) or over images (self-critical). A last batch with under 2
+    # rows per process is left out, reshuffled into the next epoch: BatchNorm cannot train on one row.
+    n_rows, bs = (len(train_set["names"]) if t["scst"] else len(tokens)), t["batch_size"]
+    steps_per_epoch = n_rows // bs + (n_rows % bs >= 2 * world)
     if not steps_per_epoch:
-        raise ValueError(f"{n_captions} training captions are too few for {world} process(es): each needs at "
-                         f"least 2 per batch; add images or lower the process count")
+        raise ValueError(f"{n_rows} training rows are too few for {world} process(es) at train.batch_size={bs}: "
+                         f"each needs at least 2 per batch; add images or lower the process count")
+    scst = SelfCritical({n: captions[n] for n in train_set["names"]}, vocab, config) if t["scst"] else None
 
     decoder_params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("encoder.backbone")]
     groups = [{"params": decoder_params, "lr": t["lr"]}]
@@ -224,8 +98,7 @@ def train(config, checkpoint=None, resume=None):
     optimizer = torch.optim.AdamW(groups, weight_decay=t["weight_decay"], fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, t["epochs"] * steps_per_epoch))
     amp, scaler = make_amp(device, t["amp"])
-    higher_is_better = t["select_metric"] in ("bleu4", "cider") and t["val_bleu_images"] > 0
-    progress = {"epoch": 0, "batch": 0, "step": 0, "best": None, "stale_epochs": 0, "elapsed": 0.0}
+    progress = {"epoch": 0, "batch": 0, "step": 0, "best": None, "stale_epochs": 0, "elapsed": 0.0, "finished": False}
     # Reading images draws from the global RNG only on a cache miss; re-seed so dropout never depends on the cache.
     torch.manual_seed(t["seed"] + 1 + rank)
     if checkpoint:
@@ -234,132 +107,161 @@ def train(config, checkpoint=None, resume=None):
         if scaler and checkpoint.get("scaler"):
             scaler.load_state_dict(checkpoint["scaler"])
         progress.update(checkpoint["progress"])
-        torch.set_rng_state(checkpoint["rng"]["torch"])
-        random.setstate(checkpoint["rng"]["python"])
-        if torch.cuda.is_available() and checkpoint["rng"].get("cuda"):
-            torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
-    step_model = model
-    if world > 1:
-        step_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        restore_rng(checkpoint["rng"])
+    step_model = wrap(model, device, world)
     if t["compile"]:
         step_model = torch.compile(step_model)
-    graphed = graphed_step(model, decoder_params, inputs, image_index, tokens_all, lengths, config, world, scaler)
-    # Checkpoints are written by a background thread while the next epoch trains: on a GPU an epoch
-    # can take less time than writing a ResNet-50 to disk.
-    writer = CheckpointWriter(out_dir)
+    graphed = None if t["scst"] else graphed_step(model, decoder_params, feed.inputs, image_index if on_device else None,
+                                                  tokens, lengths, config, world, scaler)
+    writer = CheckpointWriter(run.out_dir)
 
     def save(name, *same_as, last=False):
         """Snapshot the run now; write checkpoint `name` (the names in same_as become links to it) in the
-        background. last: the run ends after this one (CheckpointWriter.submit)."""
-        if not main_process:
-            return
-        rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
-               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-        state = checkpoint_state(model, vocab, config, frozen_cnn, optimizer=optimizer.state_dict(),
-                                 scheduler=scheduler.state_dict(), scaler=scaler.state_dict() if scaler else None,
-                                 progress=dict(progress), rng=rng)
-        writer.submit(state, name, *same_as, last=last)
+        background. last: the run ends after this one."""
+        if main_process:
+            state = checkpoint_state(model, vocab, config, frozen_cnn, optimizer=optimizer.state_dict(),
+                                     scheduler=scheduler.state_dict(), scaler=scaler.state_dict() if scaler else None,
+                                     progress=dict(progress), rng=rng_state(), command=command)
+            writer.submit(state, name, *same_as, last=last)
 
-    log = None
+    def check(final: bool) -> bool:
+        """Validate, log, and write checkpoints; True when early stopping says stop."""
+        stop = False
+        if main_process:
+            stop = end_of_validation(model, val_set, val_feed, config, vocab, amp, progress, run, optimizer,
+                                     started, save, final)
+        return broadcast_flag(stop, world)
+
     if main_process:
-        new_log = not os.path.exists(os.path.join(out_dir, "loss_log.txt"))
-        log = open(os.path.join(out_dir, "loss_log.txt"), "a", encoding="utf-8")
-        if new_log:
-            log.write(LOG_HEADER)
-        print(f"device {device} x{world}{' (CUDA graphs)' if graphed else ''} | "
-              f"{len(train_set['names'])} train images, {n_captions} captions | "
-              f"{len(val_set['names']) if val_set else 0} val images | vocab {len(vocab)} | {steps_per_epoch} steps/epoch",
-              file=sys.stderr)
+        run.open_log()
+        print(f"device {device} x{world}{' (CUDA graphs)' if graphed else ''}"
+              f"{'' if on_device else ' (features streamed)'} | {len(train_set['names'])} train images, "
+              f"{len(tokens)} captions | {len(val_set['names']) if val_set else 0} val images | vocab {len(vocab)} | "
+              f"{steps_per_epoch} steps/epoch{' | self-critical' if scst else ''}", file=sys.stderr)
     started = time.time() - progress["elapsed"]
     model.train()
+    stop = False
     try:
-        while progress["epoch"] < t["epochs"]:
+        if init and not progress["step"] and val_set:    # the starting point is the first candidate for best
+            stop = check(final=False)
+        while progress["epoch"] < t["epochs"] and not stop:
             epoch = progress["epoch"]
-            order = epoch_order(lengths, bs, t["seed"] * 1000 + epoch, t["batch_by_length"])
+            order = (torch.randperm(n_rows, generator=torch.Generator().manual_seed(t["seed"] * 1000 + epoch)) if scst
+                     else epoch_order(lengths, bs, t["seed"] * 1000 + epoch, t["batch_by_length"]))
             order_on_device = order.to(device)
             bar = tqdm(range(progress["batch"], steps_per_epoch), desc=f"epoch {epoch + 1}/{t['epochs']}", unit="step",
                        dynamic_ncols=True, initial=progress["batch"], total=steps_per_epoch, disable=not main_process)
-            running, running_n = 0.0, 0
+            running, rewards, running_n = 0.0, 0.0, 0
             for b in bar:
-                span = slice(b * bs, (b + 1) * bs)
-                # Each rank takes every world-th caption of the global batch and divides its loss sum by the
-                # global token count (times world, as DDP averages): the same gradient as one process.
-                normalizer = (lengths[order[span]] - 1).sum().item() / world
-                share = slice(rank, None, world)
-                loss = training_step(step_model, optimizer, scaler, graphed, order_on_device[span][share],
-                                     lengths[order[span][share]], inputs, image_index, tokens_all, config, amp,
-                                     normalizer)
+                share = slice(rank, None, world)               # this rank's rows of the global batch
+                rows, next_rows = order[b * bs:(b + 1) * bs], order[(b + 1) * bs:(b + 2) * bs]
+                if scst:
+                    names = [train_set["names"][i] for i in rows[share].tolist()]
+                    loss, reward = scst.loss(model, step_model, feed.batch(rows[share], next_rows[share]), names,
+                                             len(rows) * scst.k / world, amp)
+                    optimizer_step(optimizer, scaler, loss, t["grad_clip"])
+                    rewards += reward
+                else:
+                    # Each rank divides its loss sum by the global token count (times world, as DDP averages).
+                    normalizer = (lengths[rows] - 1).sum().item() / world
+                    captions_on_device = order_on_device[b * bs:(b + 1) * bs][share]
+                    inputs = feed.inputs if on_device else feed.batch(train_set["image_index"][rows[share]],
+                                                                      train_set["image_index"][next_rows[share]])
+                    loss = training_step(step_model, optimizer, scaler, graphed, captions_on_device,
+                                         lengths[rows[share]], inputs, image_index if on_device else None, tokens,
+                                         config, amp, normalizer)
                 scheduler.step()
-                progress["step"] += 1
-                progress["batch"] = b + 1
-                # Summed on the device: reading loss.item() every step would stall the GPU.
-                running, running_n = running + loss.detach() * world, running_n + 1
+                progress.update(step=progress["step"] + 1, batch=b + 1)
+                running, running_n = running + loss.detach() * world, running_n + 1   # summed on the device: no sync
                 if main_process and (progress["step"] % t["log_every"] == 0 or b + 1 == steps_per_epoch):
                     lr, mean_loss = optimizer.param_groups[0]["lr"], float(running) / running_n
-                    log.write(f"{progress['step']}\t{epoch + 1}\ttrain\t{mean_loss:.5f}\t{lr:.3e}\t"
-                              f"{time.time() - started:.1f}\tnan\tnan\n")
-                    log.flush()
-                    bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.1e}")
-                    running, running_n = 0.0, 0
+                    if not math.isfinite(mean_loss):
+                        raise ValueError(f"the training loss became {mean_loss} at step {progress['step']}; the last "
+                                         f"good checkpoint in {run.out_dir} is kept; lower train.lr and start again")
+                    mean_reward = rewards / running_n if scst else float("nan")
+                    run.write_row(progress["step"], epoch + 1, "train", mean_loss, lr, time.time() - started,
+                                  reward=mean_reward)
+                    bar.set_postfix(loss=f"{mean_loss:.3f}", **({"reward": f"{mean_reward:.3f}"} if scst else {}),
+                                    lr=f"{lr:.1e}")
+                    running, rewards, running_n = 0.0, 0.0, 0
+                if t["val_every"] and progress["step"] % t["val_every"] == 0 and b + 1 < steps_per_epoch:
+                    progress["elapsed"] = time.time() - started
+                    if stop := check(final=False):
+                        break
             bar.close()
-            progress.update(epoch=epoch + 1, batch=0, elapsed=time.time() - started)
-            stop = torch.zeros(1)
-            if main_process:
-                stop[0] = end_of_epoch(model, val_set, config, vocab, device, amp, progress, higher_is_better,
-                                       log, started, optimizer, save)
-            if world > 1:
-                dist.broadcast(stop, 0)
-            if stop.item():
-                break
-        writer.finish()
+            if not stop:
+                progress.update(epoch=epoch + 1, batch=0, elapsed=time.time() - started)
+                stop = check(final=progress["epoch"] == t["epochs"])
+        failed = writer.finish()
     except KeyboardInterrupt:
         progress["elapsed"] = time.time() - started
         save("checkpoint_last.pth", last=True)
         writer.finish()
         if main_process:
-            print(f"\ninterrupted: saved {out_dir}/checkpoint_last.pth; continue with --resume {out_dir}", file=sys.stderr)
+            print(f"\ninterrupted: saved {run.out_dir}/checkpoint_last.pth; continue with --resume {run.out_dir}",
+                  file=sys.stderr)
         sys.exit(130)
     finally:
         gc.unfreeze()
         writer.close()
+        feed.close()
         wait_for_cache_writes()     # the feature cache's last shards, written while training went on
-        if log:
-            log.close()
-        if world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+        shutdown(world)
+    if main_process and failed:
+        raise OSError(28, f"the last {' and '.join(failed)} could not be written (see the warnings above); "
+                      f"the earlier ones are kept", run.out_dir)
     if main_process:
-        print(f"done: {out_dir}/checkpoint_best.pth", file=sys.stderr)
-    return out_dir
+        print(f"done: {run.out_dir}/checkpoint_best.pth ({time.time() - (begun or started):.2f} s)", file=sys.stderr)
+    return run.out_dir
+
+
+def starting_point(config, checkpoint):
+    """(checkpoint, path) of train.init_from for a new run, checked against this run's config; else None."""
+    path = config["train"]["init_from"]
+    if config["train"]["scst"] and not (path or checkpoint):
+        raise ValueError("train.scst=true starts from a trained model: set train.init_from=CHECKPOINT (a "
+                         "cross-entropy run's checkpoint_best.pth)")
+    if config["train"]["scst"] and config["train"]["fine_tune_encoder"]:
+        raise ValueError("train.scst=true trains on cached features: set train.fine_tune_encoder=false")
+    if checkpoint or not path:
+        return None
+    start = load_checkpoint(path)
+    theirs = merge(DEFAULTS, start["config"], path)
+    for key in [f"model.{k}" for k in DEFAULTS["model"] if k != "encoder_weights"] + ["data.image_size"]:
+        section, name = key.split(".")
+        if theirs[section][name] != config[section][name]:
+            raise ValueError(f"train.init_from={path} was trained with {key}={theirs[section][name]!r}, this run "
+                             f"has {config[section][name]!r}: a new run from its weights keeps its model settings")
+    return start, path
+
+
+def end_of_validation(model, val_set, feed, config, vocab, amp, progress, run, optimizer, started, save, final):
+    """Validate, log, write checkpoint_last.pth (and checkpoint_best.pth when the metric improved); returns
+    True when early stopping says stop."""
+    t, improved, metric = config["train"], True, None
+    if val_set:
+        val_loss, scores = validate(model, val_set, feed, config, vocab, amp)
+        run.write_row(progress["step"], progress["epoch"], "val", val_loss, optimizer.param_groups[0]["lr"],
+                      time.time() - started, scores["BLEU-4"], scores["CIDEr"])
+        by_score = t["select_metric"] != "loss" and t["val_bleu_images"] > 0
+        metric = scores["BLEU-4" if t["select_metric"] == "bleu4" else "CIDEr"] if by_score else val_loss
+        improved = progress["best"] is None or (metric > progress["best"] if by_score else metric < progress["best"])
+        print(f"epoch {progress['epoch']} step {progress['step']}: val loss {val_loss:.4f} (perplexity "
+              f"{math.exp(min(val_loss, 50)):.2f}), greedy BLEU-4 {scores['BLEU-4']:.4f}, CIDEr {scores['CIDEr']:.4f}"
+              f"{' *best*' if improved else ''}", file=sys.stderr)
+    progress["stale_epochs"] = 0 if improved else progress["stale_epochs"] + 1   # counts validations
+    if improved:
+        progress["best"] = metric
+    stop = bool(t["early_stop_patience"] and progress["stale_epochs"] >= t["early_stop_patience"])
+    if stop:
+        print(f"early stop: no improvement in {progress['stale_epochs']} validations", file=sys.stderr)
+    progress["finished"] = stop or final
+    save("checkpoint_last.pth", *(["checkpoint_best.pth"] if improved else []), last=progress["finished"])
+    return stop
 
 
 def _raise_keyboard_interrupt(signum, frame):
     raise KeyboardInterrupt
-
-
-def end_of_epoch(model, val_set, config, vocab, device, amp, progress, higher_is_better, log, started, optimizer, save):
-    """Validate, log, write checkpoints; returns True when early stopping says stop."""
-    epoch, improved, metric = progress["epoch"], True, None
-    if val_set:
-        val_loss, scores = validate(model, val_set, config, vocab, device, amp)
-        log.write(f"{progress['step']}\t{epoch}\tval\t{val_loss:.5f}\t{optimizer.param_groups[0]['lr']:.3e}\t"
-                  f"{time.time() - started:.1f}\t{scores['BLEU-4']:.5f}\t{scores['CIDEr']:.5f}\n")
-        log.flush()
-        metric = {"bleu4": scores["BLEU-4"], "cider": scores["CIDEr"]}.get(config["train"]["select_metric"])
-        metric = metric if higher_is_better else val_loss
-        improved = progress["best"] is None or (metric > progress["best"] if higher_is_better else metric < progress["best"])
-        print(f"epoch {epoch}: val loss {val_loss:.4f} (perplexity {math.exp(min(val_loss, 50)):.2f}), "
-              f"val BLEU-4 {scores['BLEU-4']:.4f}, CIDEr {scores['CIDEr']:.4f}{' *best*' if improved else ''}",
-              file=sys.stderr)
-    progress["stale_epochs"] = 0 if improved else progress["stale_epochs"] + 1
-    if improved:
-        progress["best"] = metric
-    patience = config["train"]["early_stop_patience"]
-    stop = bool(patience and progress["stale_epochs"] >= patience)
-    save("checkpoint_last.pth", *(["checkpoint_best.pth"] if improved else []),
-         last=stop or epoch == config["train"]["epochs"])
-    if stop:
-        print(f"early stop: no improvement for {progress['stale_epochs']} epochs", file=sys.stderr)
-    return stop
 
 
 def main(argv=None):
@@ -367,19 +269,53 @@ def main(argv=None):
     parser.add_argument("--config", default="config.yaml", help="YAML config (default: config.yaml, the demo)")
     parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="override config keys, e.g. --set train.epochs=5 model.decoder=attention")
-    parser.add_argument("--resume", metavar="RUN_DIR_OR_CHECKPOINT", help="continue a run from its checkpoint_last.pth")
+    parser.add_argument("--resume", metavar="RUN_DIR_OR_CHECKPOINT",
+                        help="continue a run from its checkpoint_last.pth, writing into that run folder")
     args = parser.parse_args(argv)
-    if not args.resume:
-        return train(load_config(args.config, args.set))
-    checkpoint = load_checkpoint(args.resume)
-    config = merge(merge(DEFAULTS, checkpoint["config"], args.resume), parse_overrides(args.set), "--set")
-    for section in ("model", "data"):
-        changed = [k for k in config[section] if config[section][k] != checkpoint["config"][section].get(k)]
-        if changed:
-            raise ValueError(f"--resume: the run was trained with {section}.{changed[0]}="
-                             f"{checkpoint['config'][section].get(changed[0])!r}; a resumed run keeps its "
-                             f"{section}.* settings: start a new run to change them")
-    return train(config, checkpoint, args.resume)
+    begun = time.time()
+    command = shlex.join(["python", "train.py", *(argv if argv is not None else sys.argv[1:])])
+    checkpoint = None
+    if args.resume:
+        checkpoint = load_checkpoint(args.resume)
+        if is_inference(checkpoint):
+            raise ValueError(f"--resume {args.resume}: an exported checkpoint has no optimizer state to resume; "
+                             f"start a new run from its weights with --set train.init_from={args.resume}")
+        config = merge(merge(DEFAULTS, checkpoint["config"], args.resume), parse_overrides(args.set), "--set")
+        for key in [f"model.{k}" for k in DEFAULTS["model"]] + [f"data.{k}" for k in DEFAULTS["data"]] + ["train.scst"]:
+            section, name = key.split(".")
+            if config[section][name] != merge(DEFAULTS, checkpoint["config"], args.resume)[section][name]:
+                raise ValueError(f"--resume: the run was trained with {key}={checkpoint['config'][section].get(name)!r}; "
+                                 f"a resumed run keeps it: start a new run to change it")
+        # The run is where it is now: a copied run folder trains on in the copy, not where it was made.
+        config["train"]["out_dir"] = args.resume if os.path.isdir(args.resume) else os.path.dirname(args.resume) or "."
+        command = checkpoint.get("command") or command
+    else:
+        config = load_config(args.config, args.set)
+    run = RunFolder(config["train"]["out_dir"])
+    if int(os.environ.get("RANK", "0")) == 0:
+        run.lock()
+    try:
+        if not checkpoint and os.path.exists(last := os.path.join(run.out_dir, "checkpoint_last.pth")):
+            return report_existing_run(load_checkpoint(last), run.out_dir)
+        if checkpoint and checkpoint["progress"]["epoch"] >= config["train"]["epochs"]:
+            warn(f"{run.out_dir}: the run has trained all {config['train']['epochs']} epochs; nothing to do "
+                 f"(add epochs with --set train.epochs=N)")
+            return run.out_dir
+        return train(config, run, checkpoint, command, begun)
+    finally:
+        run.close()
+
+
+def report_existing_run(checkpoint, out_dir):
+    """A folder that holds a run is never trained over: a finished run is reported and kept."""
+    progress = checkpoint["progress"]
+    if not (progress.get("finished") or progress["epoch"] >= checkpoint["config"]["train"]["epochs"]):
+        raise ValueError(f"{out_dir} holds an unfinished run (epoch {progress['epoch']}); continue it with "
+                         f"--resume {out_dir}, or start a new one with --set train.out_dir=runs/NEW_NAME")
+    print(f"{out_dir} already holds a finished run ({progress['epoch']} epochs, best validation "
+          f"{checkpoint['config']['train']['select_metric']} {progress['best']}); kept it as it is. To train "
+          f"another, add --set train.out_dir=runs/NEW_NAME", file=sys.stderr)
+    return out_dir
 
 
 if __name__ == "__main__":

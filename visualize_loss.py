@@ -4,25 +4,30 @@ Usage:
     python visualize_loss.py runs/demo                          # -> runs/demo/loss_curve.png
     python visualize_loss.py --log runs/demo/loss_log.txt --out curve.png
 
-The plot shows the training loss per logged step (thin, light), an exponential
-moving average of it (bias-corrected EMA, span = number of train rows / 10,
-clamped to 1..100; under 20 rows only the raw curve is drawn), the validation
-loss per epoch as markers at the step where the epoch ended and, when any
-validation BLEU-4 was computed, BLEU-4 on a second y-axis. Logs from older runs
-without the bleu4 column are accepted; a step logged twice after a resume is
-plotted once, with the later (resumed) value.
+The upper panel shows the training loss per logged step (thin, light), an exponential
+moving average of it (bias-corrected EMA, span = number of train rows / 10, clamped to
+1..100; under 20 rows only the raw curve is drawn), the validation loss at each validation
+and, for self-critical training, the mean reward of the sampled captions on a second
+y-axis. The lower panel, drawn when validation scores were computed, shows greedy
+validation BLEU-4 and CIDEr. Logs from older runs without the bleu4, cider or reward
+columns are accepted; a step logged twice after a resume is plotted once, with the later
+(resumed) value.
 """
 import argparse
 import math
 import os
 import sys
 
+from utils import atomic_write
+
 REQUIRED_COLUMNS = ("step", "epoch", "split", "loss")
-EXPECTED_HEADER = "step\tepoch\tsplit\tloss\tlr\telapsed\tbleu4"
+EXPECTED_HEADER = "step\tepoch\tsplit\tloss\tlr\telapsed\tbleu4\tcider\treward"
+OPTIONAL_COLUMNS = ("lr", "elapsed", "bleu4", "cider", "reward")
 
 
 def read_loss_log(path: str) -> list[dict]:
-    """Parse loss_log.txt into dicts with step/epoch (int), split (str), loss/lr/elapsed/bleu4 (float, nan if absent).
+    """Parse loss_log.txt into dicts with step/epoch (int), split (str), and loss and OPTIONAL_COLUMNS (float,
+    nan if absent).
 
     Raises FileNotFoundError for a missing file and ValueError (one line) for an empty
     log, a wrong header or a malformed row.
@@ -48,7 +53,7 @@ def read_loss_log(path: str) -> list[dict]:
         try:
             row = {"step": int(values["step"]), "epoch": int(values["epoch"]), "split": values["split"],
                    "loss": float(values["loss"])}
-            for name in ("lr", "elapsed", "bleu4"):
+            for name in OPTIONAL_COLUMNS:
                 row[name] = float(values[name]) if values.get(name, "") != "" else math.nan
         except (KeyError, ValueError):
             raise ValueError(f"{path}: line {line_number} is malformed ({line.strip()!r}); "
@@ -86,14 +91,17 @@ def _latest_per_step(rows: list[dict], split: str) -> list[dict]:
 
 
 def plot_loss(rows: list[dict], out_path: str, title: str) -> str:
-    """Draw train loss (raw + EMA), val loss and val BLEU-4 (if any) to out_path as PNG; returns out_path."""
+    """Draw the curves (see the module's docstring) to out_path as PNG; returns out_path."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     train = _latest_per_step(rows, "train")
     val = _latest_per_step(rows, "val")
-    fig, loss_axis = plt.subplots(figsize=(9, 5), dpi=100)
+    scored = [r for r in val if math.isfinite(r["bleu4"]) or math.isfinite(r["cider"])]
+    fig, axes = plt.subplots(2 if scored else 1, 1, figsize=(9, 7.5 if scored else 5), dpi=100, sharex=True,
+                             squeeze=False, gridspec_kw={"height_ratios": [3, 2] if scored else [1]})
+    loss_axis = axes[0][0]
     if train:
         steps = [r["step"] for r in train]
         losses = [r["loss"] if math.isfinite(r["loss"]) else math.nan for r in train]
@@ -106,33 +114,48 @@ def plot_loss(rows: list[dict], out_path: str, title: str) -> str:
                            label=f"train loss (EMA, span {span})")
     if val:
         loss_axis.plot([r["step"] for r in val], [r["loss"] for r in val], "o-", color="tab:orange",
-                       markersize=6, label="val loss (per epoch)")
-    loss_axis.set_xlabel("step")
-    loss_axis.set_ylabel("cross-entropy loss")
+                       markersize=6, label="val loss (teacher-forced)")
+    loss_axis.set_ylabel("loss")
     loss_axis.grid(True, alpha=0.3)
     handles, labels = loss_axis.get_legend_handles_labels()
-
-    bleu = [r for r in val if math.isfinite(r["bleu4"])]
-    if bleu:
-        bleu_axis = loss_axis.twinx()
-        bleu_axis.plot([r["step"] for r in bleu], [r["bleu4"] for r in bleu], "s--", color="tab:green",
-                       markersize=6, label="val BLEU-4")
-        bleu_axis.set_ylabel("val BLEU-4 (0..1)", color="tab:green")
-        bleu_axis.tick_params(axis="y", colors="tab:green")
-        extra_handles, extra_labels = bleu_axis.get_legend_handles_labels()
+    rewarded = [r for r in train if math.isfinite(r["reward"])]
+    if rewarded:
+        reward_axis = loss_axis.twinx()
+        reward_axis.plot([r["step"] for r in rewarded], [r["reward"] for r in rewarded], color="tab:purple",
+                         linewidth=1.5, label="mean reward (CIDEr-D of samples)")
+        reward_axis.set_ylabel("mean reward", color="tab:purple")
+        reward_axis.tick_params(axis="y", colors="tab:purple")
+        extra_handles, extra_labels = reward_axis.get_legend_handles_labels()
         handles, labels = handles + extra_handles, labels + extra_labels
-    # Below the axes so it never hides the curves.
-    loss_axis.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=len(handles),
-                     frameon=False)
+    loss_axis.legend(handles, labels, loc="upper right", fontsize="small", framealpha=0.8)
     loss_axis.set_title(f"run: {title}")
+    if scored:
+        score_axis = axes[1][0]
+        handles = []
+        bleu = [r for r in scored if math.isfinite(r["bleu4"])]
+        if bleu:
+            handles += score_axis.plot([r["step"] for r in bleu], [r["bleu4"] for r in bleu], "s--", color="tab:green",
+                                       markersize=6, label="val BLEU-4 (greedy)")
+        score_axis.set_ylabel("BLEU-4", color="tab:green")
+        score_axis.grid(True, alpha=0.3)
+        cider = [r for r in scored if math.isfinite(r["cider"])]
+        if cider:
+            cider_axis = score_axis.twinx()
+            handles += cider_axis.plot([r["step"] for r in cider], [r["cider"] for r in cider], "^-", color="tab:red",
+                                       markersize=6, label="val CIDEr (greedy)")
+            cider_axis.set_ylabel("CIDEr", color="tab:red")
+        score_axis.legend(handles, [h.get_label() for h in handles], loc="lower right", fontsize="small",
+                          framealpha=0.8)
+    axes[-1][0].set_xlabel("step")
     fig.tight_layout()
-    fig.savefig(out_path)
+    atomic_write(out_path, lambda f: fig.savefig(f, format="png"))
     plt.close(fig)
     return out_path
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Plot train/val loss and val BLEU-4 from a run's loss_log.txt.")
+    parser = argparse.ArgumentParser(description="Plot a run's training curves (loss, reward, validation "
+                                                 "BLEU-4 and CIDEr) from its loss_log.txt.")
     parser.add_argument("run_dir", nargs="?", help="run folder containing loss_log.txt (train.out_dir)")
     parser.add_argument("--log", help="path to a loss_log.txt (instead of RUN_DIR)")
     parser.add_argument("--out", help="output PNG (default: <run dir>/loss_curve.png)")

@@ -58,6 +58,20 @@ MARGIN = 2  # pixels kept free between the shape and the image border
 CROSS_ARM = 0.2  # cross arm width as a fraction of its side: keeps it thin, unlike a square
 
 
+def demo_words() -> set[str]:
+    """Every word the demo's captions use."""
+    words = set(SHAPE_COLOURS) | set(BACKGROUND_COLOURS) | set(SHAPES) | set(SIZES)
+    for template in CAPTION_TEMPLATES:
+        words |= {w for w in template.split() if not w.startswith("{")}
+    return words
+
+
+def knows_only_shapes(vocabulary: list[str]) -> bool:
+    """Whether a model's vocabulary is the demo's: a model trained on generated shapes, which knows nothing else."""
+    words = {w for w in vocabulary if not w.startswith("<")}
+    return bool(words) and words <= demo_words()
+
+
 def _jitter(rgb: tuple, amount: int, rng: random.Random) -> tuple:
     return tuple(min(255, max(0, c + rng.randint(-amount, amount))) for c in rgb)
 

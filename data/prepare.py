@@ -10,9 +10,10 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data.dataset import image_loader, load_splits
+from data.captions import load_splits
+from data.feature_store import FeatureStore
 from data.features import extract_features
-from models.encoder import input_size
+from data.images import image_loader, input_size
 
 
 def encode_captions(names, captions, vocab, max_words):
@@ -31,7 +32,8 @@ def encode_captions(names, captions, vocab, max_words):
 
 
 def load_inputs(encoder, config, paths, device, desc, show_progress=True):
-    """(inputs [n_ok, ...], ok per path): cached feature grids, or uint8 images when fine-tuning."""
+    """(FeatureStore over the readable images, ok per path): cached feature grids, or uint8 images when
+    fine-tuning."""
     data, train = config["data"], config["train"]
     if train["fine_tune_encoder"]:
         images, ok = [], [False] * len(paths)
@@ -41,7 +43,9 @@ def load_inputs(encoder, config, paths, device, desc, show_progress=True):
                 images.append(batch)
                 for i in good:
                     ok[i] = True
-        return torch.cat(images), ok
+        if not images:
+            raise ValueError(f"none of the {len(paths)} images could be read")
+        return FeatureStore.of(torch.cat(images)), ok
     cache_dir = train["cache_dir"] if train["cache_features"] else None
     if cache_dir and dist.is_initialized() and dist.get_world_size() > 1:
         rank, world = dist.get_rank(), dist.get_world_size()
@@ -50,13 +54,14 @@ def load_inputs(encoder, config, paths, device, desc, show_progress=True):
         dist.barrier()
     # On a GPU, training starts while the new cache shards are still being written (train.py waits for them at
     # its end): the host's cores are idle. On a CPU the writing thread takes cores from training and costs more
-    # than it hides (2 cores, 1,500 images: 56-57 s instead of 46-52 s), so there extraction waits for it.
+    # than it hides (docs/speed.md), so there extraction waits for it.
     return extract_features(encoder, paths, data["image_size"], cache_dir, device, num_workers=train["num_workers"],
                             desc=desc, wait_for_cache=device.type != "cuda")
 
 
 def prepare_splits(config, vocab, encoder, device, show_progress=True, loaded=None):
-    """{"train": ..., "val": ... or None}, each with inputs, tokens, lengths, image_index, names, references.
+    """{"train": ..., "val": ... or None}, each with inputs (a FeatureStore), tokens, lengths, image_index,
+    names, references.
 
     loaded: load_splits' (captions, train names, val names) when the caller has them already.
     """
@@ -75,9 +80,7 @@ def prepare_splits(config, vocab, encoder, device, show_progress=True, loaded=No
                                  f"could be read; see the warnings above")
             splits[split] = None
             continue
-        rows = [row_of[n] for n in names]
-        split_inputs = (inputs[rows[0]:rows[-1] + 1] if rows == list(range(rows[0], rows[-1] + 1))
-                        else inputs[torch.tensor(rows)])                       # a view where the rows are in a run
+        split_inputs = inputs.subset([row_of[n] for n in names])
         tokens, lengths, image_index = encode_captions(names, captions, vocab, config["data"]["max_caption_len"])
         splits[split] = {"inputs": split_inputs, "tokens": tokens, "lengths": lengths, "image_index": image_index,
                          "names": names, "references": {n: captions[n] for n in names}}

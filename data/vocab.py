@@ -4,9 +4,10 @@ The tokenizer is a regular expression, so it needs no downloaded data files.
 Ids 0..3 are fixed: <pad> <start> <end> <unk>.
 """
 import json
-import os
 import re
 from collections import Counter
+
+from utils import atomic_write_text
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = [PAD, START, END, UNK]
@@ -54,10 +55,7 @@ class Vocabulary:
         return " ".join(words)
 
     def save(self, path: str) -> None:
-        tmp = f"{path}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump({"itos": self.itos}, f, ensure_ascii=False, indent=0)
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps({"itos": self.itos}, ensure_ascii=False, indent=0))
 
     @classmethod
     def load(cls, path: str) -> "Vocabulary":

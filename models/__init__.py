@@ -12,16 +12,22 @@ class CaptionModel(nn.Module):
         super().__init__()
         self.encoder, self.decoder, self.pad_id = encoder, decoder, pad_id
 
-    def forward(self, inputs, captions, lengths, label_smoothing: float = 0.0, normalizer=None, from_images=False):
-        """Teacher-forced loss. inputs: cached grid [B,P,C] (or uint8 images [B,3,S,S] when from_images);
+    def forward(self, inputs, captions, lengths, label_smoothing: float = 0.0, normalizer=None, from_images=False,
+                log_probs=False):
+        """Teacher forcing. inputs: cached grid [B,P,C] (or uint8 images [B,3,S,S] when from_images);
         captions [B,L] = <start> .. <end> <pad>..; lengths [B]. Returns (loss, extra_loss).
 
         The loss is summed over target tokens and divided by `normalizer` (default: their count),
         so data-parallel ranks can each divide by the global batch's count and sum to its mean.
+        log_probs=True returns instead each caption's summed log-probability of its words and <end>, [B]
+        (self-critical training; through forward, so that DDP averages its gradients).
         """
         features = self.encoder.extract(inputs) if from_images else inputs
         tokens, targets = captions[:, :-1], captions[:, 1:]                          # [B, L-1] each
         logits, extra_loss = self.decoder(self.encoder.project(features), tokens, lengths - 1)
+        if log_probs:
+            picked = F.log_softmax(logits.float(), dim=-1).gather(2, targets.unsqueeze(2)).squeeze(2)  # [B, L-1]
+            return picked.masked_fill(targets == self.pad_id, 0.0).sum(1)
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
                                ignore_index=self.pad_id, label_smoothing=label_smoothing, reduction="sum")
         return loss / (normalizer if normalizer is not None else (targets != self.pad_id).sum()), extra_loss

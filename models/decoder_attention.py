@@ -11,15 +11,8 @@ Shares the decoder interface used by decoding.py:
 """
 import torch
 import torch.nn as nn
-from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from models import check_teacher_forcing
-
-
-def _unpack(data: torch.Tensor, like: PackedSequence, total_length: int) -> torch.Tensor:
-    """Packed rows [N,D] laid out as `like` -> [B,total_length,D] in the original row order, zero-padded."""
-    packed = PackedSequence(data, like.batch_sizes, like.sorted_indices, like.unsorted_indices)
-    return pad_packed_sequence(packed, batch_first=True, total_length=total_length)[0]
 
 
 class AttentionDecoder(nn.Module):
@@ -86,17 +79,22 @@ class AttentionDecoder(nn.Module):
     def forward(self, features: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor):
         """Teacher forcing. features [B,P,C], tokens [B,T], lengths [B] -> logits [B,T,V], extra_loss [].
 
-        A CPU runs this loop at the speed of its arithmetic, so it skips captions that have ended; a
-        GPU runs it at the speed it launches kernels, so it runs every row to the end. Valid positions
-        get the same values either way.
+        Every row runs all T steps (the loss ignores a finished row's extra steps, which change nothing
+        before them): no slices, no gradients of slices, no host-device sync. Skipping finished rows was
+        no faster on a CPU either (docs/speed.md).
         """
         self._check(features)
         lengths = check_teacher_forcing(features, tokens, lengths, "decoder_attention.py")
         h, c, features, projected = self.init_state(features)  # attention projection computed once per batch
         h_weight, h_bias = self._h_projection(projected.dtype)
         embedded = self.embedding(tokens).to(projected.dtype)  # [B,T,E]
-        run = self._run_packed if tokens.device.type == "cpu" else self._run_full
-        logits, alphas = run(embedded, lengths, features, projected, h, c, h_weight, h_bias)
+        hiddens, alphas = [], []
+        for step_embedded in embedded.unbind(1):  # T x [B,E]
+            h, c, alpha = self._lstm_step(step_embedded, features, projected, h, c, h_weight, h_bias)
+            hiddens.append(h)
+            alphas.append(alpha)
+        logits = self.fc(self.dropout(torch.stack(hiddens, 1)))  # one vocabulary matmul after the loop: [B,T,V]
+        alphas = torch.stack(alphas, 1)                          # [B,T,P]
         valid = torch.arange(tokens.size(1), device=lengths.device) < lengths.unsqueeze(1)  # [B,T], where lengths are
         if valid.device != tokens.device:   # built on the CPU: pinned, so a copy to CUDA need not wait for the GPU
             valid = (valid.pin_memory() if tokens.is_cuda else valid).to(tokens.device, non_blocking=True)
@@ -105,34 +103,3 @@ class AttentionDecoder(nn.Module):
         # for any grid size.
         attention_sum = torch.einsum("btp,bt->bp", alphas, valid.to(alphas.dtype))  # [B,P]
         return logits, self.alpha_c * ((1.0 - attention_sum) ** 2).mean()
-
-    def _run_full(self, embedded, lengths, features, projected, h, c, h_weight, h_bias):
-        """All B rows for all T steps (the loss ignores a finished row's extra steps, which change
-        nothing before them): no slices, no gradients of slices, no host-device sync.
-        -> logits [B,T,V], alphas [B,T,P]"""
-        hiddens, alphas = [], []
-        for step_embedded in embedded.unbind(1):  # T x [B,E]
-            h, c, alpha = self._lstm_step(step_embedded, features, projected, h, c, h_weight, h_bias)
-            hiddens.append(h)
-            alphas.append(alpha)
-        logits = self.fc(self.dropout(torch.stack(hiddens, 1)))  # one vocabulary matmul after the loop
-        return logits, torch.stack(alphas, 1)
-
-    def _run_packed(self, embedded, lengths, features, projected, h, c, h_weight, h_bias):
-        """Rows sorted by length; step t runs only the batch_sizes[t] captions still going. Same returns
-        as _run_full, with zeros at padded positions."""
-        packed = pack_padded_sequence(embedded, lengths, batch_first=True, enforce_sorted=False)
-        order = packed.sorted_indices
-        features, projected, h, c = (x.index_select(0, order) for x in (features, projected, h, c))
-        hiddens, alphas, offset = [], [], 0
-        for rows in packed.batch_sizes.tolist():
-            step_embedded = packed.data[offset:offset + rows]  # [rows,E]
-            offset += rows
-            h, c, alpha = self._lstm_step(step_embedded, features[:rows], projected[:rows], h[:rows], c[:rows],
-                                          h_weight, h_bias)
-            hiddens.append(h)
-            alphas.append(alpha)
-        # One vocabulary matmul after the loop, over valid positions only: [sum(lengths),H] -> [sum(lengths),V]
-        logits = self.fc(self.dropout(torch.cat(hiddens)))
-        total = embedded.size(1)
-        return _unpack(logits, packed, total), _unpack(torch.cat(alphas), packed, total)

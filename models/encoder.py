@@ -1,41 +1,21 @@
-"""EncoderCNN: a pretrained CNN without its classifier, and the one image transform.
+"""EncoderCNN: a pretrained CNN without its classifier.
 
 The backbone turns images into a grid of features. Those are what the feature cache
 stores, so a frozen backbone runs once per image, ever. The small trainable part after it
 (`project`) runs in every training step.
 """
-import hashlib
 import os
 import socket
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn as nn
 import torchvision
 
+from data.cache_key import weights_hash
+from data.images import normalisation
+
 RESNETS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048, "resnet152": 2048}
 ENCODERS = [*RESNETS, "efficientnet_lite2"]
-NATIVE_SIZE = {"efficientnet_lite2": 260}   # everything else: 224
-# Input normalisation, applied on the model's device to uint8 images.
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-LITE_MEAN, LITE_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)   # EfficientNet-Lite expects [-1, 1]
-HASH_THREADS = 8   # the weights are hashed tensor by tensor on this many threads
-
-
-def input_size(encoder: str, image_size: int) -> int:
-    return image_size or NATIVE_SIZE.get(encoder, 224)
-
-
-def transform_id(encoder: str, image_size: int) -> str:
-    """Names everything that turns a file into the backbone's input; part of the cache key."""
-    mean, std = (LITE_MEAN, LITE_STD) if encoder == "efficientnet_lite2" else (IMAGENET_MEAN, IMAGENET_STD)
-    return f"rgb|exif-oriented|resize{input_size(encoder, image_size)}-bilinear-squash|uint8|mean{mean}|std{std}"
-
-
-def resize_image(image, size: int) -> torch.Tensor:
-    """PIL image -> uint8 tensor [3, size, size]. The one image transform; normalising happens on the device."""
-    image = image.convert("RGB").resize((size, size), resample=2)  # 2 = bilinear, with antialiasing
-    return torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(size, size, 3).permute(2, 0, 1)
 
 
 class EfficientNetLite2Features(nn.Module):
@@ -105,10 +85,9 @@ class EncoderCNN(nn.Module):
         local_file = weights not in ("imagenet", "none")
         if name == "efficientnet_lite2":
             self.backbone, self.feature_dim = EfficientNetLite2Features(pretrained=weights == "imagenet"), 1280
-            mean, std = LITE_MEAN, LITE_STD
         else:
             self.backbone, self.feature_dim = _resnet_backbone(name, weights), RESNETS[name]
-            mean, std = IMAGENET_MEAN, IMAGENET_STD
+        mean, std = normalisation(name)
         if local_file:
             self._load_local(weights)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255, persistent=False)
@@ -166,23 +145,11 @@ class EncoderCNN(nn.Module):
         return grid if self.spatial else self.embed(grid.mean(dim=1))
 
     def weights_fingerprint(self, host_copy: dict | None = None) -> str:
-        """Hash of the backbone's weights: part of the feature cache key, so new weights never reuse old features.
-        host_copy: backbone.state_dict() already copied to the CPU (train.py keeps one for its checkpoints),
-        hashed instead of copying the weights again."""
+        """data.cache_key.weights_hash of the backbone's weights, remembered until a tensor is replaced or
+        written to in place (which bumps its version counter). host_copy: backbone.state_dict() already
+        copied to the CPU (train.py keeps one for its checkpoints), hashed instead of copying again."""
         weights = self.backbone.state_dict()
-        # train.py asks twice: hash again only when a tensor was replaced or written to in place (which bumps
-        # its version counter).
         stamp = tuple((t.data_ptr(), t._version) for t in weights.values())
         if self._fingerprint[0] != stamp:
-            tensors = [t.detach() for t in (host_copy or weights).values()]
-            if tensors[0].device.type != "cpu":       # one copy to the host, not one per tensor
-                flat = torch.cat([t.reshape(-1).view(torch.uint8) for t in tensors]).cpu()
-                tensors = flat.split([t.numel() * t.element_size() for t in tensors])
-            data = [t.contiguous().reshape(-1).view(torch.uint8).numpy() for t in tensors]
-            # hashlib lets go of the GIL. On an H200 machine one thread over a copy per tensor took 0.16 s;
-            # these threads over train.py's host copy, 0.03 s.
-            with ThreadPoolExecutor(HASH_THREADS) as pool:
-                digests = list(pool.map(lambda d: hashlib.sha1(d).digest(), data))
-            layout = "|".join(f"{key}:{t.dtype}:{tuple(t.shape)}" for key, t in weights.items())
-            self._fingerprint = stamp, hashlib.sha1(f"{self.name}|{layout}".encode() + b"".join(digests)).hexdigest()[:16]
+            self._fingerprint = stamp, weights_hash(host_copy or weights, self.name)
         return self._fingerprint[1]

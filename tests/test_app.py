@@ -11,7 +11,7 @@ from PIL import Image  # noqa: E402
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
 import app  # noqa: E402
-from utils import load_checkpoint, load_model  # noqa: E402
+from models.checkpoint import PRETRAINED, load_checkpoint, load_model  # noqa: E402
 
 APP = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "app.py")
 EXAMPLES = sorted(os.listdir(app.EXAMPLES_DIR)) if os.path.isdir(app.EXAMPLES_DIR) else []
@@ -85,7 +85,17 @@ def test_beam_slider_changes_number_of_beams(tiny_checkpoints, monkeypatch, tmp_
     assert at.subheader[0].value == expected["caption"]
 
 
+def test_opens_with_the_shipped_model_selected(monkeypatch, tmp_path):
+    if not os.path.isfile(PRETRAINED):
+        pytest.fail(f"{PRETRAINED} is missing: the repository ships it")
+    at = start(monkeypatch, tmp_path)
+    assert not at.exception and not at.error
+    assert at.selectbox[0].options[0] == os.path.relpath(PRETRAINED, app.ROOT)
+    assert at.selectbox[0].value == os.path.relpath(PRETRAINED, app.ROOT)
+
+
 def test_no_checkpoint_found_says_how_to_train(monkeypatch, tmp_path):
+    monkeypatch.setattr("models.checkpoint.PRETRAINED", str(tmp_path / "not_shipped.pth"))   # a clone without it
     at = start(monkeypatch, tmp_path)
     assert not at.exception
     assert "No checkpoint found" in at.error[0].value and "python train.py" in at.error[0].value
@@ -96,11 +106,25 @@ def test_missing_and_corrupt_checkpoints_show_errors(monkeypatch, tmp_path):
     at = start(monkeypatch, tmp_path, str(tmp_path / "missing.pth"))
     assert not at.exception
     assert "no such checkpoint" in at.error[0].value and "python train.py" in at.error[0].value
-    corrupt = tmp_path / "checkpoint_best.pth"
+    corrupt = tmp_path / "empty_runs" / "checkpoint_best.pth"        # inside the runs folder: may be typed
     corrupt.write_bytes(b"not a checkpoint at all")
     at.text_input[0].input(str(corrupt)).run()
     assert not at.exception
-    assert str(corrupt) in at.error[0].value and "corrupt" in at.error[0].value
+    assert str(corrupt) in at.error[0].value and "not a checkpoint: a text file" in at.error[0].value
+
+
+def test_a_typed_path_outside_its_folders_is_refused(tiny_checkpoints, monkeypatch, tmp_path):
+    outside = tiny_checkpoints["lstm"]                                  # a real checkpoint, elsewhere on the server
+    at = start(monkeypatch, tmp_path, outside)
+    at.text_input[0].input("/etc/passwd").run()
+    assert not at.exception
+    assert any("/etc/passwd: outside pretrained/ and runs/" in e.value for e in at.error)
+    assert not any("text file" in e.value for e in at.error)            # never opened, so nothing said about it
+    monkeypatch.setenv(app.ANY_CHECKPOINT, "1")                         # the operator allows any path
+    at = AppTest.from_file(APP, default_timeout=60).run()
+    at.text_input[0].input("/etc/passwd").run()
+    assert not at.exception
+    assert "/etc/passwd: not a checkpoint: a text file" in at.error[0].value
 
 
 def test_checkpoints_under_runs_are_listed(tiny_checkpoints, monkeypatch, tmp_path):
@@ -113,18 +137,24 @@ def test_checkpoints_under_runs_are_listed(tiny_checkpoints, monkeypatch, tmp_pa
     monkeypatch.delenv("CAPTION_APP_CHECKPOINT", raising=False)
     at = AppTest.from_file(APP, default_timeout=60).run()
     assert not at.exception and not at.error
-    assert at.selectbox[0].options == [str(runs / "checkpoint_best.pth")]
+    shipped = [os.path.relpath(PRETRAINED, app.ROOT)] if os.path.isfile(PRETRAINED) else []
+    assert at.selectbox[0].options == shipped + [str(runs / "checkpoint_best.pth")]
 
 
-def test_read_image_refuses_non_images_and_too_large_files(monkeypatch):
+def test_read_image_refuses_non_images_and_too_many_pixels(monkeypatch):
     assert app.read_image(png_bytes(), "ok.png").size == (64, 48)
     with pytest.raises(ValueError, match=r"^notes\.png: not a readable image"):
         app.read_image(b"hello, I am a text file", "notes.png")
-    with pytest.raises(ValueError, match=r"^big\.jpg: the file is 10\.5 MB, over the 10 MB limit"):
-        app.read_image(b"\0" * int(10.5 * 2**20), "big.jpg")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)   # 64x48 = 3072 pixels > 2 * 500: a "decompression bomb"
     with pytest.raises(ValueError, match=r"^huge\.png: image too large"):
         app.read_image(png_bytes(), "huge.png")
+
+
+def test_the_upload_limit_is_streamlits_own_setting():
+    with open(os.path.join(app.ROOT, ".streamlit", "config.toml"), encoding="utf-8") as f:
+        assert "maxUploadSize = 10" in f.read()
+    with open(APP, encoding="utf-8") as f:
+        assert " MB" not in f.read()                 # stated once, by Streamlit's uploader, not again by the app
 
 
 @pytest.mark.skipif(not can_upload, reason="this Streamlit's AppTest cannot simulate st.file_uploader")

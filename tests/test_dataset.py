@@ -2,7 +2,8 @@ import pytest
 import torch
 from PIL import Image
 
-from data.dataset import ImageFiles, collate_images, list_images, load_image, load_splits, read_captions, split_images
+from data.captions import load_splits, read_captions, split_images
+from data.images import ImageFiles, collate_images, list_images, load_image
 from config import DEFAULTS, merge
 
 

@@ -3,7 +3,7 @@ state reordering, decoding.py integration, input errors, overfit."""
 import pytest
 import torch
 
-from decoding import beam_search, greedy_decode
+from models.decoding import beam_search, greedy_decode
 from models.decoder_transformer import TransformerDecoder
 from tests.conftest import assert_padding_does_not_change_valid_logits, random_caption_batch
 

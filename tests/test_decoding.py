@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 
 from data.vocab import Vocabulary
-from decoding import beam_search, generate, greedy_decode
+from models.decoding import beam_search, generate, greedy_decode
 from models.decoder_lstm import DecoderRNN
 
 

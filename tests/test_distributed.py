@@ -12,7 +12,7 @@ import torch
 
 import train
 from tests.conftest import ROOT
-from utils import load_checkpoint
+from models.checkpoint import load_checkpoint
 
 
 TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-import gallery
+from evaluation import gallery
 
 
 def make_image(width=200, height=100):

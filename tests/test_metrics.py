@@ -6,7 +6,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-import metrics
+from evaluation import metrics
 
 needs_java = pytest.mark.skipif(not metrics.java_available(),
                                 reason="java not installed (`java -version` failed)")

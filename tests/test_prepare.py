@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from config import DEFAULTS, merge
-from data.dataset import read_captions
+from data.captions import read_captions
 from data.features import extract_features
 from data.prepare import encode_captions, prepare_splits
 from data.vocab import Vocabulary
@@ -57,7 +57,7 @@ def test_prepare_splits_reads_both_splits_in_one_pass_and_skips_the_unreadable(s
     folder = split_config["data"]["images"]
     alone, _ = extract_features(encoder, [os.path.join(folder, n) for n in train["names"] + val["names"]], 32, None,
                                 CPU, num_workers=0)
-    assert torch.equal(train["inputs"], alone[:5]) and torch.equal(val["inputs"], alone[5:])
+    assert torch.equal(train["inputs"][:], alone[:5]) and torch.equal(val["inputs"][:], alone[5:])
     assert train["image_index"].max().item() == 4 and len(train["tokens"]) == 5 * 5    # 5 captions per image
 
 

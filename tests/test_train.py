@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import train
-from utils import load_checkpoint
+from training import step
+from models.checkpoint import load_checkpoint
 
 
 def run(overrides, *extra):
@@ -21,7 +22,7 @@ def test_writes_checkpoints_log_config_vocab(tiny_overrides, tmp_path):
     out = tmp_path / "run"
     assert {"checkpoint_last.pth", "checkpoint_best.pth", "loss_log.txt", "config.yaml", "vocab.json"} <= set(os.listdir(out))
     lines = (out / "loss_log.txt").read_text().splitlines()
-    assert lines[0].split("\t") == ["step", "epoch", "split", "loss", "lr", "elapsed", "bleu4", "cider"]
+    assert lines[0].split("\t") == ["step", "epoch", "split", "loss", "lr", "elapsed", "bleu4", "cider", "reward"]
     rows = [line.split("\t") for line in lines[1:]]
     val = [r for r in rows if r[2] == "val"]
     assert len(val) == 2 and all(0.0 <= float(r[6]) <= 1.0 and float(r[7]) >= 0.0 for r in val)
@@ -34,11 +35,11 @@ def test_writes_checkpoints_log_config_vocab(tiny_overrides, tmp_path):
 
 def test_epoch_order_is_a_seeded_shuffle_or_batches_of_similar_lengths():
     lengths = torch.randint(3, 40, (1000,), generator=torch.Generator().manual_seed(0))
-    plain = train.epoch_order(lengths, 64, seed=7, by_length=False)
+    plain = step.epoch_order(lengths, 64, seed=7, by_length=False)
     assert torch.equal(plain, torch.randperm(1000, generator=torch.Generator().manual_seed(7)))   # as before the option
-    by_length = train.epoch_order(lengths, 64, seed=7, by_length=True)
-    assert torch.equal(by_length, train.epoch_order(lengths, 64, seed=7, by_length=True))
-    assert not torch.equal(by_length, train.epoch_order(lengths, 64, seed=8, by_length=True))
+    by_length = step.epoch_order(lengths, 64, seed=7, by_length=True)
+    assert torch.equal(by_length, step.epoch_order(lengths, 64, seed=7, by_length=True))
+    assert not torch.equal(by_length, step.epoch_order(lengths, 64, seed=8, by_length=True))
     assert sorted(by_length.tolist()) == list(range(1000))
     longest = [lengths[batch].max().item() for batch in by_length.split(64)]
     spread = [(lengths[batch].max() - lengths[batch].min()).item() for batch in by_length.split(64)[:-1]]
@@ -54,7 +55,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(tiny_overrides, tmp_path,
     straight = [o for o in tiny_overrides if not o.startswith("train.out_dir")] + [f"train.out_dir={tmp_path / 'a'}"]
     run(straight)
     interrupted = [o for o in tiny_overrides if not o.startswith("train.out_dir")] + [f"train.out_dir={tmp_path / 'b'}"]
-    real_batch_loss, calls = train.batch_loss, {"n": 0}
+    real_batch_loss, calls = step.batch_loss, {"n": 0}
 
     def ctrl_c_at_step_17(*args, **kwargs):     # epoch 2, mid-epoch (12 steps per epoch)
         if not torch.is_grad_enabled():
@@ -64,26 +65,45 @@ def test_interrupted_then_resumed_equals_uninterrupted(tiny_overrides, tmp_path,
             raise KeyboardInterrupt
         return real_batch_loss(*args, **kwargs)
 
-    monkeypatch.setattr(train, "batch_loss", ctrl_c_at_step_17)
+    monkeypatch.setattr(step, "batch_loss", ctrl_c_at_step_17)
     with pytest.raises(SystemExit) as stop:
         run(interrupted)
     assert stop.value.code == 130
     saved = load_checkpoint(str(tmp_path / "b" / "checkpoint_last.pth"))["progress"]
     assert saved["step"] == 16 and saved["epoch"] == 1 and saved["batch"] == 4
-    monkeypatch.setattr(train, "batch_loss", real_batch_loss)
+    monkeypatch.setattr(step, "batch_loss", real_batch_loss)
     train.main(["--resume", str(tmp_path / "b")])
     a, b = weights(str(tmp_path / "a" / "checkpoint_last.pth")), weights(str(tmp_path / "b" / "checkpoint_last.pth"))
     for key in a:
         assert torch.equal(a[key], b[key]), key
 
 
-def test_existing_run_is_not_overwritten(tiny_overrides, tmp_path):
+def test_a_finished_run_is_reported_and_kept(tiny_overrides, tmp_path, capsys):
     run(tiny_overrides + ["train.epochs=1"])
     before = (tmp_path / "run" / "checkpoint_last.pth").read_bytes()
-    with pytest.raises(ValueError, match="already holds a run; continue it with --resume"):
-        run(tiny_overrides)
-    with pytest.raises(ValueError, match="resumed run keeps its model"):
+    run(tiny_overrides)                       # the same command again: nothing is trained over
+    assert "already holds a finished run" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="a resumed run keeps it"):
         train.main(["--resume", str(tmp_path / "run"), "--set", "model.decoder=attention"])
+    assert (tmp_path / "run" / "checkpoint_last.pth").read_bytes() == before
+
+
+def test_an_unfinished_run_is_continued_only_with_resume(tiny_overrides, tmp_path, monkeypatch):
+    real_batch_loss, calls = step.batch_loss, {"n": 0}
+
+    def ctrl_c_in_epoch_2(*args, **kwargs):     # 12 steps per epoch
+        calls["n"] += torch.is_grad_enabled()
+        if calls["n"] == 15:
+            raise KeyboardInterrupt
+        return real_batch_loss(*args, **kwargs)
+
+    monkeypatch.setattr(step, "batch_loss", ctrl_c_in_epoch_2)
+    with pytest.raises(SystemExit):
+        run(tiny_overrides)
+    monkeypatch.setattr(step, "batch_loss", real_batch_loss)
+    before = (tmp_path / "run" / "checkpoint_last.pth").read_bytes()
+    with pytest.raises(ValueError, match="holds an unfinished run .* continue it with --resume"):
+        run(tiny_overrides)
     assert (tmp_path / "run" / "checkpoint_last.pth").read_bytes() == before
 
 

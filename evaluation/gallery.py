@@ -1,17 +1,17 @@
 """Image helpers for showing captions: captioned images, attention heatmaps and a self-contained HTML gallery.
 
-Used by inference_visualize.py and the web demo. Only Pillow and numpy are needed;
-torch tensors are accepted for attention weights but torch is not imported here.
+Used by inference_visualize.py and the web demo. Only Pillow and numpy are needed; torch tensors
+are accepted for attention weights.
 """
 import base64
 import functools
 import html
 import io
-import os
-import tempfile
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from utils import atomic_write_text
 
 
 @functools.lru_cache(maxsize=16)
@@ -183,16 +183,4 @@ def write_gallery(path: str, rows: list[dict], title: str) -> None:
             f"<title>{_esc(title)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n"
             f"<header><h1>{_esc(title)}</h1><p>{_esc(counts)}</p></header>\n"
             f'<div class="grid">\n' + "\n".join(cards) + "\n</div>\n</body>\n</html>\n")
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    # A temp file in the same folder makes os.replace atomic: readers never see half a page.
-    handle, temp_path = tempfile.mkstemp(dir=directory, prefix=".gallery-", suffix=".html.tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as f:
-            f.write(page)
-        os.chmod(temp_path, 0o644)  # mkstemp creates 0600; the page is meant to be shared
-        os.replace(temp_path, path)
-    except BaseException:
-        if os.path.exists(temp_path):
-            os.remove(temp_path)
-        raise
+    atomic_write_text(path, page)

@@ -14,11 +14,12 @@ import torchvision
 from PIL import Image
 
 from config import DEFAULTS
-from decoding import generate
+from models.decoding import generate
 from models.decoder_lstm import DecoderRNN
-from models.encoder import IMAGENET_MEAN, IMAGENET_STD
+from data.images import IMAGENET_MEAN, IMAGENET_STD
 
 MAX_LEN = DEFAULTS["decode"]["max_len"]
+
 
 def now(device) -> float:
     if device.type == "cuda":

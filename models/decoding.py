@@ -1,9 +1,10 @@
-"""Caption generation: batched greedy decoding and batched beam search, the only copies.
+"""Caption generation: batched greedy decoding, beam search and sampling, the only copies.
 
-Both drive any decoder through its two-method interface:
+All three drive any decoder through its two-method interface:
     state = model.init_state(features)            every state tensor is batch-first
     logits, state, alpha = model.step(tokens, state)
-so beam search can expand and reorder any decoder's state with index_select(0, ...).
+so beam search can expand and reorder any decoder's state with index_select(0, ...), and sampling can
+repeat it for several captions per image.
 """
 import torch
 import torch.nn.functional as F
@@ -109,6 +110,37 @@ def beam_search(model, features, beam_size: int, max_len: int, length_penalty: f
                         "attention": None if best_attn is None else best_attn[:len(best_tokens)].cpu(),
                         "beams": [(h[1], h[0]) for h in hyps[:k]]})
     return results
+
+
+@torch.no_grad()
+def sample_captions(model, features, samples_per_image: int, max_len: int, temperature: float = 1.0,
+                    generator: torch.Generator | None = None, start_id: int = 1, end_id: int = 2, pad_id: int = 0):
+    """Draw K = samples_per_image captions per image from the model's word distribution (softmax of the
+    logits / temperature); a temperature near 0 gives the greedy caption.
+
+    features [B,...] -> (tokens [B*K, T+1]: <start> words <end> <pad>..., lengths [B*K]: tokens up to and
+    including <end>, or T+1 for a caption that reached max_len without it). Rows are image-major: image b's
+    samples are rows b*K .. b*K+K-1. With a seeded generator (on the features' device) the draws repeat exactly.
+    """
+    batch, device = features.size(0), features.device
+    state = tuple(s.repeat_interleave(samples_per_image, dim=0) for s in model.init_state(features))
+    rows = batch * samples_per_image
+    tokens = torch.full((rows,), start_id, dtype=torch.long, device=device)
+    words = [tokens]
+    finished = torch.zeros(rows, dtype=torch.bool, device=device)
+    for _ in range(max_len):
+        logits, state, _ = model.step(tokens, state)
+        probs = torch.softmax(logits.float() / max(temperature, 1e-6), dim=-1)
+        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1).masked_fill(finished, pad_id)
+        words.append(tokens)
+        finished |= tokens == end_id
+        if finished.all():
+            break
+    tokens = torch.stack(words, 1)                                                   # [rows, 1 + t]
+    ended = (tokens == end_id).int()
+    has_end = ended.any(1)
+    lengths = torch.where(has_end, ended.argmax(1) + 1, torch.full_like(has_end, tokens.size(1), dtype=torch.long))
+    return tokens, lengths
 
 
 def generate(model, features, vocab: Vocabulary, beam_size: int = 1, max_len: int = 30, length_penalty: float = 1.0):

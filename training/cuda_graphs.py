@@ -1,39 +1,38 @@
 """CUDA graphs for train.py's step: on a GPU a decoder's step is bound by launching kernels, not by running them.
 
 A step's gather, forward, loss, backward and gradient clipping (hundreds of small kernels per
-caption word) are captured once per caption length (rounded up to a multiple of 4) and replayed as one launch. The fused
-AdamW update stays outside the graph, so the learning-rate schedule, checkpoints and --resume
-work exactly as in an eager step. On an H200 the soft-attention step at batch 512 spent 6.4 of its
-21.2 ms in kernels; the rest was the CPU launching them. With graphs, a 30,000-caption epoch at batch
-512 by length took 0.73 s instead of 1.64 s (attention), 0.13 s instead of 0.42 s (LSTM) and 0.99 s
-instead of 2.93 s (Transformer); over 29 steps from the same weights, graphed and eager losses differed
-by at most 5e-7 (relative) in fp32 and 2.4e-4 in bf16 (docs/gpu_bench_h200.log, from scripts/gpu_bench.sh).
+caption word) are captured once per caption length (rounded up to a multiple of 4) and replayed as
+one launch. The fused AdamW update stays outside the graph, so the learning-rate schedule,
+checkpoints and --resume work exactly as in an eager step. What graphs saved, and how closely
+graphed and eager losses agree, is measured in docs/speed.md.
 
     graphed = graphed_step(model, params, inputs, image_index, tokens, lengths, config, world, scaler)
     loss = graphed(rows, longest)   # rows: caption indices [batch_size] on the GPU; then optimizer.step()
 
-graphed_step gives None where graphs do not apply (see graphs_apply): train.py and bench.py
-then step eagerly. A short last batch runs eagerly, and so does everything if a capture fails.
+graphed_step gives None where graphs do not apply (see graphs_apply): training.step then steps
+eagerly. A short last batch runs eagerly, and so does everything if a capture fails.
 """
 import torch
 
-from data.dataset import warn
+from utils import warn
 
 LENGTH_STEP = 4     # captured lengths are rounded up to a multiple of this: fewer graphs, each with its own memory
 WARMUP_STEPS = 3    # eager steps on a side stream before the first capture, as torch.cuda.graph asks
 
 
-def graphs_apply(config, device, world: int, scaler) -> bool:
-    """Whether train.cuda_graphs captures this run's steps: one CUDA process, no torch.compile, a frozen CNN,
-    and bf16 or fp32 (fp16's GradScaler reads values back from the GPU, which a graph cannot)."""
+def graphs_apply(config, device, world: int, scaler, streamed: bool = False) -> bool:
+    """Whether train.cuda_graphs captures this run's steps: one CUDA process, no torch.compile, a frozen CNN
+    whose features are all on the GPU (not streamed), and bf16 or fp32 (fp16's GradScaler reads values back
+    from the GPU, which a graph cannot)."""
     t = config["train"]
     return (t["cuda_graphs"] and device.type == "cuda" and world == 1 and not t["compile"]
-            and not t["fine_tune_encoder"] and scaler is None)
+            and not t["fine_tune_encoder"] and scaler is None and not streamed)
 
 
 def graphed_step(model, params, inputs, image_index, tokens, lengths, config, world: int, scaler):
-    """A GraphedStep for this run's steps (arguments as GraphedStep's), or None where graphs do not apply."""
-    if not graphs_apply(config, tokens.device, world, scaler):
+    """A GraphedStep for this run's steps (arguments as GraphedStep's), or None where graphs do not apply:
+    image_index None means the features are streamed batch by batch."""
+    if not graphs_apply(config, tokens.device, world, scaler, streamed=image_index is None):
         return None
     return GraphedStep(model, params, inputs, image_index, tokens, lengths, config)
 
@@ -51,7 +50,7 @@ class GraphedStep:
         self.inputs, self.image_index, self.tokens = inputs, image_index, tokens
         self.lengths = lengths.to(tokens.device)       # the graph reads each row's length on the device
         self.grads = [torch.zeros_like(p) for p in params]
-        # As train.make_amp: bf16 on CUDA (fp16 is excluded), none elsewhere. A graph cannot keep autocast's cache.
+        # As training.step.make_amp: bf16 on CUDA (fp16 is excluded), none elsewhere. A graph cannot keep autocast's cache.
         self.amp = torch.autocast(tokens.device.type, dtype=torch.bfloat16,
                                   enabled=config["train"]["amp"] and tokens.is_cuda, cache_enabled=False)
         self.graphs = {}                               # padded length -> (graph, its rows [B], its loss [])

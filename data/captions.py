@@ -1,0 +1,153 @@
+"""Captions files and splits by image.
+
+Reads a CSV with header `image,caption` (Kaggle's Flickr8k captions.txt, the demo's captions.csv),
+Flickr8k.token.txt lines `IMAGE#N<TAB>caption`, and Karpathy's split JSON (data/karpathy.py).
+"""
+import csv
+import io
+import os
+import random
+
+from data import karpathy
+from data.images import IMAGE_EXTENSIONS
+from data.vocab import tokenize
+from utils import warn
+
+
+def read_text(path: str, what: str, key: str) -> str:
+    """A UTF-8 text file's content, or ValueError naming the line that is not UTF-8."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read the {what} ({e.strerror}); check {key}") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ValueError(f"{path}: line {line} is not UTF-8 (byte 0x{raw[e.start]:02x}); re-save the file as UTF-8") from None
+
+
+def read_captions(path: str) -> dict[str, list[str]]:
+    """image name -> its captions, in file order, from any of the three formats.
+
+    A caption with no word left after tokenization (empty, or punctuation only) is dropped and counted.
+    """
+    if karpathy.is_karpathy(path):
+        return collect(path, karpathy.read(path)[0])
+    text = read_text(path, "captions file", "data.captions")
+    first = text.split("\n", 1)[0]
+    if not text.strip():
+        raise ValueError(f"{path}: the captions file is empty")
+    if "\t" in first and "#" in first.split("\t")[0]:   # Flickr8k.token.txt: IMAGE#N<TAB>caption
+        rows = [(n, *line.split("\t", 1)) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+        rows = [(f"line {n}", image.rsplit("#", 1)[0], caption) for n, image, *rest in rows for caption in (rest or [""])]
+    else:
+        # The csv module over the whole text: a quoted caption may hold commas and line breaks.
+        reader = csv.reader(io.StringIO(text, newline=""))
+        header = [h.strip().lower() for h in next(reader)]
+        if header[:2] != ["image", "caption"]:
+            raise ValueError(f"{path}: line 1 is {first[:60]!r}; the header must be `image,caption` "
+                             f"(or use Flickr8k.token.txt lines `IMAGE#N<TAB>caption`, or Karpathy's JSON)")
+        rows = []
+        try:
+            line = reader.line_num + 1
+            for row in reader:
+                if row:
+                    rows.append((f"line {line}", *(row + ["", ""])[:2]))
+                line = reader.line_num + 1
+        except csv.Error as e:
+            raise ValueError(f"{path}: line {line} is not valid CSV ({e}); fix its quotes") from None
+    return collect(path, rows)
+
+
+def collect(path: str, rows) -> dict[str, list[str]]:
+    """(where, image, caption) rows -> image -> captions; empty names and wordless captions dropped and counted.
+    where names the row for a warning: "line 5", or a JSON entry."""
+    captions, empty, wordless = {}, 0, 0
+    for where, image, caption in rows:
+        image, caption = image.strip(), " ".join(caption.split())
+        if not image or not caption:
+            empty += 1
+            if empty <= 3:
+                warn(f"{path}: {where} has an empty image name or caption; skipped")
+            continue
+        if not tokenize(caption):
+            wordless += 1
+            if wordless <= 3:
+                warn(f"{path}: {where}: caption {caption!r} has no words; skipped")
+            continue
+        captions.setdefault(image, []).append(caption)
+    if empty:
+        warn(f"{path}: skipped {empty} rows with an empty image name or caption")
+    if wordless:
+        warn(f"{path}: skipped {wordless} captions with no words (punctuation only)")
+    if not captions:
+        raise ValueError(f"{path}: no usable captions")
+    return captions
+
+
+def read_split_file(path: str) -> list[str]:
+    text = read_text(path, "split file", "data.train_split / data.val_split")
+    names = [line.strip() for line in text.splitlines() if line.strip()]
+    if not names:
+        raise ValueError(f"{path}: the split file lists no images")
+    return names
+
+
+def split_images(names: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Deterministic split by image (never by caption row), independent of file order."""
+    shuffled = sorted(names)
+    random.Random(seed).shuffle(shuffled)
+    n_val = max(1, round(len(shuffled) * val_fraction)) if len(shuffled) > 1 else 0
+    return sorted(shuffled[n_val:]), sorted(shuffled[:n_val])
+
+
+def load_splits(data: dict) -> tuple[dict[str, list[str]], list[str], list[str]]:
+    """(captions, train image names, val image names) for a config's `data` section. A name is the image's
+    path relative to data.images.
+
+    Images named in the captions but missing from data.images are dropped with one warning.
+    """
+    if not os.path.isdir(data["images"]):
+        raise ValueError(f"data.images={data['images']}: no such folder; point it at the folder of images")
+    if karpathy.is_karpathy(data["captions"]):
+        rows, splits = karpathy.read(data["captions"])
+        captions = collect(data["captions"], rows)
+        train = karpathy.split_names(splits, data["train_split"] or karpathy.DEFAULT_TRAIN, data["captions"])
+        val = karpathy.split_names(splits, data["val_split"] or karpathy.DEFAULT_VAL, data["captions"])
+    else:
+        captions = read_captions(data["captions"])
+        if data["train_split"] or data["val_split"]:
+            if not (data["train_split"] and data["val_split"]):
+                raise ValueError("set both data.train_split and data.val_split, or neither (for a seeded split)")
+            train, val = read_split_file(data["train_split"]), read_split_file(data["val_split"])
+        else:
+            train, val = split_images(list(captions), data["val_fraction"], data["seed"])
+    on_disk = files_in(data["images"], train + val)
+    if not any(name.lower().endswith(IMAGE_EXTENSIONS) for name in on_disk):
+        raise ValueError(f"{data['images']}: the folder has no images named in {data['captions']} "
+                         f"({', '.join(IMAGE_EXTENSIONS)})")
+    kept = []
+    for split, names in (("train", train), ("val", val)):
+        no_caption = [n for n in names if n not in captions]
+        missing = [n for n in names if n in captions and n not in on_disk]
+        if no_caption:
+            warn(f"{len(no_caption)} {split} images have no caption in {data['captions']} (e.g. {no_caption[0]}); skipped")
+        if missing:
+            warn(f"{len(missing)} {split} images are not in {data['images']} (e.g. {missing[0]}); skipped")
+        kept.append([n for n in names if n in captions and n in on_disk])
+    if not kept[0]:
+        raise ValueError(f"no training images left: check that data.images={data['images']} holds the files named in {data['captions']}")
+    return captions, kept[0], kept[1]
+
+
+def files_in(folder: str, names: list[str]) -> set[str]:
+    """Which of these relative names are files under folder: one listing per subfolder, not a stat per file."""
+    listed = {}
+    for sub in {os.path.dirname(n) for n in names}:
+        try:
+            listed[sub] = set(os.listdir(os.path.join(folder, sub)))
+        except OSError:
+            listed[sub] = set()
+    return {n for n in names if os.path.basename(n) in listed[os.path.dirname(n)]}

