@@ -211,7 +211,8 @@ def train(config, run: RunFolder, checkpoint=None, command="", begun=None):
         raise OSError(28, f"the last {' and '.join(failed)} could not be written (see the warnings above); "
                       f"the earlier ones are kept", run.out_dir)
     if main_process:
-        print(f"done: {run.out_dir}/checkpoint_best.pth ({time.time() - (begun or started):.2f} s)", file=sys.stderr)
+        gpu = f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB" if device.type == "cuda" else ""
+        print(f"done: {run.out_dir}/checkpoint_best.pth ({time.time() - (begun or started):.2f} s{gpu})", file=sys.stderr)
     return run.out_dir
 
 

@@ -16,6 +16,7 @@ from data.images import normalisation
 
 RESNETS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048, "resnet152": 2048}
 ENCODERS = [*RESNETS, "efficientnet_lite2"]
+CPU_CHUNK = 4       # images per CNN call on a CPU (see EncoderCNN.extract)
 
 
 class EfficientNetLite2Features(nn.Module):
@@ -82,6 +83,7 @@ class EncoderCNN(nn.Module):
             raise ValueError(f"model.encoder={name!r} is not one of {', '.join(ENCODERS)}")
         self.name, self.spatial, self.fine_tune = name, spatial, fine_tune
         self._fingerprint = (None, None)    # (weights' identity stamp, hash): see weights_fingerprint
+        self._channels_last = False         # whether the backbone's weights are in channels_last (see extract)
         local_file = weights not in ("imagenet", "none")
         if name == "efficientnet_lite2":
             self.backbone, self.feature_dim = EfficientNetLite2Features(pretrained=weights == "imagenet"), 1280
@@ -131,11 +133,22 @@ class EncoderCNN(nn.Module):
         return self
 
     def extract(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 images [B,3,S,S] -> the feature grid [B,P,C] (P = H*W), which the cache stores for every decoder."""
+        """uint8 images [B,3,S,S] -> the feature grid [B,P,C] (P = H*W), which the cache stores for every decoder.
+
+        On a CPU the CNN runs CPU_CHUNK images at a time, in channels_last: a few images' activations stay in
+        the CPU's caches, and a batch of 16 at once ran several times slower per image (docs/speed.md)."""
+        if images.device.type == "cpu":
+            if not self._channels_last:
+                with torch.inference_mode(False), torch.no_grad():     # ordinary tensors, even when called under it
+                    self.backbone.to(memory_format=torch.channels_last)     # once: the weights in the layout too
+                self._channels_last = True
+            return torch.cat([self._extract(chunk, channels_last=True) for chunk in images.split(CPU_CHUNK)])
+        # On CUDA channels_last feeds the bf16 tensor cores; in fp32 (small batches) it only costs layout changes.
+        return self._extract(images, channels_last=torch.is_autocast_enabled())
+
+    def _extract(self, images: torch.Tensor, channels_last: bool) -> torch.Tensor:
         x = (images.float() - self.mean) / self.std
-        # channels_last feeds the bf16 tensor cores; in fp32 (small batches) it would only make every
-        # convolution convert its weight to that layout on each call.
-        if x.is_cuda and torch.is_autocast_enabled():
+        if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.backbone(x).flatten(2).transpose(1, 2)      # [B,C,H,W] -> [B,H*W,C]
 

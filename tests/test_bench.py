@@ -48,3 +48,13 @@ def test_cuda_without_a_gpu_is_a_one_line_error():
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert run.returncode == 2 and run.stdout == ""
     assert run.stderr.startswith("error: ") and "cuda" in run.stderr and run.stderr.count("\n") == 1
+
+
+def test_the_scale_benchmarks_smallest_size(capsys):
+    """bench.py --scale --quick: 10,000 images of synthetic cached features, one LSTM epoch (no timing asserted)."""
+    bench.main(["--scale", "--quick", "--device", "cpu"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["benchmark"] == "scale" and [r["images"] for r in result["results"]] == [10_000]
+    row = result["results"][0]
+    assert row["captions"] == 50_000 and row["streamed"] and row["epoch_s"] > 0 and row["open_cache_s"] > 0
+    assert row["peak_rss_bytes"] is None or row["peak_anon_bytes"] <= row["peak_rss_bytes"]

@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 
 from data.vocab import Vocabulary
-from models.decoding import beam_search, generate, greedy_decode
+from models.decoding import beam_search, generate, greedy_decode, sample_captions
 from models.decoder_lstm import DecoderRNN
 
 
@@ -106,3 +106,41 @@ def test_generate_returns_text_and_beams():
         results = generate(model, torch.randn(2, 8), vocab, beam_size=k, max_len=5)
         assert all(isinstance(r["caption"], str) and "<" not in r["caption"] for r in results)
         assert 1 <= len(results[0]["beams"]) <= k
+
+
+def test_sampling_with_a_seed_repeats_and_a_cold_temperature_gives_the_greedy_caption():
+    torch.manual_seed(0)
+    model = DecoderRNN(embed_size=8, vocab_size=9, hidden_size=16).eval()
+    features = torch.randn(6, 8)
+
+    def draw(seed, temperature=1.0):
+        return sample_captions(model, features, 4, max_len=7, temperature=temperature,
+                               generator=torch.Generator().manual_seed(seed))
+    tokens, lengths = draw(1)
+    assert tokens.shape[0] == 24 and (tokens[:, 0] == 1).all()        # 4 samples per image, image-major
+    again, again_lengths = draw(1)
+    assert torch.equal(tokens, again) and torch.equal(lengths, again_lengths)
+    assert not torch.equal(tokens, draw(2)[0])
+    for row, length in zip(tokens.tolist(), lengths.tolist()):        # after <end> (or max_len): padding only
+        assert all(t == 0 for t in row[length:]) and (row[length - 1] == 2 or length == tokens.size(1))
+    cold, _ = draw(3, temperature=1e-4)
+    greedy = greedy_decode(model, features, max_len=7)
+    for b, result in enumerate(greedy):
+        for k in range(4):
+            words = cold[b * 4 + k, 1:].tolist()
+            assert words[:len(result["tokens"])] == result["tokens"]
+
+
+@pytest.mark.parametrize("decoder", ["lstm", "attention", "transformer"])
+def test_every_decoder_samples_through_its_step_interface(decoder):
+    from config import load_config
+    from models import build_model
+    torch.manual_seed(0)
+    config = load_config(None, ["model.encoder=resnet18", "model.encoder_weights=none", f"model.decoder={decoder}",
+                                "model.embed_size=16", "model.hidden_size=16", "model.attention_size=8",
+                                "model.num_heads=2", "model.num_layers=1"])
+    model = build_model(config, vocab_size=12).eval()
+    tokens, lengths = sample_captions(model, torch.randn(3, 4, 512), 2, max_len=5)
+    assert tokens.shape[0] == 6 and tokens.shape[1] <= 6 and ((lengths >= 2) & (lengths <= tokens.shape[1])).all()
+    log_probs = model(torch.randn(3, 4, 512).repeat_interleave(2, 0), tokens, lengths, log_probs=True)
+    assert log_probs.shape == (6,) and (log_probs <= 0).all()

@@ -86,3 +86,19 @@ def test_killing_one_rank_ends_the_others_and_the_run_resumes(tiny_overrides, tm
     epoch = load_checkpoint(str(run / "checkpoint_last.pth"))["progress"]["epoch"]
     train.main(["--resume", str(run), "--set", f"train.epochs={epoch + 1}"])
     assert load_checkpoint(str(run / "checkpoint_last.pth"))["progress"]["epoch"] == epoch + 1
+
+
+@needs_torchrun
+def test_self_critical_training_under_torchrun_samples_each_ranks_share(tiny_overrides, tmp_path):
+    settings = [o for o in tiny_overrides if not o.startswith(("train.out_dir", "train.epochs"))] + [
+        "model.decoder=attention", "model.dropout=0", "train.val_bleu_images=0", "train.batch_size=6"]
+    train.main(["--set", *settings, "train.epochs=1", f"train.out_dir={tmp_path / 'ce'}"])
+    result = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2", "train.py", "--set", *settings,
+                             "train.scst=true", f"train.init_from={tmp_path / 'ce' / 'checkpoint_best.pth'}",
+                             "train.epochs=1", "train.lr=1e-4", "train.lr_schedule=constant",
+                             f"train.out_dir={tmp_path / 'scst'}"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    checkpoint = load_checkpoint(str(tmp_path / "scst" / "checkpoint_last.pth"))
+    assert checkpoint["progress"]["step"] == 3            # 18 images in global batches of 6: 3 per rank each step
+    assert "self-critical" in result.stderr and "reward=" in result.stderr

@@ -127,3 +127,16 @@ def test_ctrl_c_in_feature_extraction_says_how_to_continue(tiny_overrides, monke
         run(tiny_overrides)
     assert stop.value.code == 130
     assert "features computed so far are cached; run the same command again" in capsys.readouterr().err
+
+
+def test_streamed_and_held_features_train_the_same(tiny_overrides, tmp_path):
+    """train.cache_on_device=false gathers each batch from the mapped cache; true holds it all: same steps."""
+    for mode in ("false", "true"):
+        settings = [o for o in tiny_overrides if not o.startswith("train.out_dir")]
+        run(settings + ["model.decoder=attention", "model.dropout=0", "train.epochs=1",
+                        f"train.cache_on_device={mode}", f"train.out_dir={tmp_path / mode}"])
+    a, b = weights(str(tmp_path / "false" / "checkpoint_last.pth")), weights(str(tmp_path / "true" / "checkpoint_last.pth"))
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    logs = [(tmp_path / mode / "loss_log.txt").read_text().splitlines() for mode in ("false", "true")]
+    assert [r.split("\t")[3] for r in logs[0]] == [r.split("\t")[3] for r in logs[1]]      # the same losses
