@@ -15,6 +15,7 @@ is Streamlit's own server.maxUploadSize, set in .streamlit/config.toml.
 import io
 import math
 import os
+import sys
 
 import streamlit as st
 import torch
@@ -47,6 +48,7 @@ def load_captioner(path: str, mtime: float):
     """(model, vocab, config, device) for a checkpoint; mtime is only part of the cache key, so a retrained file reloads."""
     model, vocab, config = load_model(load_checkpoint(path), path)
     device = pick_device("auto")
+    print(f"app: loaded {path} on {device}", file=sys.stderr, flush=True)    # once per file, for every visitor
     return model.to(device), vocab, config, device
 
 

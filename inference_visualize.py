@@ -108,8 +108,9 @@ def main(argv=None):
             rows.append(gallery_row(picture, path, result, references.get(path, []), not args.no_attention_maps))
         atomic_write(csv_path, lambda f: f.write(csv_text(lines)), binary=False)   # what is done so far is kept
     html_path = os.path.join(args.out, "captions_result.html")
-    title = f"{os.path.basename(os.path.dirname(os.path.abspath(checkpoint_path)))}: {config['model']['encoder']} + " \
-            f"{config['model']['decoder']}, beam {beam_size}"
+    stem = os.path.splitext(os.path.basename(checkpoint_path))[0]      # a run's checkpoint_*.pth: its run folder's name
+    name = os.path.basename(os.path.dirname(os.path.abspath(checkpoint_path))) if stem.startswith("checkpoint_") else stem
+    title = f"{name}: {config['model']['encoder']} + {config['model']['decoder']}, beam {beam_size}"
     write_gallery(html_path, rows, title)
     if skipped:
         warn(f"skipped {skipped} of {len(paths)} files that are not readable images")

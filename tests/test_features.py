@@ -218,3 +218,14 @@ def test_cache_of_another_encoder_is_not_reused(tiny_data, tmp_path):
     assert calls == [3] and len(os.listdir(tmp_path)) == 2           # recomputed, into its own folder
     expected = real(torch.stack([ImageFiles(files, 32)[i][0] for i in range(3)])).half()
     assert torch.allclose(got[:].float(), expected.float(), atol=1e-2)
+
+
+def test_a_cache_on_a_full_disk_warns_and_the_features_are_still_there(tiny_data, small_disk, capsys):
+    disk, fill = small_disk
+    fill(4096)
+    got, ok = extract_features(encoder(), paths(tiny_data), 32, str(disk / "cache"), CPU, num_workers=0)
+    fresh, _ = extract_features(encoder(), paths(tiny_data), 32, None, CPU, num_workers=0)
+    assert all(ok) and torch.equal(got[:], fresh[:])
+    err = capsys.readouterr().err
+    assert "could not write 6 images' features to the feature cache" in err and "No space left on device" in err
+    assert "Traceback" not in err

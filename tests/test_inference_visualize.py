@@ -53,3 +53,41 @@ def test_cli_errors_are_one_line(tiny_checkpoints, tmp_path):
                                 cwd=ROOT, capture_output=True, text=True)
         assert result.returncode == 2 and "Traceback" not in result.stderr
         assert result.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "inference_visualize.py", *args], cwd=ROOT, capture_output=True, text=True)
+
+
+def test_bad_numbers_and_an_out_that_is_a_file_are_one_line(tiny_checkpoints, tiny_data, tmp_path):
+    image = os.path.join(tiny_data[1], "shape_0000.png")
+    (tmp_path / "taken").write_text("a file")
+    for flags, expected in ((["--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
+                            (["--max-len", "-5"], "argument --max-len: must be at least 1, got -5"),
+                            (["--max-images", "-1"], "argument --max-images: must be at least 1, got -1"),
+                            (["--max-images", "0"], "argument --max-images: must be at least 1, got 0"),
+                            (["--beam-size", "x"], "argument --beam-size: 'x' is not a whole number"),
+                            (["--out", str(tmp_path / "taken")], "is a file; give a folder")):
+        result = cli("--checkpoint", tiny_checkpoints["lstm"], "--images", image, *flags)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, flags
+        assert expected in result.stderr.strip().splitlines()[-1], (flags, result.stderr)
+
+
+def test_a_file_name_that_is_not_utf8_is_skipped_and_the_rest_captioned(tiny_checkpoints, tiny_data, tmp_path):
+    folder = os.fsencode(str(tmp_path / "photos"))
+    os.mkdir(folder)
+    for name in (b"one.png", b"caf\xe9.png", b"two.png"):
+        shutil.copy(os.path.join(tiny_data[1], "shape_0000.png"), os.path.join(folder, name))
+    result = cli("--checkpoint", tiny_checkpoints["lstm"], "--images", os.fsdecode(folder), "--out", str(tmp_path / "o"))
+    assert result.returncode == 0, result.stderr
+    assert [line.split("\t")[0] for line in result.stdout.strip().splitlines()] == ["one.png", "two.png"]
+    assert "skipped 1 file whose name is not valid UTF-8" in result.stderr
+
+
+def test_outputs_on_a_full_disk_are_one_line(tiny_checkpoints, tiny_data, small_disk):
+    disk, fill = small_disk
+    fill(2048)
+    result = cli("--checkpoint", tiny_checkpoints["lstm"], "--images", tiny_data[1], "--out", str(disk / "out"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {disk / 'out'}") and "No space left on device" in last

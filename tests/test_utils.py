@@ -36,3 +36,15 @@ def test_abandoned_atomic_save_leaves_the_old_file(tmp_path):
     assert not atomic_save({"epoch": 2, "weights": torch.zeros(1000)}, str(tmp_path / "c.pth"), abandon=abandon)
     assert torch.load(tmp_path / "c.pth", weights_only=True) == {"epoch": 1}
     assert os.listdir(tmp_path) == ["c.pth"]                                    # no temp file left
+
+
+def test_a_full_disk_is_an_oserror_naming_the_file_and_the_old_file_stays(small_disk):
+    disk, fill = small_disk
+    path = str(disk / "c.pth")
+    atomic_save({"epoch": 1}, path)
+    fill(64 * 1024)
+    with pytest.raises(OSError) as error:
+        atomic_save({"epoch": 2, "weights": torch.zeros(4_000_000)}, path)      # 16 MB: torch.save's RuntimeError
+    assert error.value.filename == path and error.value.errno == 28
+    assert torch.load(path, weights_only=True) == {"epoch": 1}
+    assert sorted(os.listdir(disk)) == ["c.pth", "filler"]                      # no temp file left behind
