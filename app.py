@@ -21,6 +21,7 @@ import streamlit as st
 import torch
 from PIL import Image
 
+from data.demo import knows_only_shapes
 from data.images import input_size, load_image, resize_image
 from evaluation.gallery import attention_overlay
 from models.checkpoint import PRETRAINED, load_checkpoint, load_model
@@ -30,7 +31,8 @@ from utils import pick_device
 ROOT = os.path.dirname(os.path.abspath(__file__))
 ANY_CHECKPOINT = "CAPTION_APP_ANY_CHECKPOINT"   # set to 1 by the operator: the path box opens any file
 UPLOAD_TYPES = ["jpg", "jpeg", "png", "webp"]
-EXAMPLES_DIR = os.path.join(ROOT, "demo_images")
+EXAMPLES_DIR = os.path.join(ROOT, "examples")          # photos, for a model trained on photos
+DEMO_EXAMPLES_DIR = os.path.join(ROOT, "demo_images")   # generated shapes, for a model trained on them
 N_EXAMPLES = 4
 MAX_HEATMAPS = 20                   # words shown with an attention map
 
@@ -137,16 +139,21 @@ def sidebar_checkpoint() -> str | None:
     return typed or chosen
 
 
-def example_buttons() -> None:
+def examples_for(vocab) -> str:
+    """The bundled examples a model can say something about: shapes for a demo model, photos for the others."""
+    return DEMO_EXAMPLES_DIR if knows_only_shapes(vocab.itos) else EXAMPLES_DIR
+
+
+def example_buttons(folder: str) -> None:
     """Thumbnails of a few bundled images; clicking one remembers it in the session."""
-    if not os.path.isdir(EXAMPLES_DIR):
+    if not os.path.isdir(folder):
         return
-    names = sorted(n for n in os.listdir(EXAMPLES_DIR) if n.lower().endswith(tuple(UPLOAD_TYPES)))[:N_EXAMPLES]
+    names = sorted(n for n in os.listdir(folder) if n.lower().endswith(tuple(UPLOAD_TYPES)))[:N_EXAMPLES]
     if not names:
         return
     st.write("...or click an example:")
     for number, (column, name) in enumerate(zip(st.columns(len(names)), names), 1):
-        path = os.path.join(EXAMPLES_DIR, name)
+        path = os.path.join(folder, name)
         column.image(path, width="stretch")
         if column.button(f"Example {number}", key=f"example_{name}", help=name, width="stretch"):
             st.session_state["example"] = path
@@ -177,7 +184,7 @@ def main() -> None:
     upload_column, example_column = st.columns([2, 3], gap="large")
     uploads = upload_column.file_uploader("Upload images", type=UPLOAD_TYPES, accept_multiple_files=True)
     with example_column:
-        example_buttons()
+        example_buttons(examples_for(captioner[1]))
     inputs = [(upload.name, upload.getvalue()) for upload in uploads or []]
     if st.session_state.get("example"):
         example = st.session_state["example"]

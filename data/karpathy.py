@@ -62,9 +62,12 @@ def _read(path: str, mtime_ns: int, size: int):
 
 
 def split_names(splits: dict[str, list[str]], spec: str, path: str) -> list[str]:
-    """Image names of `spec`, split names joined by '+' ("train+restval"), in file order and without repeats."""
+    """Image names of `spec`, split names joined by '+' ("train+restval"), in file order and without repeats.
+    restval, which only COCO's file has, is left out where a file has none, so the default fits all three."""
     names = []
     for part in (p.strip() for p in spec.split("+")):
+        if part == "restval" and part not in splits:
+            continue
         if part not in splits:
             known = ", ".join(sorted(s for s in splits if s)) or "none"
             raise ValueError(f"{path}: no split named {part!r}; its splits are {known}")

@@ -13,7 +13,16 @@ from data.vocab import Vocabulary
 
 
 @torch.no_grad()
-def greedy_decode(model, features, max_len: int, start_id: int = 1, end_id: int = 2, stop_check_every=None):
+def step_logits(model, tokens, state, banned: tuple):
+    """model.step, with the banned ids' logits (<pad>, <start>, <unk>: never words of a caption) set to -inf."""
+    logits, state, alpha = model.step(tokens, state)
+    if banned:
+        logits = logits.float().index_fill(1, torch.tensor(banned, device=logits.device), float("-inf"))
+    return logits, state, alpha
+
+
+def greedy_decode(model, features, max_len: int, start_id: int = 1, end_id: int = 2, stop_check_every=None,
+                  banned: tuple = ()):
     """features [B,...] -> list of B dicts {tokens, score, attention}: argmax word each step, up to max_len words.
 
     Stopping once every caption has ended means reading a flag on the host, which waits for the device
@@ -27,7 +36,7 @@ def greedy_decode(model, features, max_len: int, start_id: int = 1, end_id: int 
     words, alphas, logps = [], [], []
     finished = torch.zeros(batch, dtype=torch.bool, device=features.device)
     for step in range(max_len):
-        logits, state, alpha = model.step(tokens, state)
+        logits, state, alpha = step_logits(model, tokens, state, banned)
         logp, tokens = F.log_softmax(logits.float(), dim=-1).max(dim=-1)         # [B], [B]
         words.append(tokens)
         logps.append(logp.masked_fill(finished, 0.0))
@@ -47,7 +56,7 @@ def greedy_decode(model, features, max_len: int, start_id: int = 1, end_id: int 
 
 @torch.no_grad()
 def beam_search(model, features, beam_size: int, max_len: int, length_penalty: float = 1.0,
-                start_id: int = 1, end_id: int = 2):
+                start_id: int = 1, end_id: int = 2, banned: tuple = ()):
     """Batched beam search. features [B,...] -> list of B dicts {tokens, score, attention, beams}.
 
     Score = sum of log-probs / length ** length_penalty, length counting <end>. A hypothesis
@@ -65,7 +74,7 @@ def beam_search(model, features, beam_size: int, max_len: int, length_penalty: f
     finished = [[] for _ in range(batch)]   # per image: (normalised score, tokens, attention)
     done = [False] * batch
     for t in range(max_len):
-        logits, state, alpha = model.step(tokens, state)
+        logits, state, alpha = step_logits(model, tokens, state, banned)
         logp = F.log_softmax(logits.float(), dim=-1)                                  # [B*K, V]
         vocab = logp.size(1)
         candidates = (scores.view(-1, 1) + logp).view(batch, k * vocab)              # [B, K*V]
@@ -114,7 +123,8 @@ def beam_search(model, features, beam_size: int, max_len: int, length_penalty: f
 
 @torch.no_grad()
 def sample_captions(model, features, samples_per_image: int, max_len: int, temperature: float = 1.0,
-                    generator: torch.Generator | None = None, start_id: int = 1, end_id: int = 2, pad_id: int = 0):
+                    generator: torch.Generator | None = None, start_id: int = 1, end_id: int = 2, pad_id: int = 0,
+                    banned: tuple = ()):
     """Draw K = samples_per_image captions per image from the model's word distribution (softmax of the
     logits / temperature); a temperature near 0 gives the greedy caption.
 
@@ -129,7 +139,7 @@ def sample_captions(model, features, samples_per_image: int, max_len: int, tempe
     words = [tokens]
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
     for _ in range(max_len):
-        logits, state, _ = model.step(tokens, state)
+        logits, state, _ = step_logits(model, tokens, state, banned)
         probs = torch.softmax(logits.float() / max(temperature, 1e-6), dim=-1)
         tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1).masked_fill(finished, pad_id)
         words.append(tokens)
@@ -143,14 +153,20 @@ def sample_captions(model, features, samples_per_image: int, max_len: int, tempe
     return tokens, lengths
 
 
+def never_said(vocab: Vocabulary) -> tuple:
+    """Ids a caption never holds: <pad>, <start>, and <unk>, which would print as a placeholder."""
+    return vocab.pad_id, vocab.start_id, vocab.unk_id
+
+
 def generate(model, features, vocab: Vocabulary, beam_size: int = 1, max_len: int = 30, length_penalty: float = 1.0):
     """Captions for a batch of features: list of {caption, tokens, score, attention, beams: [(caption, score)]}."""
     if beam_size <= 1:
-        results = greedy_decode(model, features, max_len, vocab.start_id, vocab.end_id)
+        results = greedy_decode(model, features, max_len, vocab.start_id, vocab.end_id, banned=never_said(vocab))
         for r in results:
             r["beams"] = [(r["tokens"], r["score"])]
     else:
-        results = beam_search(model, features, beam_size, max_len, length_penalty, vocab.start_id, vocab.end_id)
+        results = beam_search(model, features, beam_size, max_len, length_penalty, vocab.start_id, vocab.end_id,
+                              banned=never_said(vocab))
     for r in results:
         r["caption"] = vocab.decode(r["tokens"])
         r["beams"] = [(vocab.decode(tokens), score) for tokens, score in r["beams"]]

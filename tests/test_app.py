@@ -14,7 +14,7 @@ import app  # noqa: E402
 from models.checkpoint import PRETRAINED, load_checkpoint, load_model  # noqa: E402
 
 APP = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "app.py")
-EXAMPLES = sorted(os.listdir(app.EXAMPLES_DIR)) if os.path.isdir(app.EXAMPLES_DIR) else []
+EXAMPLES = sorted(os.listdir(app.DEMO_EXAMPLES_DIR)) if os.path.isdir(app.DEMO_EXAMPLES_DIR) else []   # tiny demo models
 EXAMPLE = EXAMPLES[0] if EXAMPLES else None   # the first example button
 can_upload = hasattr(AppTest, "file_uploader")   # AppTest simulates uploads in newer Streamlit only
 
@@ -61,7 +61,7 @@ def test_example_click_shows_caption_beams_and_attention(tiny_checkpoints, monke
     assert at.info and "Upload an image" in at.info[0].value
     at.button(key=f"example_{EXAMPLE}").click().run()
     assert not at.exception and not at.error
-    image = Image.open(os.path.join(app.EXAMPLES_DIR, EXAMPLE)).convert("RGB")
+    image = Image.open(os.path.join(app.DEMO_EXAMPLES_DIR, EXAMPLE)).convert("RGB")
     expected = app.caption(captioner_for(checkpoint), image, beam_size=at.slider[0].value, max_len=at.slider[1].value)
     assert at.subheader[0].value == expected["caption"]
     assert beam_rows(at) == [beam for beam, _ in expected["beams"]]
@@ -79,19 +79,22 @@ def test_beam_slider_changes_number_of_beams(tiny_checkpoints, monkeypatch, tmp_
     at.button(key=f"example_{EXAMPLE}").click().run()
     assert len(beam_rows(at)) == 1
     at.slider[0].set_value(4).run()
-    image = Image.open(os.path.join(app.EXAMPLES_DIR, EXAMPLE)).convert("RGB")
+    image = Image.open(os.path.join(app.DEMO_EXAMPLES_DIR, EXAMPLE)).convert("RGB")
     expected = app.caption(captioner_for(checkpoint), image, beam_size=4, max_len=at.slider[1].value)
     assert len(beam_rows(at)) == len(expected["beams"]) > 1
     assert at.subheader[0].value == expected["caption"]
 
 
-def test_opens_with_the_shipped_model_selected(monkeypatch, tmp_path):
+def test_opens_with_the_shipped_model_selected_and_photo_examples(monkeypatch, tmp_path):
     if not os.path.isfile(PRETRAINED):
         pytest.fail(f"{PRETRAINED} is missing: the repository ships it")
     at = start(monkeypatch, tmp_path)
     assert not at.exception and not at.error
     assert at.selectbox[0].options[0] == os.path.relpath(PRETRAINED, app.ROOT)
     assert at.selectbox[0].value == os.path.relpath(PRETRAINED, app.ROOT)
+    photo = sorted(n for n in os.listdir(app.EXAMPLES_DIR) if n.endswith(".jpg"))[0]   # the photos, not the shapes
+    at.button(key=f"example_{photo}").click().run()
+    assert not at.exception and not at.error and at.subheader[0].value
 
 
 def test_no_checkpoint_found_says_how_to_train(monkeypatch, tmp_path):

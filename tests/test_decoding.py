@@ -144,3 +144,17 @@ def test_every_decoder_samples_through_its_step_interface(decoder):
     assert tokens.shape[0] == 6 and tokens.shape[1] <= 6 and ((lengths >= 2) & (lengths <= tokens.shape[1])).all()
     log_probs = model(torch.randn(3, 4, 512).repeat_interleave(2, 0), tokens, lengths, log_probs=True)
     assert log_probs.shape == (6,) and (log_probs <= 0).all()
+
+
+def test_generate_never_says_unk_pad_or_start():
+    vocab = Vocabulary(["<pad>", "<start>", "<end>", "<unk>", "dog"])
+    table = [[0.0] * 5 for _ in range(5)]
+    for row in table:                    # <unk> is the likeliest word after anything; then "dog", then <end>
+        row[3], row[4], row[2], row[0], row[1] = 0.5, 0.3, 0.1, 0.05, 0.05
+    model = TableDecoder(table)
+    for beam in (1, 2):
+        result = generate(model, torch.zeros(1, 1), vocab, beam_size=beam, max_len=3)[0]
+        assert "<unk>" not in result["caption"] and result["caption"].split() == ["dog"] * len(result["caption"].split())
+    tokens, _ = sample_captions(model, torch.zeros(2, 1), 8, max_len=4, banned=(0, 1, 3))
+    words = tokens[:, 1:]
+    assert not (words == 1).any() and not (words == 3).any()         # <pad> (0) only follows an <end>

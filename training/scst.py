@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from evaluation.cider import CiderD
-from models.decoding import sample_captions
+from models.decoding import never_said, sample_captions
 
 
 def leave_one_out_baseline(rewards: np.ndarray, samples_per_image: int) -> np.ndarray:
@@ -38,7 +38,8 @@ class SelfCritical:
         model.eval()
         with amp:
             tokens, lengths = sample_captions(model, features, self.k, self.max_len, start_id=self.vocab.start_id,
-                                              end_id=self.vocab.end_id, pad_id=self.vocab.pad_id)
+                                              end_id=self.vocab.end_id, pad_id=self.vocab.pad_id,
+                                              banned=never_said(self.vocab))
         captions = [self.vocab.decode(row[1:]) for row in tokens.tolist()]
         rewards = self.reward.score(captions, [name for name in names for _ in range(self.k)])
         advantage = torch.as_tensor(rewards - leave_one_out_baseline(rewards, self.k), dtype=torch.float32,
