@@ -24,19 +24,18 @@ import json
 import math
 import os
 import resource
+import subprocess
 import sys
 import tempfile
 import time
 
 import torch
 import torchvision
+import yaml
 from PIL import Image
 
-import subprocess
-
-import yaml
-
 from benchmarks import pretrained, scale
+from benchmarks.memory import watch_memory
 from benchmarks.naive import NaiveCaptioner, naive_extract, naive_infer, naive_train, now
 from config import DEFAULTS, merge
 from data.captions import read_captions, read_split_file
@@ -56,7 +55,6 @@ EPOCH_CAPTIONS = 30_000       # Flickr8k's train split: 6,000 images x 5 caption
 MAX_LEN = DEFAULTS["decode"]["max_len"]
 
 
-
 def reset_peak(device):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -66,15 +64,15 @@ def reset_peak(device):
 
 
 def peak_memory(device) -> int:
-    """Bytes: peak CUDA allocation; on CPU, this process's peak RSS plus its largest child's (DataLoader workers)."""
+    """Bytes: peak CUDA allocation; on CPU, this process's peak RSS since reset_peak (VmHWM; on other systems
+    its peak since it started)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    unit = 1 if sys.platform == "darwin" else 1024
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
     if os.path.exists("/proc/self/status"):
         with open("/proc/self/status") as f:
             own = next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:")), own)
-    return own + resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * unit
+    return own
 
 
 # ---- data ----------------------------------------------------------------------------------------
@@ -128,19 +126,23 @@ def end_to_end_config(tmp, images_dir, captions_path, names, min_freq, size, dec
 
 # ---- ours ----------------------------------------------------------------------------------------
 
-def run_train(config, tmp):
-    """train.py in a process of its own, as a user runs it: (the time it reports, the process's wall time)."""
+def run_train(config, tmp, device):
+    """train.py in a process of its own, as a user runs it: (the time it reports, the process's wall time,
+    its peak memory: CPU resident memory, or the GPU memory it reports)."""
     path = os.path.join(tmp, "bench_config.yaml")
     with open(path, "w", encoding="utf-8") as f:
         yaml.safe_dump(config, f)
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--config", path], cwd=ROOT,
-                          capture_output=True, text=True)
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), "--config", path], cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    with watch_memory(process.pid) as peaks:
+        _, err = process.communicate()
     wall = time.perf_counter() - start
-    if done.returncode:
-        raise RuntimeError(f"train.py failed ({done.returncode}): {done.stderr.strip().splitlines()[-1:]}")
-    reported = [line for line in done.stderr.splitlines() if line.startswith("done: ")][-1]
-    return float(reported.rsplit("(", 1)[1].split(" s")[0]), wall
+    if process.returncode:
+        raise RuntimeError(f"train.py failed ({process.returncode}): {err.strip().splitlines()[-1:]}")
+    reported = [line for line in err.splitlines() if line.startswith("done: ")][-1]
+    gpu = float(reported.split("peak GPU memory ")[1].split(" GiB")[0]) * 2**30 if "peak GPU memory" in reported else 0
+    return float(reported.rsplit("(", 1)[1].split(" s")[0]), wall, gpu if device.type == "cuda" else peaks.get("VmHWM", 0)
 
 
 def ours_train_rate(model, feats, rows, config, device, budget_s):
@@ -248,10 +250,10 @@ def measure(args, device, tmp):
     feats = feats[:n]                                                      # [n, P, C] on the CPU
     ours_rate, ours_full_epoch = ours_train_rate(model, feats, rows, config, device, 5 if quick else 30)
     del model, feats
-    ours_e2e, ours_e2e_process = run_train(config, tmp)
+    ours_e2e, ours_e2e_process, train_peak = run_train(config, tmp, device)
     model, vocab, _ = load_model(load_checkpoint(os.path.join(config["train"]["out_dir"], "checkpoint_best.pth")))
     ours_infer_rates = infer_rates(ours_infer, model.to(device), vocab, paths, size, batches, device)
-    ours_peak = peak_memory(device)
+    ours_peak = max(peak_memory(device), train_peak)
     model.cpu()
 
     print("bench: naive", file=sys.stderr)
@@ -276,7 +278,8 @@ def measure(args, device, tmp):
         **{f"infer_{name[k]}_bs{b}_images_per_s": figure(ours_infer_rates[b, k], naive_infer_rates[b, k])
            for b, k in ours_infer_rates},
         "peak_memory_bytes": figure(ours_peak, naive_peak, False, kind="torch.cuda.max_memory_allocated" if not cpu
-                                    else "peak RSS of this process (reset per side) + of its largest child"),
+                                    else "peak RSS of this process (reset per side), for ours also of its train.py "
+                                         "process, whichever is larger; DataLoader workers not counted"),
     }
     notes = [
         "ratio = times better for ours: rates ours/naive, times and memory naive/ours",

@@ -27,15 +27,16 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from config import DEFAULTS, load_config, merge, parse_overrides
+from config import load_config
 from data.captions import load_splits
 from data.feature_store import FeatureFeed, fits_on_device
 from data.features import wait_for_cache_writes
 from data.prepare import prepare_splits
 from data.vocab import Vocabulary
 from models import build_model
-from models.checkpoint import is_inference, load_checkpoint, load_model, load_weights
-from training.checkpoints import CheckpointWriter, checkpoint_state, frozen_weights, restore_rng, rng_state
+from models.checkpoint import load_checkpoint, load_weights
+from training.checkpoints import (CheckpointWriter, checkpoint_state, frozen_weights, restore_rng, resume_config, rng_state,
+                                  starting_point)
 from training.cuda_graphs import graphed_step
 from training.distributed import broadcast_flag, setup_distributed, shutdown, wrap
 from training.run_folder import RunFolder
@@ -54,16 +55,15 @@ def train(config, run: RunFolder, checkpoint=None, command="", begun=None):
     seed_everything(t["seed"])
     gc.freeze()    # what exists now outlives the run: full collections, set off by parsing captions, skip it
     captions, train_names, val_names = loaded = load_splits(config["data"])
-    init = starting_point(config, checkpoint)         # train.init_from's (model, vocab, config), or None
-    init = load_model(*init) if init else None
-    vocab = (Vocabulary(checkpoint["vocab"]) if checkpoint else init[1] if init
+    start = starting_point(config, checkpoint)        # train.init_from's (model, vocab), or None
+    vocab = (Vocabulary(checkpoint["vocab"]) if checkpoint else start[1] if start
              else Vocabulary.build((c for n in train_names for c in captions[n]), config["data"]["min_word_freq"]))
     with torch.device(device):              # built where it trains: no copy from the host
         model = build_model(config, len(vocab))
     if checkpoint:
         load_weights(model, checkpoint["model"], run.out_dir, checkpoint["config"])
-    elif init:
-        model.load_state_dict(init[0].state_dict())
+    elif start:
+        model.load_state_dict(start[0].state_dict())
     frozen_cnn = frozen_weights(model, t["fine_tune_encoder"]) if main_process else {}
     if main_process:
         vocab.save(os.path.join(run.out_dir, "vocab.json"))
@@ -142,7 +142,7 @@ def train(config, run: RunFolder, checkpoint=None, command="", begun=None):
     model.train()
     stop = False
     try:
-        if init and not progress["step"] and val_set:    # the starting point is the first candidate for best
+        if start and not progress["step"] and val_set:   # the starting point is the first candidate for best
             stop = check(final=False)
         while progress["epoch"] < t["epochs"] and not stop:
             epoch = progress["epoch"]
@@ -216,26 +216,6 @@ def train(config, run: RunFolder, checkpoint=None, command="", begun=None):
     return run.out_dir
 
 
-def starting_point(config, checkpoint):
-    """(checkpoint, path) of train.init_from for a new run, checked against this run's config; else None."""
-    path = config["train"]["init_from"]
-    if config["train"]["scst"] and not (path or checkpoint):
-        raise ValueError("train.scst=true starts from a trained model: set train.init_from=CHECKPOINT (a "
-                         "cross-entropy run's checkpoint_best.pth)")
-    if config["train"]["scst"] and config["train"]["fine_tune_encoder"]:
-        raise ValueError("train.scst=true trains on cached features: set train.fine_tune_encoder=false")
-    if checkpoint or not path:
-        return None
-    start = load_checkpoint(path)
-    theirs = merge(DEFAULTS, start["config"], path)
-    for key in [f"model.{k}" for k in DEFAULTS["model"] if k != "encoder_weights"] + ["data.image_size"]:
-        section, name = key.split(".")
-        if theirs[section][name] != config[section][name]:
-            raise ValueError(f"train.init_from={path} was trained with {key}={theirs[section][name]!r}, this run "
-                             f"has {config[section][name]!r}: a new run from its weights keeps its model settings")
-    return start, path
-
-
 def end_of_validation(model, val_set, feed, config, vocab, amp, progress, run, optimizer, started, save, final):
     """Validate, log, write checkpoint_last.pth (and checkpoint_best.pth when the metric improved); returns
     True when early stopping says stop."""
@@ -277,18 +257,7 @@ def main(argv=None):
     command = shlex.join(["python", "train.py", *(argv if argv is not None else sys.argv[1:])])
     checkpoint = None
     if args.resume:
-        checkpoint = load_checkpoint(args.resume)
-        if is_inference(checkpoint):
-            raise ValueError(f"--resume {args.resume}: an exported checkpoint has no optimizer state to resume; "
-                             f"start a new run from its weights with --set train.init_from={args.resume}")
-        config = merge(merge(DEFAULTS, checkpoint["config"], args.resume), parse_overrides(args.set), "--set")
-        for key in [f"model.{k}" for k in DEFAULTS["model"]] + [f"data.{k}" for k in DEFAULTS["data"]] + ["train.scst"]:
-            section, name = key.split(".")
-            if config[section][name] != merge(DEFAULTS, checkpoint["config"], args.resume)[section][name]:
-                raise ValueError(f"--resume: the run was trained with {key}={checkpoint['config'][section].get(name)!r}; "
-                                 f"a resumed run keeps it: start a new run to change it")
-        # The run is where it is now: a copied run folder trains on in the copy, not where it was made.
-        config["train"]["out_dir"] = args.resume if os.path.isdir(args.resume) else os.path.dirname(args.resume) or "."
+        config, checkpoint = resume_config(args.resume, args.set)
         command = checkpoint.get("command") or command
     else:
         config = load_config(args.config, args.set)
@@ -297,7 +266,7 @@ def main(argv=None):
         run.lock()
     try:
         if not checkpoint and os.path.exists(last := os.path.join(run.out_dir, "checkpoint_last.pth")):
-            return report_existing_run(load_checkpoint(last), run.out_dir)
+            return run.report_existing(load_checkpoint(last))
         if checkpoint and checkpoint["progress"]["epoch"] >= config["train"]["epochs"]:
             warn(f"{run.out_dir}: the run has trained all {config['train']['epochs']} epochs; nothing to do "
                  f"(add epochs with --set train.epochs=N)")
@@ -305,18 +274,6 @@ def main(argv=None):
         return train(config, run, checkpoint, command, begun)
     finally:
         run.close()
-
-
-def report_existing_run(checkpoint, out_dir):
-    """A folder that holds a run is never trained over: a finished run is reported and kept."""
-    progress = checkpoint["progress"]
-    if not (progress.get("finished") or progress["epoch"] >= checkpoint["config"]["train"]["epochs"]):
-        raise ValueError(f"{out_dir} holds an unfinished run (epoch {progress['epoch']}); continue it with "
-                         f"--resume {out_dir}, or start a new one with --set train.out_dir=runs/NEW_NAME")
-    print(f"{out_dir} already holds a finished run ({progress['epoch']} epochs, best validation "
-          f"{checkpoint['config']['train']['select_metric']} {progress['best']}); kept it as it is. To train "
-          f"another, add --set train.out_dir=runs/NEW_NAME", file=sys.stderr)
-    return out_dir
 
 
 if __name__ == "__main__":

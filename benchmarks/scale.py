@@ -12,22 +12,23 @@ train.py` process of its own, while this process samples its memory. Reported pe
   held in memory and must stay flat when the cache is streamed
 - peak_gpu_bytes: on CUDA, torch's peak allocation, as train.py reports it
 
-On a GPU: ResNet-50 grids (7x7x2048), the LSTM and attention decoders, features streamed and held on
-the device. On a CPU the full grid and the attention decoder are too slow for a benchmark: ResNet-18
-grids at 64 px (2x2x512) and the LSTM only, streamed (train.cache_on_device=auto on a CPU).
+On a GPU: ResNet-50 grids (7x7x2048), the LSTM and attention decoders at their default sizes, features
+streamed and held on the device. On a CPU the full grid, the attention decoder and the full-size LSTM
+are too slow for a benchmark: ResNet-18 grids at 64 px (2x2x512) and an LSTM of width 128 (embedding
+64), streamed (train.cache_on_device=auto on a CPU).
 """
 import os
 import random
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 import torch
 import torchvision
 import yaml
 
+from benchmarks.memory import watch_memory
 from config import DEFAULTS, merge
 from data.cache_key import cache_key
 from data.features import extract_features
@@ -44,9 +45,9 @@ SHARD = 1024
 def setting(device: torch.device) -> dict:
     if device.type == "cuda":
         return {"encoder": "resnet50", "image_size": 224, "grid": (49, 2048), "decoders": ("lstm", "attention"),
-                "modes": ("true", "false"), "batch_size": 512}
+                "modes": ("true", "false"), "batch_size": 512, "embed_size": 256, "hidden_size": 512}
     return {"encoder": "resnet18", "image_size": 64, "grid": (4, 512), "decoders": ("lstm",), "modes": ("auto",),
-            "batch_size": 512}
+            "batch_size": 512, "embed_size": 64, "hidden_size": 128}
 
 
 def make_dataset(folder: str, n: int, s: dict, encoder_path: str) -> tuple[list[str], str]:
@@ -76,27 +77,13 @@ def make_dataset(folder: str, n: int, s: dict, encoder_path: str) -> tuple[list[
     return paths, os.path.join(folder, "cache")
 
 
-def sample_memory(pid: int, peaks: dict, stop: threading.Event) -> None:
-    """Peak VmHWM and RssAnon of a process, read from /proc every 50 ms (Linux; elsewhere nothing)."""
-    path = f"/proc/{pid}/status"
-    while not stop.is_set():
-        try:
-            with open(path) as f:
-                for line in f:
-                    key, value = line.split(":", 1)
-                    if key in ("VmHWM", "RssAnon"):
-                        peaks[key] = max(peaks.get(key, 0), int(value.split()[0]) * 1024)
-        except (OSError, ValueError):
-            pass
-        stop.wait(0.05)
-
-
 def train_one_epoch(folder: str, cache_dir: str, s: dict, encoder_path: str, decoder: str, mode: str, device):
     config = merge(DEFAULTS, {
         "data": {"captions": os.path.join(folder, "captions.csv"), "images": os.path.join(folder, "images"),
                  "train_split": os.path.join(folder, "train.txt"), "val_split": os.path.join(folder, "val.txt"),
                  "min_word_freq": 1, "image_size": s["image_size"]},
-        "model": {"encoder": s["encoder"], "encoder_weights": encoder_path, "decoder": decoder},
+        "model": {"encoder": s["encoder"], "encoder_weights": encoder_path, "decoder": decoder,
+                  "embed_size": s["embed_size"], "hidden_size": s["hidden_size"]},
         "train": {"epochs": 1, "batch_size": s["batch_size"], "out_dir": os.path.join(folder, f"run_{decoder}_{mode}"),
                   "cache_dir": cache_dir, "cache_on_device": mode, "val_bleu_images": 0, "select_metric": "loss",
                   "device": str(device), "num_workers": 0, "log_every": 10 ** 9, "batch_by_length": True}},
@@ -106,12 +93,8 @@ def train_one_epoch(folder: str, cache_dir: str, s: dict, encoder_path: str, dec
         yaml.safe_dump(config, f)
     process = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), "--config", path], cwd=ROOT,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    peaks, stop = {}, threading.Event()
-    sampler = threading.Thread(target=sample_memory, args=(process.pid, peaks, stop), daemon=True)
-    sampler.start()
-    _, err = process.communicate()
-    stop.set()
-    sampler.join()
+    with watch_memory(process.pid) as peaks:
+        _, err = process.communicate()
     if process.returncode:
         raise RuntimeError(f"train.py failed ({process.returncode}): {err.strip().splitlines()[-3:]}")
     log = open(os.path.join(config["train"]["out_dir"], "loss_log.txt"), encoding="utf-8").read().splitlines()
@@ -154,11 +137,13 @@ def run(device, quick: bool) -> dict:
     return {"benchmark": "scale", "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "quick": quick, "encoder": s["encoder"], "image_size": s["image_size"], "grid": list(s["grid"]),
-            "batch_size": s["batch_size"], "results": results,
+            "batch_size": s["batch_size"], "embed_size": s["embed_size"], "hidden_size": s["hidden_size"],
+            "results": results,
             "notes": ["synthetic fp16 grids written into the cache format; no CNN runs",
                       "epoch_s: train.py's own elapsed time at the end of the epoch's last step",
                       "peak_anon_bytes excludes file pages (the mapped cache): it is what a whole-cache load grows",
-                      ("CPU: ResNet-18 grids at 64 px and the LSTM only; the full grid and attention are GPU figures"
+                      ("CPU: ResNet-18 grids at 64 px and an LSTM of width 128 only; the full grid, full-size "
+                       "decoders and attention are GPU figures"
                        if device.type != "cuda" else "GPU: ResNet-50 grids 7x7x2048, streamed and held on the device")]}
 
 

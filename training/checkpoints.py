@@ -1,4 +1,4 @@
-"""Checkpoints of a training run: the state they hold, and the thread that writes them.
+"""Checkpoints of a training run: what a run starts from, the state they hold, and the thread that writes them.
 
 Checkpoints are written by a background thread while the next epoch trains: on a GPU an epoch can
 take less time than writing a ResNet-50 to disk. The frozen CNN's weights never change, so they are
@@ -11,10 +11,51 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from models.checkpoint import CHECKPOINT_FORMAT
+from config import DEFAULTS, merge, parse_overrides
+from models.checkpoint import CHECKPOINT_FORMAT, is_inference, load_checkpoint, load_model
 from utils import atomic_link, atomic_save, disk_error, warn
 
 BACKBONE = "encoder.backbone."
+
+
+def resume_config(path: str, overrides: list[str]) -> tuple[dict, dict]:
+    """(config, checkpoint) to continue the run of checkpoint `path` (or its run folder), with --set overrides
+    of anything but its model, data and training kind. The run goes on in the folder it is in now: a copied
+    run folder trains on in the copy, not where it was made."""
+    checkpoint = load_checkpoint(path)
+    if is_inference(checkpoint):
+        raise ValueError(f"--resume {path}: an exported checkpoint has no optimizer state to resume; "
+                         f"start a new run from its weights with --set train.init_from={path}")
+    recorded = merge(DEFAULTS, checkpoint["config"], path)
+    config = merge(recorded, parse_overrides(overrides), "--set")
+    for key in [f"model.{k}" for k in DEFAULTS["model"]] + [f"data.{k}" for k in DEFAULTS["data"]] + ["train.scst"]:
+        section, name = key.split(".")
+        if config[section][name] != recorded[section][name]:
+            raise ValueError(f"--resume: the run was trained with {key}={recorded[section][name]!r}; "
+                             f"a resumed run keeps it: start a new run to change it")
+    config["train"]["out_dir"] = path if os.path.isdir(path) else os.path.dirname(path) or "."
+    return config, checkpoint
+
+
+def starting_point(config, checkpoint):
+    """(model, vocab) of train.init_from for a new run, checked against this run's config; else None."""
+    path = config["train"]["init_from"]
+    if config["train"]["scst"] and not (path or checkpoint):
+        raise ValueError("train.scst=true starts from a trained model: set train.init_from=CHECKPOINT (a "
+                         "cross-entropy run's checkpoint_best.pth)")
+    if config["train"]["scst"] and config["train"]["fine_tune_encoder"]:
+        raise ValueError("train.scst=true trains on cached features: set train.fine_tune_encoder=false")
+    if checkpoint or not path:
+        return None
+    start = load_checkpoint(path)
+    theirs = merge(DEFAULTS, start["config"], path)
+    for key in [f"model.{k}" for k in DEFAULTS["model"] if k != "encoder_weights"] + ["data.image_size"]:
+        section, name = key.split(".")
+        if theirs[section][name] != config[section][name]:
+            raise ValueError(f"train.init_from={path} was trained with {key}={theirs[section][name]!r}, this run "
+                             f"has {config[section][name]!r}: a new run from its weights keeps its model settings")
+    model, vocab, _ = load_model(start, path)
+    return model, vocab
 
 
 def frozen_weights(model, fine_tune: bool) -> dict:

@@ -6,6 +6,7 @@ over. Where flock is missing (Windows), the lock file holds the owner's pid, and
 longer runs is a stale lock.
 """
 import os
+import sys
 
 try:
     import fcntl
@@ -51,6 +52,17 @@ class RunFolder:
         self.lock_file.truncate()
         self.lock_file.write(str(os.getpid()))
         self.lock_file.flush()
+
+    def report_existing(self, checkpoint) -> str:
+        """A folder that holds a run is never trained over: a finished run is reported and kept."""
+        progress = checkpoint["progress"]
+        if not (progress.get("finished") or progress["epoch"] >= checkpoint["config"]["train"]["epochs"]):
+            raise ValueError(f"{self.out_dir} holds an unfinished run (epoch {progress['epoch']}); continue it with "
+                             f"--resume {self.out_dir}, or start a new one with --set train.out_dir=runs/NEW_NAME")
+        print(f"{self.out_dir} already holds a finished run ({progress['epoch']} epochs, best validation "
+              f"{checkpoint['config']['train']['select_metric']} {progress['best']}); kept it as it is. To train "
+              f"another, add --set train.out_dir=runs/NEW_NAME", file=sys.stderr)
+        return self.out_dir
 
     def open_log(self):
         """loss_log.txt for appending; its header is written once, by the run that creates it."""
