@@ -182,23 +182,3 @@ class CheckpointWriter:
             kept = " and ".join(n for n in names if os.path.exists(os.path.join(self.out_dir, n)))
             warn(f"checkpoint not written: {disk_error(e)}; {'the earlier ' + kept + ' is kept' if kept else 'no earlier one exists'}; "
                  f"training goes on")
-
-
-def checkpoint_state(model, vocab, config: dict, unchanging=None, **state) -> dict:
-    """Model weights plus everything needed to caption (vocab, config) or resume (**state), copied to the
-    CPU now: training can go on while it is written. unchanging: {state_dict key: CPU tensor} for weights
-    that never change (a frozen CNN), which the caller copied once and which are used as they are."""
-    unchanging = unchanging or {}
-    weights = {k: unchanging[k] if k in unchanging else _cpu_copy(v) for k, v in model.state_dict().items()}
-    return {"format": CHECKPOINT_FORMAT, "model": weights,
-            **_cpu_copy({"vocab": vocab.itos, "config": config, **state})}
-
-
-def _cpu_copy(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: _cpu_copy(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_cpu_copy(v) for v in obj)
-    return obj
