@@ -35,13 +35,13 @@ from data.prepare import prepare_splits
 from data.vocab import Vocabulary
 from models import build_model
 from models.checkpoint import load_checkpoint, load_weights
-from training.checkpoints import (CheckpointWriter, checkpoint_state, frozen_weights, restore_rng, resume_config, rng_state,
+from training.checkpoints import (CheckpointWriter, checkpoint_state, frozen_weights, restore, resume_config, rng_state,
                                   starting_point)
 from training.cuda_graphs import graphed_step
 from training.distributed import broadcast_flag, setup_distributed, shutdown, wrap
 from training.run_folder import RunFolder
 from training.scst import SelfCritical
-from training.step import epoch_order, lr_lambda, make_amp, optimizer_step, training_step
+from training.step import epoch_order, make_amp, make_optimizer, optimizer_step, training_step
 from training.validation import validate
 from utils import atomic_write_text, run_main, seed_everything, warn
 
@@ -91,23 +91,13 @@ def train(config, run: RunFolder, checkpoint=None, command="", begun=None):
                          f"each needs at least 2 per batch; add images or lower the process count")
     scst = SelfCritical({n: captions[n] for n in train_set["names"]}, vocab, config) if t["scst"] else None
 
-    decoder_params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("encoder.backbone")]
-    groups = [{"params": decoder_params, "lr": t["lr"]}]
-    if t["fine_tune_encoder"]:
-        groups.append({"params": list(model.encoder.last_block().parameters()), "lr": t["encoder_lr"]})
-    optimizer = torch.optim.AdamW(groups, weight_decay=t["weight_decay"], fused=device.type == "cuda")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, t["epochs"] * steps_per_epoch))
+    decoder_params, optimizer, scheduler = make_optimizer(model, config, t["epochs"] * steps_per_epoch, device)
     amp, scaler = make_amp(device, t["amp"])
     progress = {"epoch": 0, "batch": 0, "step": 0, "best": None, "stale_epochs": 0, "elapsed": 0.0, "finished": False}
     # Reading images draws from the global RNG only on a cache miss; re-seed so dropout never depends on the cache.
     torch.manual_seed(t["seed"] + 1 + rank)
-    if checkpoint:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        if scaler and checkpoint.get("scaler"):
-            scaler.load_state_dict(checkpoint["scaler"])
-        progress.update(checkpoint["progress"])
-        restore_rng(checkpoint["rng"])
+    if checkpoint:        # the resumed run's optimizer, schedule, progress and random state, as they were
+        restore(checkpoint, optimizer, scheduler, scaler, progress)
     step_model = wrap(model, device, world)
     if t["compile"]:
         step_model = torch.compile(step_model)

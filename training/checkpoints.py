@@ -83,7 +83,14 @@ def rng_state() -> dict:
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
-def restore_rng(rng: dict) -> None:
+def restore(checkpoint: dict, optimizer, scheduler, scaler, progress: dict) -> None:
+    """A resumed run's optimizer, schedule, loss scale, progress and random state, as the checkpoint has them."""
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    if scaler and checkpoint.get("scaler"):
+        scaler.load_state_dict(checkpoint["scaler"])
+    progress.update(checkpoint["progress"])
+    rng = checkpoint["rng"]
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
     if torch.cuda.is_available() and rng.get("cuda"):

@@ -65,6 +65,17 @@ def training_step(model, optimizer, scaler, graphed, rows, lengths, inputs, imag
     return loss
 
 
+def make_optimizer(model, config, total_steps: int, device):
+    """(trained parameters apart from the CNN's, AdamW over them and the fine-tuned CNN block, its schedule)."""
+    t = config["train"]
+    decoder_params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("encoder.backbone")]
+    groups = [{"params": decoder_params, "lr": t["lr"]}]
+    if t["fine_tune_encoder"]:
+        groups.append({"params": list(model.encoder.last_block().parameters()), "lr": t["encoder_lr"]})
+    optimizer = torch.optim.AdamW(groups, weight_decay=t["weight_decay"], fused=device.type == "cuda")
+    return decoder_params, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, total_steps))
+
+
 def lr_lambda(config, total_steps):
     """The learning rate's factor at each step: linear warm-up, then cosine decay to 0 or constant."""
     t = config["train"]
