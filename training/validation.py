@@ -8,6 +8,7 @@ from models.decoding import generate
 from training.step import batch_loss
 
 DECODE_BATCH = 256
+LOSS_BATCH = 512          # captions per teacher-forced validation batch: no gradients, so larger than training's
 
 
 @torch.no_grad()
@@ -15,13 +16,14 @@ def validate(model, val: dict, feed, config, vocab, amp) -> tuple[float, dict]:
     """(validation loss, {"BLEU-4", "CIDEr"} of greedy captions; nan where train.val_bleu_images is 0).
     feed: a data.feature_store.FeatureFeed over the validation images."""
     model.eval()
-    total, count, bs = 0.0, 0, config["train"]["batch_size"]
+    total, count, bs = 0.0, 0, LOSS_BATCH
     for start in range(0, len(val["tokens"]), bs):
         rows = slice(start, start + bs)
         inputs = feed.batch(val["image_index"][rows])
-        tokens = val["tokens"][rows].to(inputs.device)
-        loss, _ = batch_loss(model, inputs, tokens, val["lengths"][rows], config, amp, label_smoothing=0.0)  # a perplexity
-        total, count = total + loss.item() * len(tokens), count + len(tokens)
+        tokens, lengths = val["tokens"][rows].to(inputs.device), val["lengths"][rows]
+        # Summed over the target tokens (normalizer 1), without label smoothing: the mean is a true perplexity.
+        loss, _ = batch_loss(model, inputs, tokens, lengths, config, amp, normalizer=1.0, label_smoothing=0.0)
+        total, count = total + loss.item(), count + int((lengths - 1).sum())
     scores = {"BLEU-4": float("nan"), "CIDEr": float("nan")}
     n = min(config["train"]["val_bleu_images"], len(val["names"]))
     if n:
