@@ -168,7 +168,7 @@ def main() -> None:
                  "`git checkout -- pretrained/`) and nothing under runs/. Train one with `python train.py` "
                  "(it writes runs/<name>/checkpoint_best.pth).")
         st.stop()
-    full = os.path.join(ROOT, path)
+    full = os.path.realpath(os.path.join(ROOT, path))      # one cache entry per file, however it was named
     try:
         captioner = load_captioner(full, os.path.getmtime(full) if os.path.exists(full) else 0.0)
     except (ValueError, OSError) as e:
