@@ -90,3 +90,19 @@ def small_disk(tmp_path):
         yield mount, fill
     finally:
         subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def run_script(main, args, capsys):
+    """A script's main(args), run as `python script.py ARGS` runs it (utils.run_main: a user's mistake is one
+    line and exit code 2, a refused file operation exit code 1) but in this process, without the seconds a
+    new interpreter spends importing torch. Returns .returncode, .stdout and .stderr like subprocess.run."""
+    import types
+    from utils import run_main
+    capsys.readouterr()
+    code = 0
+    try:
+        run_main(lambda: main([str(a) for a in args]))
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    out, err = capsys.readouterr()
+    return types.SimpleNamespace(returncode=code, stdout=out, stderr=err)

@@ -32,7 +32,9 @@ def test_bad_overrides_are_rejected(pairs, message):
 
 def test_repo_configs_load():
     paths = ["config.yaml"] + sorted(glob.glob("configs/*.yaml"))
-    assert {"configs/flickr8k_lite2_lstm_bs512.yaml", "configs/flickr8k_lite2_attention_bs512.yaml"} <= set(paths)
+    recipes = {f"configs/flickr8k_lite2_{name}.yaml" for name in
+               ("lstm", "attention", "transformer", "attention_scst", "transformer_scst")}
+    assert recipes | {"configs/flickr30k.yaml", "configs/coco.yaml"} <= set(paths)
     for path in paths:
         assert load_config(path)["model"]["encoder"]
 

@@ -74,7 +74,6 @@ def test_names_that_are_not_utf8_are_skipped_and_counted(tmp_path, tiny_data):
     files = list_images([os.fsdecode(folder)])
     assert [os.path.basename(f) for f in files] == ["ok.png"]
     # As a user runs it: the other image is captioned, and the one-line warning names the file as bytes allow.
-    from tests.conftest import tiny_settings   # noqa: F401  (the fixture's data)
     result = subprocess.run([sys.executable, "-c", "from data.images import list_images; import sys; "
                              "print(len(list_images(sys.argv[1:])))", os.fsdecode(folder)],
                             cwd=ROOT, capture_output=True, text=True)

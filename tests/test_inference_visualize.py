@@ -8,7 +8,7 @@ import sys
 from PIL import Image
 
 import inference_visualize
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_script
 
 
 def test_folder_with_a_non_image_and_a_corrupt_jpeg(tiny_checkpoints, tiny_data, tmp_path, capsys):
@@ -44,22 +44,23 @@ def test_split_shows_references_and_attention_maps(tiny_checkpoints, tmp_path, c
     assert html.count("data:image") > 2                             # thumbnails plus attention heatmaps
 
 
-def test_cli_errors_are_one_line(tiny_checkpoints, tmp_path):
+def test_cli_errors_are_one_line(tiny_checkpoints, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
-    for args in (["--checkpoint", tiny_checkpoints["lstm"], "--images", str(empty)],
-                 ["--checkpoint", str(tmp_path / "missing.pth"), "--images", str(empty)]):
-        result = subprocess.run([sys.executable, "inference_visualize.py", *args, "--out", str(tmp_path / "o")],
-                                cwd=ROOT, capture_output=True, text=True)
-        assert result.returncode == 2 and "Traceback" not in result.stderr
-        assert result.stderr.strip().splitlines()[-1].startswith("error: ")
+    result = cli(capsys, "--checkpoint", tiny_checkpoints["lstm"], "--images", empty, "--out", tmp_path / "o")
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith("error: ")
+    # once as a user's shell runs it: a new process, whose stderr shows no traceback
+    result = subprocess.run([sys.executable, "inference_visualize.py", "--checkpoint", str(tmp_path / "missing.pth"),
+                             "--images", str(empty), "--out", str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ")
 
 
-def cli(*args):
-    return subprocess.run([sys.executable, "inference_visualize.py", *args], cwd=ROOT, capture_output=True, text=True)
+def cli(capsys, *args):
+    return run_script(inference_visualize.main, args, capsys)
 
 
-def test_bad_numbers_and_an_out_that_is_a_file_are_one_line(tiny_checkpoints, tiny_data, tmp_path):
+def test_bad_numbers_and_an_out_that_is_a_file_are_one_line(tiny_checkpoints, tiny_data, tmp_path, capsys):
     image = os.path.join(tiny_data[1], "shape_0000.png")
     (tmp_path / "taken").write_text("a file")
     for flags, expected in ((["--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
@@ -68,26 +69,26 @@ def test_bad_numbers_and_an_out_that_is_a_file_are_one_line(tiny_checkpoints, ti
                             (["--max-images", "0"], "argument --max-images: must be at least 1, got 0"),
                             (["--beam-size", "x"], "argument --beam-size: 'x' is not a whole number"),
                             (["--out", str(tmp_path / "taken")], "is a file; give a folder")):
-        result = cli("--checkpoint", tiny_checkpoints["lstm"], "--images", image, *flags)
+        result = cli(capsys, "--checkpoint", tiny_checkpoints["lstm"], "--images", image, *flags)
         assert result.returncode == 2 and "Traceback" not in result.stderr, flags
         assert expected in result.stderr.strip().splitlines()[-1], (flags, result.stderr)
 
 
-def test_a_file_name_that_is_not_utf8_is_skipped_and_the_rest_captioned(tiny_checkpoints, tiny_data, tmp_path):
+def test_a_file_name_that_is_not_utf8_is_skipped_and_the_rest_captioned(tiny_checkpoints, tiny_data, tmp_path, capsys):
     folder = os.fsencode(str(tmp_path / "photos"))
     os.mkdir(folder)
     for name in (b"one.png", b"caf\xe9.png", b"two.png"):
         shutil.copy(os.path.join(tiny_data[1], "shape_0000.png"), os.path.join(folder, name))
-    result = cli("--checkpoint", tiny_checkpoints["lstm"], "--images", os.fsdecode(folder), "--out", str(tmp_path / "o"))
+    result = cli(capsys, "--checkpoint", tiny_checkpoints["lstm"], "--images", os.fsdecode(folder), "--out", str(tmp_path / "o"))
     assert result.returncode == 0, result.stderr
     assert [line.split("\t")[0] for line in result.stdout.strip().splitlines()] == ["one.png", "two.png"]
     assert "skipped 1 file whose name is not valid UTF-8" in result.stderr
 
 
-def test_outputs_on_a_full_disk_are_one_line(tiny_checkpoints, tiny_data, small_disk):
+def test_outputs_on_a_full_disk_are_one_line(tiny_checkpoints, tiny_data, small_disk, capsys):
     disk, fill = small_disk
     fill(2048)
-    result = cli("--checkpoint", tiny_checkpoints["lstm"], "--images", tiny_data[1], "--out", str(disk / "out"))
+    result = cli(capsys, "--checkpoint", tiny_checkpoints["lstm"], "--images", tiny_data[1], "--out", str(disk / "out"))
     assert result.returncode == 1 and "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: {disk / 'out'}") and "No space left on device" in last

@@ -3,8 +3,6 @@ missing or damaged file, a missing package or a demo model on photos each get on
 import builtins
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,7 +12,8 @@ from data.demo import demo_words
 from models import checkpoint as checkpoints
 from models.checkpoint import PRETRAINED, load_model, load_shipped
 from models.decoding import generate
-from tests.conftest import ROOT
+import inference_visualize
+from tests.conftest import run_script
 
 FLICKR8K = os.environ.get("FLICKR8K_DIR", "")
 
@@ -32,11 +31,10 @@ def test_the_shipped_model_loads_and_captions_a_generated_image():
     assert result["caption"] and len(result["caption"].split()) >= 3
 
 
-def test_inference_visualize_uses_it_without_a_checkpoint(tiny_data, tmp_path):
+def test_inference_visualize_uses_it_without_a_checkpoint(tiny_data, tmp_path, capsys):
     image = tmp_path / "photo.jpg"
     Image.new("RGB", (320, 240), (200, 180, 160)).save(image)
-    result = subprocess.run([sys.executable, "inference_visualize.py", "--images", str(image), "--out",
-                             str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True)
+    result = run_script(inference_visualize.main, ["--images", image, "--out", tmp_path / "out"], capsys)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("photo.jpg\t") and (tmp_path / "out" / "captions_result.html").exists()
     assert "flickr8k_attention_lite2" in (tmp_path / "out" / "captions_result.html").read_text()
@@ -65,12 +63,11 @@ def test_without_the_encoders_package_the_line_names_it(monkeypatch):
         load_model(load_shipped(), PRETRAINED)
 
 
-def test_a_demo_model_on_photos_says_what_it_knows(tiny_checkpoints, tmp_path):
+def test_a_demo_model_on_photos_says_what_it_knows(tiny_checkpoints, tmp_path, capsys):
     image = tmp_path / "photo.jpg"
     Image.new("RGB", (320, 240), (200, 180, 160)).save(image)
-    result = subprocess.run([sys.executable, "inference_visualize.py", "--checkpoint", tiny_checkpoints["lstm"],
-                             "--images", str(image), "--out", str(tmp_path / "out")], cwd=ROOT, capture_output=True,
-                            text=True)
+    result = run_script(inference_visualize.main, ["--checkpoint", tiny_checkpoints["lstm"], "--images", image,
+                                                   "--out", tmp_path / "out"], capsys)
     assert result.returncode == 0, result.stderr
     notes = [line for line in result.stderr.splitlines() if "generated shapes demo" in line]
     assert len(notes) == 1 and "the shipped Flickr8k model" in notes[0] and "is the default" in notes[0]

@@ -1,17 +1,15 @@
 """training/run_folder.py and train.py's run folder: a run is where it is, one process trains in it at a time,
 and a full disk keeps the last checkpoint whole."""
-import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
 
-import pytest
 
 import train
 from models.checkpoint import load_checkpoint
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_script
 
 
 def without_out_dir(overrides):
@@ -38,7 +36,7 @@ def start(tiny_overrides, out_dir, epochs):
                             text=True)
 
 
-def test_a_second_process_is_refused_and_a_killed_runs_lock_is_taken_over(tiny_overrides, tmp_path):
+def test_a_second_process_is_refused_and_a_killed_runs_lock_is_taken_over(tiny_overrides, tmp_path, capsys):
     out = tmp_path / "shared_run"
     first = start(tiny_overrides, out, 100_000)
     try:
@@ -46,43 +44,38 @@ def test_a_second_process_is_refused_and_a_killed_runs_lock_is_taken_over(tiny_o
         while not (out / "loss_log.txt").exists() and time.monotonic() < deadline:
             time.sleep(0.2)
         assert first.poll() is None, first.stderr.read()
-        second = subprocess.run([sys.executable, "train.py", "--set", *without_out_dir(tiny_overrides), f"train.out_dir={out}"],
-                                cwd=ROOT, capture_output=True, text=True, timeout=120)
-        assert second.returncode == 2 and "Traceback" not in second.stderr
+        second = run_script(train.main, ["--set", *without_out_dir(tiny_overrides), f"train.out_dir={out}"], capsys)
+        assert second.returncode == 2
         assert second.stderr.strip().splitlines()[-1] == (
             f"error: {out} is in use: process {first.pid} is training in it; wait for it to finish, or train into "
             f"another folder with --set train.out_dir=runs/NEW_NAME")
     finally:
         first.send_signal(signal.SIGKILL)                       # no Ctrl-C handler runs: its lock is left stale
         first.wait()
-    third = start(tiny_overrides, out, 1)
-    _, err = third.communicate(timeout=300)
-    if (out / "checkpoint_last.pth").exists() and "unfinished run" in err:   # killed after its first checkpoint
-        third = subprocess.run([sys.executable, "train.py", "--resume", str(out), "--set", "train.epochs=1"],
-                               cwd=ROOT, capture_output=True, text=True, timeout=300)
-        err = third.stderr
-    assert third.returncode == 0, err
+    third = run_script(train.main, ["--set", *without_out_dir(tiny_overrides), f"train.out_dir={out}", "train.epochs=1"],
+                       capsys)
+    if (out / "checkpoint_last.pth").exists() and "unfinished run" in third.stderr:   # killed after its first checkpoint
+        third = run_script(train.main, ["--resume", out, "--set", "train.epochs=1"], capsys)
+    assert third.returncode == 0, third.stderr
 
 
-def test_an_out_dir_below_a_file_is_one_line(tiny_overrides, tmp_path):
+def test_an_out_dir_below_a_file_is_one_line(tiny_overrides, tmp_path, capsys):
     (tmp_path / "a_file").write_text("not a folder")
-    result = subprocess.run([sys.executable, "train.py", "--set", *without_out_dir(tiny_overrides),
-                             f"train.out_dir={tmp_path / 'a_file' / 'run'}"], cwd=ROOT, capture_output=True, text=True)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
+    result = run_script(train.main, ["--set", *without_out_dir(tiny_overrides), f"train.out_dir={tmp_path / 'a_file' / 'run'}"],
+                        capsys)
+    assert result.returncode == 2
     assert "a part of that path is a file, not a folder" in result.stderr.strip().splitlines()[-1]
 
 
-def test_a_full_disk_keeps_the_last_checkpoint_and_says_which_write_failed(tiny_overrides, small_disk):
+def test_a_full_disk_keeps_the_last_checkpoint_and_says_which_write_failed(tiny_overrides, small_disk, capsys):
     disk, fill = small_disk
     settings = [o for o in tiny_overrides if not o.startswith(("train.out_dir", "model.encoder", "train.epochs"))]
     settings += ["model.encoder=resnet18", "model.encoder_weights=none", f"train.out_dir={disk / 'run'}"]
-    subprocess.run([sys.executable, "train.py", "--set", *settings, "train.epochs=1"], cwd=ROOT, check=True,
-                   capture_output=True)
+    train.main(["--set", *settings, "train.epochs=1"])
     before = (disk / "run" / "checkpoint_last.pth").read_bytes()
     fill(1 << 20)                                           # 1 MB left: the next checkpoint cannot be written
-    result = subprocess.run([sys.executable, "train.py", "--resume", str(disk / "run"), "--set", "train.epochs=2"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 1 and "Traceback" not in result.stderr
+    result = run_script(train.main, ["--resume", disk / "run", "--set", "train.epochs=2"], capsys)
+    assert result.returncode == 1
     assert "checkpoint not written:" in result.stderr and "No space left on device" in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "checkpoint_last.pth could not be written" in last

@@ -35,8 +35,12 @@ def write_log(run_dir, with_bleu=True, resumed=True):
     return path
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, cwd=REPO)
+def run_cli(capsys, *args):
+    """visualize_loss.main(args) in this process (no new interpreter importing torch): .returncode, .stdout, .stderr."""
+    capsys.readouterr()
+    code = visualize_loss.main(list(args))
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out, err)
 
 
 def assert_sane_png(path):
@@ -76,17 +80,17 @@ def test_plot_loss_writes_png(tmp_path, with_bleu):
     assert_sane_png(out)
 
 
-def test_cli_with_run_dir_and_with_log(tmp_path):
+def test_cli_with_run_dir_and_with_log(tmp_path, capsys):
     run_dir = tmp_path / "my_run"
     log_path = write_log(run_dir)
-    result = run_cli(str(run_dir))
+    result = subprocess.run([sys.executable, SCRIPT, str(run_dir)], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr
     default_out = run_dir / "loss_curve.png"
     assert result.stdout.strip() == str(default_out)
     assert_sane_png(default_out)
 
     custom_out = tmp_path / "elsewhere.png"
-    result = run_cli("--log", log_path, "--out", str(custom_out))
+    result = run_cli(capsys, "--log", log_path, "--out", str(custom_out))
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(custom_out)
     assert_sane_png(custom_out)
@@ -98,12 +102,12 @@ def test_cli_with_run_dir_and_with_log(tmp_path):
     ("", "empty"),
     ("time\tvalue\n1\t2\n", "wrong header"),
 ])
-def test_cli_errors_exit_2_with_one_line(tmp_path, content, expected):
+def test_cli_errors_exit_2_with_one_line(tmp_path, content, expected, capsys):
     log_path = tmp_path / "run" / "loss_log.txt"
     if content is not None:
         log_path.parent.mkdir()
         log_path.write_text(content, encoding="utf-8")
-    result = run_cli("--log", str(log_path))
+    result = run_cli(capsys, "--log", str(log_path))
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
