@@ -9,7 +9,6 @@ import socket
 
 import torch
 import torch.nn as nn
-import torchvision
 
 from data.cache_key import weights_hash
 from data.images import normalisation
@@ -48,6 +47,9 @@ class EfficientNetLite2Features(nn.Module):
 
 
 def _resnet_backbone(name: str, weights: str) -> nn.Module:
+    # imported here, not at the top: torchvision's import costs every script seconds of start-up, and the
+    # offline encoder (efficientnet_lite2) and the shipped model never need it
+    import torchvision
     builder = getattr(torchvision.models, name)
     net = builder(weights=None)
     if weights == "imagenet":

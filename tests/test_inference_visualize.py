@@ -85,10 +85,11 @@ def test_a_file_name_that_is_not_utf8_is_skipped_and_the_rest_captioned(tiny_che
     assert "skipped 1 file whose name is not valid UTF-8" in result.stderr
 
 
-def test_outputs_on_a_full_disk_are_one_line(tiny_checkpoints, tiny_data, small_disk, capsys):
+def test_outputs_on_a_full_disk_are_one_line(tiny_checkpoints, tiny_data, small_disk):
     disk, fill = small_disk
     fill(2048)
-    result = cli(capsys, "--checkpoint", tiny_checkpoints["lstm"], "--images", tiny_data[1], "--out", str(disk / "out"))
+    result = subprocess.run([sys.executable, "inference_visualize.py", "--checkpoint", tiny_checkpoints["lstm"], "--images",
+                             tiny_data[1], "--out", str(disk / "out")], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: {disk / 'out'}") and "No space left on device" in last
