@@ -3,7 +3,7 @@
     python bench.py --quick --device cpu                       # under 2 minutes on a CPU
     python bench.py --device cuda --data data/flickr8k --out bench.json
     python bench.py --pretrained                               # the shipped model: cold start, photos/s
-    python bench.py --scale [--quick]                          # training on synthetic caches of 10k-120k images
+    python bench.py --scale [--quick] [--sizes 10000 40000]    # training on synthetic caches of 10k-120k images
 
 Ours is the project's own code: data.features.extract_features (on CUDA: JPEGs decoded on the
 GPU, bf16, channels_last), training.step's step on cached features kept on the device, a
@@ -324,6 +324,8 @@ def main(argv=None):
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--quick", action="store_true", help="small sizes: under 2 minutes on a CPU")
     parser.add_argument("--scale", action="store_true", help="training on synthetic feature caches of growing size")
+    parser.add_argument("--sizes", type=int_at_least(100), nargs="+",
+                        help="with --scale: the dataset sizes in images (default 10000 40000 120000; --quick: the first)")
     parser.add_argument("--pretrained", action="store_true",
                         help="the shipped model: cold start to one caption, then photos/s at batch 16")
     parser.add_argument("--out", help="also write the JSON here")
@@ -340,7 +342,7 @@ def main(argv=None):
     if args.scale and args.pretrained:
         raise ValueError("--scale and --pretrained are two benchmarks: run one at a time")
     if args.scale:
-        result = scale.run(pick_device(args.device), args.quick)
+        result = scale.run(pick_device(args.device), args.quick, args.sizes or scale.SIZES)
         scale.print_table(result)
     elif args.pretrained:
         result = pretrained.run(pick_device(args.device), args.data or os.environ.get("FLICKR8K_DIR") or FLICKR8K)

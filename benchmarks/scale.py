@@ -106,9 +106,9 @@ def train_one_epoch(folder: str, cache_dir: str, s: dict, encoder_path: str, dec
             "peak_gpu_bytes": gpu, "streamed": "(features streamed)" in err}
 
 
-def run(device, quick: bool) -> dict:
+def run(device, quick: bool, sizes=SIZES) -> dict:
     s = setting(device)
-    sizes = SIZES[:1] if quick else SIZES
+    sizes = sizes[:1] if quick else sizes
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
         torch.manual_seed(0)
