@@ -42,7 +42,6 @@ def test_quick_run_prints_the_figures_as_json_last(tmp_path, capsys, one_thread)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
-@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_cuda_without_a_gpu_is_a_one_line_error(capsys):
     run = run_script(bench.main, ["--device", "cuda"], capsys)
     assert run.returncode == 2 and run.stdout == ""
