@@ -24,19 +24,16 @@ import json
 import math
 import os
 import resource
-import subprocess
 import sys
 import tempfile
-import time
 
 import torch
 import torchvision
-import yaml
 from PIL import Image
 
 from benchmarks import pretrained, scale
-from benchmarks.memory import watch_memory
 from benchmarks.naive import NaiveCaptioner, naive_extract, naive_infer, naive_train, now
+from benchmarks.train_process import run_train_py
 from config import DEFAULTS, merge
 from data.captions import read_captions, read_split_file
 from data.features import CUDA_BATCH, extract_features
@@ -129,20 +126,9 @@ def end_to_end_config(tmp, images_dir, captions_path, names, min_freq, size, dec
 def run_train(config, tmp, device):
     """train.py in a process of its own, as a user runs it: (the time it reports, the process's wall time,
     its peak memory: CPU resident memory, or the GPU memory it reports)."""
-    path = os.path.join(tmp, "bench_config.yaml")
-    with open(path, "w", encoding="utf-8") as f:
-        yaml.safe_dump(config, f)
-    start = time.perf_counter()
-    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), "--config", path], cwd=ROOT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    with watch_memory(process.pid) as peaks:
-        _, err = process.communicate()
-    wall = time.perf_counter() - start
-    if process.returncode:
-        raise RuntimeError(f"train.py failed ({process.returncode}): {err.strip().splitlines()[-1:]}")
-    reported = [line for line in err.splitlines() if line.startswith("done: ")][-1]
-    gpu = float(reported.split("peak GPU memory ")[1].split(" GiB")[0]) * 2**30 if "peak GPU memory" in reported else 0
-    return float(reported.rsplit("(", 1)[1].split(" s")[0]), wall, gpu if device.type == "cuda" else peaks.get("VmHWM", 0)
+    done = run_train_py(config, os.path.join(tmp, "bench_config.yaml"))
+    peak = (done["peak_gpu_bytes"] or 0) if device.type == "cuda" else done["peaks"].get("VmHWM", 0)
+    return done["reported_s"], done["wall_s"], peak
 
 
 def ours_train_rate(model, feats, rows, config, device, budget_s):

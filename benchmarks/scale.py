@@ -19,23 +19,20 @@ are too slow for a benchmark: ResNet-18 grids at 64 px (2x2x512) and an LSTM of 
 """
 import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
 
 import torch
 import torchvision
-import yaml
 
-from benchmarks.memory import watch_memory
+from benchmarks.train_process import run_train_py
 from config import DEFAULTS, merge
 from data.cache_key import cache_key
 from data.features import extract_features
 from models.encoder import EncoderCNN
 from utils import atomic_save
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZES = (10_000, 40_000, 120_000)
 CAPTIONS_PER_IMAGE = 5
 WORDS = [f"w{i}" for i in range(1000)]
@@ -88,22 +85,13 @@ def train_one_epoch(folder: str, cache_dir: str, s: dict, encoder_path: str, dec
                   "cache_dir": cache_dir, "cache_on_device": mode, "val_bleu_images": 0, "select_metric": "loss",
                   "device": str(device), "num_workers": 0, "log_every": 10 ** 9, "batch_by_length": True}},
         "bench.py --scale")
-    path = os.path.join(folder, f"config_{decoder}_{mode}.yaml")
-    with open(path, "w", encoding="utf-8") as f:
-        yaml.safe_dump(config, f)
-    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), "--config", path], cwd=ROOT,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    with watch_memory(process.pid) as peaks:
-        _, err = process.communicate()
-    if process.returncode:
-        raise RuntimeError(f"train.py failed ({process.returncode}): {err.strip().splitlines()[-3:]}")
+    done = run_train_py(config, os.path.join(folder, f"config_{decoder}_{mode}.yaml"))
     log = open(os.path.join(config["train"]["out_dir"], "loss_log.txt"), encoding="utf-8").read().splitlines()
     rows = [dict(zip(log[0].split("\t"), line.split("\t"))) for line in log[1:]]
     epoch_s = max(float(r["elapsed"]) for r in rows if r["split"] == "train")
-    done = [line for line in err.splitlines() if line.startswith("done: ")][-1]
-    gpu = float(done.split("peak GPU memory ")[1].split(" GiB")[0]) * 2**30 if "peak GPU memory" in done else None
+    peaks = done["peaks"]
     return {"epoch_s": round(epoch_s, 2), "peak_rss_bytes": peaks.get("VmHWM"), "peak_anon_bytes": peaks.get("RssAnon"),
-            "peak_gpu_bytes": gpu, "streamed": "(features streamed)" in err}
+            "peak_gpu_bytes": done["peak_gpu_bytes"], "streamed": "(features streamed)" in done["stderr"]}
 
 
 def run(device, quick: bool, sizes=SIZES) -> dict:
