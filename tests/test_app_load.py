@@ -28,9 +28,13 @@ def photos(folder):
     return made
 
 
-def memory(pid):
-    with open(f"/proc/{pid}/status") as f:
+def memory(server, log_path):
+    """The server's resident and peak memory, in bytes. A server that has exited has no memory to read
+    (its /proc entry, while unreaped, lacks VmRSS): fail with its exit status and log instead."""
+    with open(f"/proc/{server.pid}/status") as f:
         fields = dict(line.split(":", 1) for line in f)
+    if "VmRSS" not in fields:
+        raise AssertionError(f"the streamlit server exited (status {server.wait()}): {open(log_path).read()[-2000:]}")
     return {k: int(fields[k].split()[0]) * 1024 for k in ("VmRSS", "VmHWM")}
 
 
@@ -54,7 +58,7 @@ def test_eight_sessions_uploading_five_photos_each(tmp_path):
             deadline = time.monotonic() + 120
             while not browser.find_elements(By.CSS_SELECTOR, "input[type=file]") and time.monotonic() < deadline:
                 time.sleep(0.2)
-        idle = memory(server.pid)
+        idle = memory(server, log)
         for tab in tabs:
             browser.switch_to.window(tab)
             browser.find_element(By.CSS_SELECTOR, "input[type=file]").send_keys("\n".join(files))
@@ -73,7 +77,7 @@ def test_eight_sessions_uploading_five_photos_each(tmp_path):
                 if len([c for c in captions if c.strip()]) == PHOTOS:
                     done[tab] = time.monotonic() - uploaded[tab]
             time.sleep(0.1)
-        loaded = memory(server.pid)
+        loaded = memory(server, log)
     finally:
         browser.quit()
         stop_server(server)
