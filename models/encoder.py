@@ -6,6 +6,7 @@ stores, so a frozen backbone runs once per image, ever. The small trainable part
 """
 import os
 import socket
+import threading
 
 import torch
 import torch.nn as nn
@@ -16,6 +17,11 @@ from data.images import normalisation
 RESNETS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048, "resnet152": 2048}
 ENCODERS = [*RESNETS, "efficientnet_lite2"]
 CPU_CHUNK = 4       # images per CNN call on a CPU (see EncoderCNN.extract)
+# Moving the weights to channels_last swaps each parameter's storage. A convolution running in another thread
+# (the web demo captions every visitor's upload in its own thread) would read freed memory, so the move holds
+# this lock and no thread passes it before the move is done. One lock for all encoders: a module holding a
+# lock could not be deep-copied.
+_LAYOUT_LOCK = threading.Lock()
 
 
 class EfficientNetLite2Features(nn.Module):
@@ -141,9 +147,11 @@ class EncoderCNN(nn.Module):
         the CPU's caches, and a batch of 16 at once ran several times slower per image (docs/speed.md)."""
         if images.device.type == "cpu":
             if not self._channels_last:
-                with torch.inference_mode(False), torch.no_grad():     # ordinary tensors, even when called under it
-                    self.backbone.to(memory_format=torch.channels_last)     # once: the weights in the layout too
-                self._channels_last = True
+                with _LAYOUT_LOCK:
+                    if not self._channels_last:                  # another thread may have moved them meanwhile
+                        with torch.inference_mode(False), torch.no_grad():   # ordinary tensors, even under it
+                            self.backbone.to(memory_format=torch.channels_last)   # once: the weights too
+                        self._channels_last = True
             return torch.cat([self._extract(chunk, channels_last=True) for chunk in images.split(CPU_CHUNK)])
         # On CUDA channels_last feeds the bf16 tensor cores; in fp32 (small batches) it only costs layout changes.
         return self._extract(images, channels_last=torch.is_autocast_enabled())

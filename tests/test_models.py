@@ -1,3 +1,6 @@
+import threading
+import time
+
 import pytest
 import torch
 
@@ -15,6 +18,48 @@ def test_encoder_shapes_frozen_and_batchnorm_eval():
     assert not any(p.requires_grad for p in enc.backbone.parameters())
     enc.train()
     assert not enc.backbone.training and enc.embed.training
+
+
+def test_threads_wait_for_the_one_move_to_channels_last(monkeypatch):
+    """The web demo captions each visitor's upload in its own thread. The first CPU call moves the weights to
+    channels_last, which swaps their storage: a convolution in another thread meanwhile read freed memory
+    and crashed the server. Slow the move down and check no thread runs the CNN while it is under way."""
+    enc = EncoderCNN("resnet18", "none", embed_size=16, spatial=True)
+    moving, moves, ran_during_move = threading.Event(), [], []
+    move, run = enc.backbone.to, enc._extract
+
+    apart = threading.Lock()       # the test's own: move and CNN never overlap, so a regression fails, not crashes
+
+    def slow_move(*args, **kwargs):
+        moves.append(1)
+        moving.set()
+        time.sleep(0.3)                       # wide enough for the other threads to arrive
+        with apart:
+            out = move(*args, **kwargs)
+        moving.clear()
+        return out
+
+    def watched_run(*args, **kwargs):
+        ran_during_move.append(moving.is_set())
+        with apart:
+            return run(*args, **kwargs)
+
+    monkeypatch.setattr(enc.backbone, "to", slow_move)
+    monkeypatch.setattr(enc, "_extract", watched_run)
+    start, grids = threading.Barrier(4), []
+
+    def caption_one():
+        start.wait()
+        grids.append(enc.extract(torch.zeros(1, 3, 64, 64, dtype=torch.uint8)).shape)
+
+    threads = [threading.Thread(target=caption_one) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(moves) == 1 and len(ran_during_move) == 4 and not any(ran_during_move)
+    assert grids == [(1, 4, 512)] * 4
+    assert enc.backbone[0].weight.is_contiguous(memory_format=torch.channels_last)    # the first conv, moved
 
 
 def test_fine_tune_trains_last_block_only():
