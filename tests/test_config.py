@@ -33,7 +33,7 @@ def test_bad_overrides_are_rejected(pairs, message):
 def test_repo_configs_load():
     paths = ["config.yaml"] + sorted(glob.glob("configs/*.yaml"))
     recipes = {f"configs/flickr8k_lite2_{name}.yaml" for name in
-               ("lstm", "attention", "transformer", "attention_scst", "transformer_scst")}
+               ("lstm", "attention", "transformer", "lstm_scst", "attention_scst", "transformer_scst")}
     assert recipes | {"configs/flickr30k.yaml", "configs/coco.yaml"} <= set(paths)
     for path in paths:
         assert load_config(path)["model"]["encoder"]
