@@ -73,13 +73,14 @@ def read_image(data: bytes, name: str) -> Image.Image:
     return load_image(NamedBytes(data, name))
 
 
-def caption(captioner, image: Image.Image, beam_size: int, max_len: int) -> dict:
+def caption(captioner, image: Image.Image, beam_size: int, max_len: int, no_repeat_ngram: int) -> dict:
     """One image -> decoding.generate's result plus `heatmaps`: [(word, overlay image)] when the model attends."""
     model, vocab, config, device = captioner
     size = input_size(config["model"]["encoder"], config["data"]["image_size"])
     with torch.inference_mode():
         features = model.encoder.extract(resize_image(image, size).unsqueeze(0).to(device))   # [1,3,S,S] -> [1,P,C]
-        result = generate(model, features, vocab, beam_size, max_len, config["decode"]["length_penalty"])[0]
+        result = generate(model, features, vocab, beam_size, max_len, config["decode"]["length_penalty"],
+                          no_repeat_ngram)[0]
     attention, result["heatmaps"] = result["attention"], []
     if attention is not None and len(attention):                                            # [n_words, P]
         side = math.isqrt(attention.size(1))
@@ -178,6 +179,8 @@ def main() -> None:
     st.sidebar.header("Decoding")
     beam_size = st.sidebar.slider("Beam size", 1, 10, min(max(config["decode"]["beam_size"], 1), 10))
     max_len = st.sidebar.slider("Max caption length (words)", 5, 60, min(max(config["decode"]["max_len"], 5), 60))
+    no_repeat_ngram = st.sidebar.slider("Never repeat a phrase of this many words (0: off)", 0, 5,
+                                        min(config["decode"]["no_repeat_ngram"], 5))
     st.sidebar.caption(f"{config['model']['encoder']} + {config['model']['decoder']} on {device.type}; "
                        f"images up to {Image.MAX_IMAGE_PIXELS:,} pixels")
 
@@ -199,7 +202,7 @@ def main() -> None:
             st.error(str(e))
             continue
         with st.spinner(f"Captioning {name}..."):
-            result = caption(captioner, image, beam_size, max_len)
+            result = caption(captioner, image, beam_size, max_len, no_repeat_ngram)
         show_result(name, image, result)
 
 

@@ -68,6 +68,7 @@ DEFAULTS = {
         "max_len": 30,            # words generated at most
         "beam_size": 3,
         "length_penalty": 1.0,    # beam score = log p / length ** length_penalty
+        "no_repeat_ngram": 2,     # never say the same n words twice in one caption (0: off); docs/results.md
     },
 }
 
@@ -90,7 +91,7 @@ RANGES = {
     "train.label_smoothing": (0.0, 1.0), "train.early_stop_patience": (0, None), "train.val_bleu_images": (0, None),
     "train.val_every": (0, None), "train.num_workers": (0, None), "train.log_every": (1, None),
     "train.scst_samples": (2, None), "decode.max_len": (1, None), "decode.beam_size": (1, None),
-    "decode.length_penalty": (0.0, None),
+    "decode.length_penalty": (0.0, None), "decode.no_repeat_ngram": (0, None),
 }
 OPEN_ABOVE = {"train.lr", "train.encoder_lr", "train.grad_clip"}        # must be more than the lowest
 OPEN_BELOW = {"data.val_fraction", "model.dropout", "train.label_smoothing"}   # must be less than the highest

@@ -68,6 +68,8 @@ def main(argv=None):
                         help="maximum caption length in words (default: the checkpoint's)")
     parser.add_argument("--length-penalty", type=float, default=None,
                         help="beam score = log p / length ** this (default: the checkpoint's decode.length_penalty)")
+    parser.add_argument("--no-repeat-ngram", type=int_at_least(0), default=None,
+                        help="never repeat n words in a caption (0: off; default: the checkpoint's decode.no_repeat_ngram)")
     parser.add_argument("--out", help="write the metrics JSON here, and <stem>_captions.json beside it")
     parser.add_argument("--batch-size", type=int_at_least(1), default=64)
     parser.add_argument("--num-workers", type=int_at_least(0), default=2)
@@ -98,6 +100,7 @@ def main(argv=None):
     length_penalty = config["decode"]["length_penalty"] if args.length_penalty is None else args.length_penalty
     if length_penalty < 0:
         raise ValueError(f"--length-penalty {length_penalty}: must be at least 0")
+    no_repeat_ngram = config["decode"]["no_repeat_ngram"] if args.no_repeat_ngram is None else args.no_repeat_ngram
     # A frozen encoder's features come from the training cache when they are there (same key, same weights).
     cache_dir = None if args.no_cache or config["train"]["fine_tune_encoder"] else config["train"]["cache_dir"]
     features, ok = extract_features(model.encoder, paths, config["data"]["image_size"], cache_dir, device,
@@ -107,7 +110,7 @@ def main(argv=None):
                       unit="batch", file=sys.stderr):
         with torch.no_grad():
             results = generate(model, features[start:start + args.batch_size].to(device), vocab, args.beam_size,
-                               max_len, length_penalty)
+                               max_len, length_penalty, no_repeat_ngram)
         produced += [{"image": name, "caption": r["caption"], "references": references[name]}
                      for name, r in zip(readable[start:], results)]
         if captions_path:
@@ -122,7 +125,8 @@ def main(argv=None):
     result = {**{k: (round(v, 4) if v is not None else None) for k, v in metrics.items()}, "n_images": len(produced),
               "exact_match": round(sum(tokenize(p["caption"]) in [tokenize(r) for r in p["references"]]
                                        for p in produced) / len(produced), 4),
-              "beam_size": args.beam_size, "length_penalty": length_penalty, "n_empty_captions": empty,
+              "beam_size": args.beam_size, "length_penalty": length_penalty,
+              "no_repeat_ngram": no_repeat_ngram, "n_empty_captions": empty,
               "n_skipped": len(not_captioned) + len(missing) + len(names) - len(readable)}
     if args.out:
         for p in produced:

@@ -97,7 +97,8 @@ def main(argv=None):
             continue
         with torch.no_grad():
             features = model.encoder.extract(images.to(device))                  # [b, P, C]
-            results = generate(model, features, vocab, beam_size, max_len, config["decode"]["length_penalty"])
+            results = generate(model, features, vocab, beam_size, max_len, config["decode"]["length_penalty"],
+                               config["decode"]["no_repeat_ngram"])
         for i, result in zip(good, results):
             path, stem = paths[i], unique_stem(paths[i], taken)
             print(f"{os.path.basename(path)}\t{result['caption']}", flush=True)

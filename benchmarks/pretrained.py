@@ -66,11 +66,13 @@ def run(device, data: str | None) -> dict:
         model.to(device)
         load_s = time.perf_counter() - start
         size = input_size(config["model"]["encoder"], config["data"]["image_size"])
-        beam, max_len = config["decode"]["beam_size"], config["decode"]["max_len"]
+        decode = config["decode"]                  # what inference_visualize.py and the web demo use
+        beam = decode["beam_size"]
 
         def caption_all(files):
             for images, _, _ in image_loader(files, size, BATCH, num_workers=0):
-                generate(model, model.encoder.extract(images.to(device)), vocab, beam, max_len)
+                generate(model, model.encoder.extract(images.to(device)), vocab, beam, decode["max_len"],
+                         decode["length_penalty"], decode["no_repeat_ngram"])
         caption_all(paths[:BATCH])                                  # warm-up: the first batch's allocations
         start = time.perf_counter()
         caption_all(paths)

@@ -21,9 +21,22 @@ def step_logits(model, tokens, state, banned: tuple):
     return logits, state, alpha
 
 
+
+def repeated_ngram_words(history: torch.Tensor, n: int, vocab_size: int) -> torch.Tensor:
+    """history [R, t] (the words so far) -> bool [R, V]: the words that would make the last n words an n-gram
+    the caption already holds ("in a red shirt ... in a red shirt"). n = 0 bans nothing."""
+    banned = torch.zeros(history.size(0), vocab_size, device=history.device)
+    if n <= 0 or history.size(1) < n:
+        return banned.bool()
+    grams = history.unfold(1, n, 1)                                      # [R, t-n+1, n]
+    seen = (grams[:, :, :-1] == history[:, None, -(n - 1):]).all(-1) if n > 1 else \
+        torch.ones(grams.shape[:2], dtype=torch.bool, device=history.device)   # prefix = the last n-1 words
+    return banned.scatter_add_(1, grams[:, :, -1], seen.float()) > 0
+
 def greedy_decode(model, features, max_len: int, start_id: int = 1, end_id: int = 2, stop_check_every=None,
-                  banned: tuple = ()):
-    """features [B,...] -> list of B dicts {tokens, score, attention}: argmax word each step, up to max_len words.
+                  banned: tuple = (), no_repeat_ngram: int = 0):
+    """features [B,...] -> list of B dicts {tokens, score, attention}: argmax word each step, up to max_len words,
+    never one that repeats an n-gram of no_repeat_ngram words (0: any word).
 
     Stopping once every caption has ended means reading a flag on the host, which waits for the device
     to catch up. On a GPU that empties its queue of kernels, so by default it looks only every 4 steps
@@ -37,7 +50,11 @@ def greedy_decode(model, features, max_len: int, start_id: int = 1, end_id: int 
     finished = torch.zeros(batch, dtype=torch.bool, device=features.device)
     for step in range(max_len):
         logits, state, alpha = step_logits(model, tokens, state, banned)
-        logp, tokens = F.log_softmax(logits.float(), dim=-1).max(dim=-1)         # [B], [B]
+        logp = F.log_softmax(logits.float(), dim=-1)
+        if no_repeat_ngram and words:
+            logp = logp.masked_fill(repeated_ngram_words(torch.stack(words, 1), no_repeat_ngram, logp.size(1)),
+                                    float("-inf"))
+        logp, tokens = logp.max(dim=-1)                                          # [B], [B]
         words.append(tokens)
         logps.append(logp.masked_fill(finished, 0.0))
         alphas.append(alpha)
@@ -56,13 +73,14 @@ def greedy_decode(model, features, max_len: int, start_id: int = 1, end_id: int 
 
 @torch.no_grad()
 def beam_search(model, features, beam_size: int, max_len: int, length_penalty: float = 1.0,
-                start_id: int = 1, end_id: int = 2, banned: tuple = ()):
+                start_id: int = 1, end_id: int = 2, banned: tuple = (), no_repeat_ngram: int = 0):
     """Batched beam search. features [B,...] -> list of B dicts {tokens, score, attention, beams}.
 
     Score = sum of log-probs / length ** length_penalty, length counting <end>. A hypothesis
     is finished when it emits <end> within the top beam_size candidates; an image stops when
     beam_size hypotheses are finished. If none finishes by max_len, the best unfinished one
-    is returned, so a model that never says <end> still gets a caption.
+    is returned, so a model that never says <end> still gets a caption. With no_repeat_ngram = n > 0 no
+    hypothesis holds the same n words twice.
     """
     batch, k, device = features.size(0), beam_size, features.device
     state = tuple(s.repeat_interleave(k, dim=0) for s in model.init_state(features))   # [B*K, ...]
@@ -77,6 +95,8 @@ def beam_search(model, features, beam_size: int, max_len: int, length_penalty: f
         logits, state, alpha = step_logits(model, tokens, state, banned)
         logp = F.log_softmax(logits.float(), dim=-1)                                  # [B*K, V]
         vocab = logp.size(1)
+        if no_repeat_ngram:
+            logp = logp.masked_fill(repeated_ngram_words(history, no_repeat_ngram, vocab), float("-inf"))
         candidates = (scores.view(-1, 1) + logp).view(batch, k * vocab)              # [B, K*V]
         top_scores, top_index = candidates.topk(min(2 * k, k * vocab), dim=1)       # [B, n]
         top_beam, top_word = top_index // vocab, top_index % vocab
@@ -158,15 +178,17 @@ def never_said(vocab: Vocabulary) -> tuple:
     return vocab.pad_id, vocab.start_id, vocab.unk_id
 
 
-def generate(model, features, vocab: Vocabulary, beam_size: int = 1, max_len: int = 30, length_penalty: float = 1.0):
+def generate(model, features, vocab: Vocabulary, beam_size: int = 1, max_len: int = 30, length_penalty: float = 1.0,
+             no_repeat_ngram: int = 0):
     """Captions for a batch of features: list of {caption, tokens, score, attention, beams: [(caption, score)]}."""
     if beam_size <= 1:
-        results = greedy_decode(model, features, max_len, vocab.start_id, vocab.end_id, banned=never_said(vocab))
+        results = greedy_decode(model, features, max_len, vocab.start_id, vocab.end_id, banned=never_said(vocab),
+                                no_repeat_ngram=no_repeat_ngram)
         for r in results:
             r["beams"] = [(r["tokens"], r["score"])]
     else:
         results = beam_search(model, features, beam_size, max_len, length_penalty, vocab.start_id, vocab.end_id,
-                              banned=never_said(vocab))
+                              banned=never_said(vocab), no_repeat_ngram=no_repeat_ngram)
     for r in results:
         r["caption"] = vocab.decode(r["tokens"])
         r["beams"] = [(vocab.decode(tokens), score) for tokens, score in r["beams"]]

@@ -62,7 +62,8 @@ def test_example_click_shows_caption_beams_and_attention(tiny_checkpoints, monke
     at.button(key=f"example_{EXAMPLE}").click().run()
     assert not at.exception and not at.error
     image = Image.open(os.path.join(app.DEMO_EXAMPLES_DIR, EXAMPLE)).convert("RGB")
-    expected = app.caption(captioner_for(checkpoint), image, beam_size=at.slider[0].value, max_len=at.slider[1].value)
+    expected = app.caption(captioner_for(checkpoint), image, beam_size=at.slider[0].value, max_len=at.slider[1].value,
+                           no_repeat_ngram=at.slider[2].value)
     assert at.subheader[0].value == expected["caption"]
     assert beam_rows(at) == [beam for beam, _ in expected["beams"]]
     assert expected["caption"] and expected["caption"].split()[:app.MAX_HEATMAPS] in image_captions(at)
@@ -80,9 +81,11 @@ def test_beam_slider_changes_number_of_beams(tiny_checkpoints, monkeypatch, tmp_
     assert len(beam_rows(at)) == 1
     at.slider[0].set_value(4).run()
     image = Image.open(os.path.join(app.DEMO_EXAMPLES_DIR, EXAMPLE)).convert("RGB")
-    expected = app.caption(captioner_for(checkpoint), image, beam_size=4, max_len=at.slider[1].value)
+    expected = app.caption(captioner_for(checkpoint), image, beam_size=4, max_len=at.slider[1].value,
+                           no_repeat_ngram=at.slider[2].value)
     assert len(beam_rows(at)) == len(expected["beams"]) > 1
     assert at.subheader[0].value == expected["caption"]
+    assert at.slider[2].value == captioner_for(checkpoint)[2]["decode"]["no_repeat_ngram"]   # the model's setting
 
 
 def test_opens_with_the_shipped_model_selected_and_photo_examples(monkeypatch, tmp_path):
@@ -170,5 +173,5 @@ def test_uploads_caption_good_images_and_report_bad_ones(tiny_checkpoints, monke
     assert not at.exception
     assert len(at.error) == 1 and at.error[0].value.startswith("renamed.png: not a readable image")
     image = app.read_image(good, "red.png")
-    expected = app.caption(captioner_for(checkpoint), image, at.slider[0].value, at.slider[1].value)
+    expected = app.caption(captioner_for(checkpoint), image, at.slider[0].value, at.slider[1].value, at.slider[2].value)
     assert [h.value for h in at.subheader] == [expected["caption"] or "(empty caption)"]

@@ -46,6 +46,7 @@ def test_repo_configs_load():
     ("model.dropout=1", r"model.dropout=1.0 is out of range; it must be at least 0.0 and less than 1.0"),
     ("train.scst_samples=1", r"train.scst_samples=1 is out of range; it must be at least 2"),
     ("decode.beam_size=-2", r"decode.beam_size=-2 is out of range; it must be at least 1"),
+    ("decode.no_repeat_ngram=-1", r"decode.no_repeat_ngram=-1 is out of range; it must be at least 0"),
     ("train.select_metric=bleu", r"train.select_metric='bleu' is not one of bleu4, cider, loss"),
     ("train.cache_on_device=maybe", r"train.cache_on_device='maybe' is not one of auto, true, false"),
     ("train.lr=nan", r"train.lr=nan is not a finite number"),

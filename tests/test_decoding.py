@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 
 from data.vocab import Vocabulary
-from models.decoding import beam_search, generate, greedy_decode, sample_captions
+from models.decoding import beam_search, generate, greedy_decode, repeated_ngram_words, sample_captions
 from models.decoder_lstm import DecoderRNN
 
 
@@ -158,3 +158,32 @@ def test_generate_never_says_unk_pad_or_start():
     tokens, _ = sample_captions(model, torch.zeros(2, 1), 8, max_len=4, banned=(0, 1, 3))
     words = tokens[:, 1:]
     assert not (words == 1).any() and not (words == 3).any()         # <pad> (0) only follows an <end>
+
+
+def test_repeated_ngram_words_on_a_hand_made_history():
+    history = torch.tensor([[5, 6, 7, 9, 5, 6], [1, 2, 3, 4, 5, 6], [5, 5, 5, 5, 5, 5]])
+    assert repeated_ngram_words(history, 3, 10).nonzero().tolist() == [[0, 7], [2, 5]]   # "5 6" came before 7
+    assert repeated_ngram_words(history, 2, 10).nonzero().tolist() == [[0, 7], [2, 5]]   # "6" came before 7
+    assert repeated_ngram_words(history, 1, 10)[1].nonzero().flatten().tolist() == [1, 2, 3, 4, 5, 6]
+    assert not repeated_ngram_words(history, 0, 10).any()
+    assert not repeated_ngram_words(history[:, :2], 3, 10).any()                          # shorter than n
+
+
+def ngrams(tokens, n):
+    return [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+
+
+def test_no_repeat_ngram_breaks_a_loop_in_greedy_and_beam_search():
+    # <start> -> in a red shirt -> in a red shirt ...: after "shirt" the table prefers "in" to <end>.
+    vocab = Vocabulary(["<pad>", "<start>", "<end>", "<unk>", "in", "a", "red", "shirt"])
+    table = [[0.02] * 8 for _ in range(8)]
+    for prev, nxt in ((1, 4), (4, 5), (5, 6), (6, 7), (7, 4)):
+        table[prev][nxt] = 0.8
+    table[7][2] = 0.15
+    model = TableDecoder(table)
+    for beam in (1, 3):
+        looping = generate(model, torch.zeros(1, 1), vocab, beam_size=beam, max_len=12)[0]["tokens"]
+        assert len(set(ngrams(looping, 3))) < len(ngrams(looping, 3))               # the loop, unblocked
+        for n in (2, 3):
+            tokens = generate(model, torch.zeros(1, 1), vocab, beam_size=beam, max_len=12, no_repeat_ngram=n)[0]["tokens"]
+            assert tokens[:4] == [4, 5, 6, 7] and len(set(ngrams(tokens, n))) == len(ngrams(tokens, n))

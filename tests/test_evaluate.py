@@ -12,7 +12,8 @@ def test_metrics_json_and_captions_file(tiny_checkpoints, tiny_data, tmp_path, c
     split.write_text("shape_0001.png\nshape_0002.png\nnot_captioned.png\n")
     out = tmp_path / "m" / "metrics.json"
     evaluate.main(["--checkpoint", tiny_checkpoints["lstm"], "--captions", captions, "--images", images,
-                   "--split-file", str(split), "--beam-size", "3", "--out", str(out), "--num-workers", "0"])
+                   "--split-file", str(split), "--beam-size", "3", "--out", str(out), "--num-workers", "0",
+                   "--no-repeat-ngram", "2"])
     captured = capsys.readouterr()
     printed = json.loads(captured.out.strip().splitlines()[-1])
     assert printed == json.loads(out.read_text())
@@ -22,6 +23,10 @@ def test_metrics_json_and_captions_file(tiny_checkpoints, tiny_data, tmp_path, c
     per_image = json.loads((tmp_path / "m" / "metrics_captions.json").read_text())
     assert [p["image"] for p in per_image] == ["shape_0001.png", "shape_0002.png"]
     assert all(len(p["references"]) == 5 and "CIDEr" in p["scores"] for p in per_image)
+    assert printed["no_repeat_ngram"] == 2 and printed["beam_size"] == 3
+    for p in per_image:                                              # no pair of words said twice
+        words = p["caption"].split()
+        assert len(set(zip(words, words[1:]))) == max(len(words) - 1, 0)
 
 
 def test_empty_split_and_missing_images(tiny_checkpoints, tiny_data, tmp_path):
