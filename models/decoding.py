@@ -21,7 +21,6 @@ def step_logits(model, tokens, state, banned: tuple):
     return logits, state, alpha
 
 
-
 def repeated_ngram_words(history: torch.Tensor, n: int, vocab_size: int) -> torch.Tensor:
     """history [R, t] (the words so far) -> bool [R, V]: the words that would make the last n words an n-gram
     the caption already holds ("in a red shirt ... in a red shirt"). n = 0 bans nothing."""
@@ -32,6 +31,7 @@ def repeated_ngram_words(history: torch.Tensor, n: int, vocab_size: int) -> torc
     seen = (grams[:, :, :-1] == history[:, None, -(n - 1):]).all(-1) if n > 1 else \
         torch.ones(grams.shape[:2], dtype=torch.bool, device=history.device)   # prefix = the last n-1 words
     return banned.scatter_add_(1, grams[:, :, -1], seen.float()) > 0
+
 
 def greedy_decode(model, features, max_len: int, start_id: int = 1, end_id: int = 2, stop_check_every=None,
                   banned: tuple = (), no_repeat_ngram: int = 0):
