@@ -21,16 +21,17 @@ def step_logits(model, tokens, state, banned: tuple):
     return logits, state, alpha
 
 
-def repeated_ngram_words(history: torch.Tensor, n: int, vocab_size: int) -> torch.Tensor:
-    """history [R, t] (the words so far) -> bool [R, V]: the words that would make the last n words an n-gram
-    the caption already holds ("in a red shirt ... in a red shirt"). n = 0 bans nothing."""
-    banned = torch.zeros(history.size(0), vocab_size, device=history.device)
+def ban_repeated_ngrams(logp: torch.Tensor, history: torch.Tensor, n: int) -> None:
+    """Set to -inf, in place, the log-probs [R, V] of the words that would make the last n words of a row of
+    history [R, t] (the words so far) an n-gram the row already holds ("in a red shirt ... in a red shirt")."""
     if n <= 0 or history.size(1) < n:
-        return banned.bool()
+        return
+    if n == 1:
+        logp.scatter_(1, history, float("-inf"))
+        return
     grams = history.unfold(1, n, 1)                                      # [R, t-n+1, n]
-    seen = (grams[:, :, :-1] == history[:, None, -(n - 1):]).all(-1) if n > 1 else \
-        torch.ones(grams.shape[:2], dtype=torch.bool, device=history.device)   # prefix = the last n-1 words
-    return banned.scatter_add_(1, grams[:, :, -1], seen.float()) > 0
+    rows, at = (grams[:, :, :-1] == history[:, None, -(n - 1):]).all(-1).nonzero(as_tuple=True)   # prefix matches
+    logp[rows, grams[rows, at, -1]] = float("-inf")
 
 
 def greedy_decode(model, features, max_len: int, start_id: int = 1, end_id: int = 2, stop_check_every=None,
@@ -52,8 +53,7 @@ def greedy_decode(model, features, max_len: int, start_id: int = 1, end_id: int 
         logits, state, alpha = step_logits(model, tokens, state, banned)
         logp = F.log_softmax(logits.float(), dim=-1)
         if no_repeat_ngram and words:
-            logp = logp.masked_fill(repeated_ngram_words(torch.stack(words, 1), no_repeat_ngram, logp.size(1)),
-                                    float("-inf"))
+            ban_repeated_ngrams(logp, torch.stack(words, 1), no_repeat_ngram)
         logp, tokens = logp.max(dim=-1)                                          # [B], [B]
         words.append(tokens)
         logps.append(logp.masked_fill(finished, 0.0))
@@ -95,8 +95,7 @@ def beam_search(model, features, beam_size: int, max_len: int, length_penalty: f
         logits, state, alpha = step_logits(model, tokens, state, banned)
         logp = F.log_softmax(logits.float(), dim=-1)                                  # [B*K, V]
         vocab = logp.size(1)
-        if no_repeat_ngram:
-            logp = logp.masked_fill(repeated_ngram_words(history, no_repeat_ngram, vocab), float("-inf"))
+        ban_repeated_ngrams(logp, history, no_repeat_ngram)
         candidates = (scores.view(-1, 1) + logp).view(batch, k * vocab)              # [B, K*V]
         top_scores, top_index = candidates.topk(min(2 * k, k * vocab), dim=1)       # [B, n]
         top_beam, top_word = top_index // vocab, top_index % vocab

@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 
 from data.vocab import Vocabulary
-from models.decoding import beam_search, generate, greedy_decode, repeated_ngram_words, sample_captions
+from models.decoding import ban_repeated_ngrams, beam_search, generate, greedy_decode, sample_captions
 from models.decoder_lstm import DecoderRNN
 
 
@@ -160,13 +160,19 @@ def test_generate_never_says_unk_pad_or_start():
     assert not (words == 1).any() and not (words == 3).any()         # <pad> (0) only follows an <end>
 
 
-def test_repeated_ngram_words_on_a_hand_made_history():
+def banned_words(history, n, vocab_size=10):
+    logp = torch.zeros(history.size(0), vocab_size)
+    ban_repeated_ngrams(logp, history, n)
+    return (logp == float("-inf")).nonzero().tolist()
+
+
+def test_ban_repeated_ngrams_on_a_hand_made_history():
     history = torch.tensor([[5, 6, 7, 9, 5, 6], [1, 2, 3, 4, 5, 6], [5, 5, 5, 5, 5, 5]])
-    assert repeated_ngram_words(history, 3, 10).nonzero().tolist() == [[0, 7], [2, 5]]   # "5 6" came before 7
-    assert repeated_ngram_words(history, 2, 10).nonzero().tolist() == [[0, 7], [2, 5]]   # "6" came before 7
-    assert repeated_ngram_words(history, 1, 10)[1].nonzero().flatten().tolist() == [1, 2, 3, 4, 5, 6]
-    assert not repeated_ngram_words(history, 0, 10).any()
-    assert not repeated_ngram_words(history[:, :2], 3, 10).any()                          # shorter than n
+    assert banned_words(history, 3) == [[0, 7], [2, 5]]                  # "5 6" came before 7
+    assert banned_words(history, 2) == [[0, 7], [2, 5]]                  # "6" came before 7
+    assert [w for row, w in banned_words(history, 1) if row == 1] == [1, 2, 3, 4, 5, 6]
+    assert banned_words(history, 0) == []
+    assert banned_words(history[:, :2], 3) == []                         # shorter than n
 
 
 def ngrams(tokens, n):
