@@ -37,7 +37,7 @@ DEFAULTS = {
         "epochs": 10,
         "batch_size": 64,
         "lr": 4e-4,
-        "encoder_lr": 1e-4,       # used when fine_tune_encoder is on
+        "encoder_lr": 1e-4,       # the fine-tuned CNN blocks' learning rate
         "weight_decay": 0.0,
         "grad_clip": 5.0,
         "lr_schedule": "cosine",  # cosine | constant
@@ -55,7 +55,11 @@ DEFAULTS = {
         "cache_features": True,
         "cache_dir": "cache/features",
         "cache_on_device": "auto",  # auto | true | false: hold the training features on the device, or stream them
-        "fine_tune_encoder": False,  # train the last CNN block too (no feature cache then)
+        "fine_tune_encoder": 0,   # how many of the CNN's last blocks train (0: frozen; true = 1). The cache then
+                                  # holds the map entering them, and a step takes train.batch_size whole images.
+                                  # Lite2: 21 blocks, 6 = the 9x9 stage; ResNet-50: 16, 3 = layer4
+        "hflip": False,           # also train on mirrored images ("left" and "right" swapped in their captions)
+        "ema_decay": 0.0,         # validate and save an exponential moving average of the weights (0: off)
         "amp": True,              # mixed precision on CUDA
         "compile": False,         # torch.compile the decoder
         "cuda_graphs": True,      # one GPU: replay each step as a CUDA graph (cuda_graphs.py)
@@ -90,11 +94,12 @@ RANGES = {
     "train.weight_decay": (0.0, None), "train.grad_clip": (0.0, None), "train.warmup_steps": (0, None),
     "train.label_smoothing": (0.0, 1.0), "train.early_stop_patience": (0, None), "train.val_bleu_images": (0, None),
     "train.val_every": (0, None), "train.num_workers": (0, None), "train.log_every": (1, None),
-    "train.scst_samples": (2, None), "decode.max_len": (1, None), "decode.beam_size": (1, None),
+    "train.scst_samples": (2, None), "train.fine_tune_encoder": (0, None), "train.ema_decay": (0.0, 1.0),
+    "decode.max_len": (1, None), "decode.beam_size": (1, None),
     "decode.length_penalty": (0.0, None), "decode.no_repeat_ngram": (0, None),
 }
 OPEN_ABOVE = {"train.lr", "train.encoder_lr", "train.grad_clip"}        # must be more than the lowest
-OPEN_BELOW = {"data.val_fraction", "model.dropout", "train.label_smoothing"}   # must be less than the highest
+OPEN_BELOW = {"data.val_fraction", "model.dropout", "train.label_smoothing", "train.ema_decay"}   # must be less than the highest
 
 
 def check_value(key: str, value, where: str) -> None:
@@ -133,6 +138,8 @@ def merge(config: dict, updates: dict, source: str) -> dict:
         if section not in DEFAULTS or key not in DEFAULTS[section]:
             known = ", ".join(f"{s}.{k}" for s in DEFAULTS for k in DEFAULTS[s])
             raise ValueError(f"{source}: unknown config key {dotted!r}; known keys: {known}")
+        if dotted == "train.fine_tune_encoder" and isinstance(value, bool):
+            value = int(value)      # it was a switch for the last block before it counted blocks
         config[section][key] = _coerce(value, DEFAULTS[section][key], f"{source}: {dotted}")
         check_value(dotted, config[section][key], source)
     return config

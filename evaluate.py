@@ -101,16 +101,16 @@ def main(argv=None):
     if length_penalty < 0:
         raise ValueError(f"--length-penalty {length_penalty}: must be at least 0")
     no_repeat_ngram = config["decode"]["no_repeat_ngram"] if args.no_repeat_ngram is None else args.no_repeat_ngram
-    # A frozen encoder's features come from the training cache when they are there (same key, same weights).
-    cache_dir = None if args.no_cache or config["train"]["fine_tune_encoder"] else config["train"]["cache_dir"]
+    # The CNN trunk's output comes from the training cache when it is there (same key, same weights).
+    cache_dir = None if args.no_cache else config["train"]["cache_dir"]
     features, ok = extract_features(model.encoder, paths, config["data"]["image_size"], cache_dir, device,
                                     args.batch_size, args.num_workers)
     readable = [n for n, good in zip(names, ok) if good]
     for start in tqdm(range(0, len(readable), args.batch_size), desc=f"captioning (beam {args.beam_size})",
                       unit="batch", file=sys.stderr):
         with torch.no_grad():
-            results = generate(model, features[start:start + args.batch_size].to(device), vocab, args.beam_size,
-                               max_len, length_penalty, no_repeat_ngram)
+            grids = model.encoder.tail(features[start:start + args.batch_size].to(device))
+            results = generate(model, grids, vocab, args.beam_size, max_len, length_penalty, no_repeat_ngram)
         produced += [{"image": name, "caption": r["caption"], "references": references[name]}
                      for name, r in zip(readable[start:], results)]
         if captions_path:

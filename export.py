@@ -34,15 +34,15 @@ MAX_BYTES = 20 * 2**20        # the repository's limit for the shipped model
 def same_greedy_captions(full, exported, paths, config, device, batch_size=64) -> tuple[int, int]:
     """(images whose greedy captions agree, images compared), on features the frozen CNN computes once."""
     (model_a, vocab), model_b = full[:2], exported[0]
-    cache_dir = None if config["train"]["fine_tune_encoder"] else config["train"]["cache_dir"]
+    cache_dir = config["train"]["cache_dir"]
     features, _ = extract_features(model_a.encoder, paths, config["data"]["image_size"], cache_dir, device,
                                    batch_size, num_workers=0, desc="verify: features")
     same = 0
     for start in tqdm(range(0, len(features), batch_size), desc="verify: greedy captions", unit="batch"):
         batch = features[start:start + batch_size].to(device)
         with torch.no_grad():
-            a = generate(model_a, batch, vocab, beam_size=1, max_len=config["decode"]["max_len"])
-            b = generate(model_b, batch, vocab, beam_size=1, max_len=config["decode"]["max_len"])
+            a = generate(model_a, model_a.encoder.tail(batch), vocab, beam_size=1, max_len=config["decode"]["max_len"])
+            b = generate(model_b, model_b.encoder.tail(batch), vocab, beam_size=1, max_len=config["decode"]["max_len"])
         same += sum(x["tokens"] == y["tokens"] for x, y in zip(a, b))
     return same, len(features)
 

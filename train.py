@@ -7,14 +7,17 @@
     python train.py --config configs/flickr8k_lite2_attention_scst.yaml   # self-critical, from train.init_from
     torchrun --nproc_per_node=4 train.py --config configs/flickr8k.yaml   # several GPUs
 
-With a frozen encoder, every image goes through the CNN once (its features are cached on disk under
-train.cache_dir); each step then only runs the decoder on cached features. A cross-entropy step
-trains on a batch of captions; a self-critical step (train.scst) samples captions for a batch of
-images and rewards them with CIDEr-D. Writes into train.out_dir: checkpoint_last.pth,
+Every image goes through the CNN's frozen trunk once (its output is cached on disk under
+train.cache_dir): the whole CNN when it is frozen, all but its last train.fine_tune_encoder blocks
+when those are fine-tuned. Each step then runs only those blocks (if any) and the decoder. A
+cross-entropy step trains on a batch of captions, or, with a fine-tuned CNN, on a batch of images
+with all their captions; a self-critical step (train.scst) samples captions for a batch of images
+and rewards them with CIDEr-D. Writes into train.out_dir: checkpoint_last.pth,
 checkpoint_best.pth, loss_log.txt, config.yaml, vocab.json. Ctrl-C (or SIGTERM) saves
 checkpoint_last.pth; --resume continues from it.
 """
 import argparse
+import contextlib
 import gc
 import math
 import os
@@ -31,6 +34,7 @@ from config import load_config
 from data.captions import load_splits
 from data.feature_store import FeatureFeed, fits_on_device
 from data.features import wait_for_cache_writes
+from data.mirror import Mirroring
 from data.prepare import prepare_splits
 from data.vocab import Vocabulary
 from models import build_model
@@ -41,8 +45,9 @@ from training.cuda_graphs import graphed_step
 from training.distributed import broadcast_flag, setup_distributed, shutdown, wrap
 from training.run_folder import RunFolder
 from training.scst import SelfCritical
-from training.step import epoch_order, make_amp, make_optimizer, optimizer_step, training_step
-from training.validation import validate
+from training.step import captions_of_images, epoch_order, make_amp, make_optimizer, optimizer_step, training_step
+from training.validation import describe_validation, validate
+from training.weight_average import WeightAverage
 from utils import atomic_write_text, run_main, seed_everything, warn
 
 
@@ -64,13 +69,13 @@ def train(config, run: RunFolder, checkpoint=None, command="", begun=None):
         load_weights(model, checkpoint["model"], run.out_dir, checkpoint["config"])
     elif start:
         model.load_state_dict(start[0].state_dict())
-    frozen_cnn = frozen_weights(model, t["fine_tune_encoder"]) if main_process else {}
+    frozen_cnn = frozen_weights(model) if main_process else {}
     if main_process:
         vocab.save(os.path.join(run.out_dir, "vocab.json"))
         atomic_write_text(os.path.join(run.out_dir, "config.yaml"), yaml.safe_dump(config, sort_keys=False))
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)   # a scheduler's preemption stops like Ctrl-C
     try:
-        data = prepare_splits(config, vocab, model.encoder, device, show_progress=main_process, loaded=loaded)
+        data = prepare_splits(config, vocab, model.encoder, device, loaded=loaded)
     except KeyboardInterrupt:
         if main_process:
             print("\ninterrupted during feature extraction: the features computed so far are cached; run the "
@@ -81,10 +86,17 @@ def train(config, run: RunFolder, checkpoint=None, command="", begun=None):
     feed = FeatureFeed(train_set["inputs"], device, on_device)
     val_feed = FeatureFeed(val_set["inputs"], device, on_device) if val_set else None
     tokens, lengths = train_set["tokens"].to(device), train_set["lengths"]
-    image_index = train_set["image_index"].to(device)
-    # An epoch is over captions (cross-entropy) or over images (self-critical). A last batch with under 2
-    # rows per process is left out, reshuffled into the next epoch: BatchNorm cannot train on one row.
-    n_rows, bs = (len(train_set["names"]) if t["scst"] else len(tokens)), t["batch_size"]
+    image_index, host_index = train_set["image_index"].to(device), train_set["image_index"]
+    n_images = len(train_set["names"])
+    image_row = torch.arange(n_images)          # each image's row of the inputs (mirrored ones: N + i)
+    first_caption = torch.searchsorted(host_index, image_row)     # an image's captions are consecutive rows
+    caption_count = torch.bincount(host_index, minlength=n_images)
+    mirror = Mirroring(vocab, train_set["tokens"], host_index, n_images, t["seed"]) if t["hflip"] else None
+    # An epoch is over captions (cross-entropy), or over images (self-critical, or cross-entropy through a
+    # fine-tuned CNN, whose blocks then run once per image). A last batch with under 2 rows per process is
+    # left out, reshuffled into the next epoch: BatchNorm cannot train on one row.
+    by_image = t["scst"] or model.encoder.tail_blocks > 0
+    n_rows, bs = (n_images if by_image else len(tokens)), t["batch_size"]
     steps_per_epoch = n_rows // bs + (n_rows % bs >= 2 * world)
     if not steps_per_epoch:
         raise ValueError(f"{n_rows} training rows are too few for {world} process(es) at train.batch_size={bs}: "
@@ -93,11 +105,13 @@ def train(config, run: RunFolder, checkpoint=None, command="", begun=None):
 
     decoder_params, optimizer, scheduler = make_optimizer(model, config, t["epochs"] * steps_per_epoch, device)
     amp, scaler = make_amp(device, t["amp"])
+    average = WeightAverage(model, t["ema_decay"]) if t["ema_decay"] else None
+    averaged = average.swapped_in if average else contextlib.nullcontext
     progress = {"epoch": 0, "batch": 0, "step": 0, "best": None, "stale_epochs": 0, "elapsed": 0.0, "finished": False}
     # Reading images draws from the global RNG only on a cache miss; re-seed so dropout never depends on the cache.
     torch.manual_seed(t["seed"] + 1 + rank)
     if checkpoint:        # the resumed run's optimizer, schedule, progress and random state, as they were
-        restore(checkpoint, optimizer, scheduler, scaler, progress)
+        restore(checkpoint, optimizer, scheduler, scaler, progress, average)
     step_model = wrap(model, device, world)
     if t["compile"]:
         step_model = torch.compile(step_model)
@@ -109,17 +123,20 @@ def train(config, run: RunFolder, checkpoint=None, command="", begun=None):
         """Snapshot the run now; write checkpoint `name` (the names in same_as become links to it) in the
         background. last: the run ends after this one."""
         if main_process:
-            state = checkpoint_state(model, vocab, config, frozen_cnn, optimizer=optimizer.state_dict(),
-                                     scheduler=scheduler.state_dict(), scaler=scaler.state_dict() if scaler else None,
-                                     progress=dict(progress), rng=rng_state(), command=command)
+            with averaged():
+                state = checkpoint_state(model, vocab, config, frozen_cnn, optimizer=optimizer.state_dict(),
+                                         scheduler=scheduler.state_dict(), scaler=scaler.state_dict() if scaler else None,
+                                         progress=dict(progress), rng=rng_state(), command=command,
+                                         weight_average=average.state_dict() if average else None)
             writer.submit(state, name, *same_as, last=last)
 
     def check(final: bool) -> bool:
         """Validate, log, and write checkpoints; True when early stopping says stop."""
         stop = False
         if main_process:
-            stop = end_of_validation(model, val_set, val_feed, config, vocab, amp, progress, run, optimizer,
-                                     started, save, final)
+            with averaged():
+                stop = end_of_validation(model, val_set, val_feed, config, vocab, amp, progress, run, optimizer,
+                                         started, save, final)
         return broadcast_flag(stop, world)
 
     if main_process:
@@ -127,7 +144,12 @@ def train(config, run: RunFolder, checkpoint=None, command="", begun=None):
         print(f"device {device} x{world}{' (CUDA graphs)' if graphed else ''}"
               f"{'' if on_device else ' (features streamed)'} | {len(train_set['names'])} train images, "
               f"{len(tokens)} captions | {len(val_set['names']) if val_set else 0} val images | vocab {len(vocab)} | "
-              f"{steps_per_epoch} steps/epoch{' | self-critical' if scst else ''}", file=sys.stderr)
+              f"{steps_per_epoch} steps/epoch{' | self-critical' if scst else ''}"
+              f"{f' | last {model.encoder.tail_blocks} CNN blocks trained' if model.encoder.tail_blocks else ''}"
+              f"{' | mirrored images' if mirror else ''}{f' | weight average {average.decay}' if average else ''}",
+              file=sys.stderr)
+        if val_set:
+            print(describe_validation(config, len(val_set["names"])), file=sys.stderr)
     started = time.time() - progress["elapsed"]
     model.train()
     stop = False
@@ -136,9 +158,13 @@ def train(config, run: RunFolder, checkpoint=None, command="", begun=None):
             stop = check(final=False)
         while progress["epoch"] < t["epochs"] and not stop:
             epoch = progress["epoch"]
-            order = (torch.randperm(n_rows, generator=torch.Generator().manual_seed(t["seed"] * 1000 + epoch)) if scst
-                     else epoch_order(lengths, bs, t["seed"] * 1000 + epoch, t["batch_by_length"]))
+            order = (torch.randperm(n_rows, generator=torch.Generator().manual_seed(t["seed"] * 1000 + epoch))
+                     if by_image else epoch_order(lengths, bs, t["seed"] * 1000 + epoch, t["batch_by_length"]))
             order_on_device = order.to(device)
+            if mirror:        # this epoch's mirrored images; tokens and image_index change in place (CUDA graphs)
+                epoch_tokens, host_index, image_row = mirror.epoch(epoch)
+                tokens.copy_(epoch_tokens)
+                image_index.copy_(host_index)
             bar = tqdm(range(progress["batch"], steps_per_epoch), desc=f"epoch {epoch + 1}/{t['epochs']}", unit="step",
                        dynamic_ncols=True, initial=progress["batch"], total=steps_per_epoch, disable=not main_process)
             running, rewards, running_n = 0.0, 0.0, 0
@@ -151,16 +177,24 @@ def train(config, run: RunFolder, checkpoint=None, command="", begun=None):
                                              len(rows) * scst.k / world, amp)
                     optimizer_step(optimizer, scaler, loss, t["grad_clip"])
                     rewards += reward
+                elif by_image:      # all captions of each image: the fine-tuned blocks run once per image
+                    images, next_images = rows[share], next_rows[share]
+                    caption_rows, image_of_row = captions_of_images(first_caption, caption_count, images)
+                    normalizer = (lengths[captions_of_images(first_caption, caption_count, rows)[0]] - 1).sum().item() / world
+                    loss = training_step(step_model, optimizer, scaler, None, caption_rows, lengths[caption_rows],
+                                         feed.batch(image_row[images], image_row[next_images]), None, tokens,
+                                         config, amp, normalizer, image_of_row.to(device))
                 else:
                     # Each rank divides its loss sum by the global token count (times world, as DDP averages).
                     normalizer = (lengths[rows] - 1).sum().item() / world
                     captions_on_device = order_on_device[b * bs:(b + 1) * bs][share]
-                    inputs = feed.inputs if on_device else feed.batch(train_set["image_index"][rows[share]],
-                                                                      train_set["image_index"][next_rows[share]])
+                    inputs = feed.inputs if on_device else feed.batch(host_index[rows[share]], host_index[next_rows[share]])
                     loss = training_step(step_model, optimizer, scaler, graphed, captions_on_device,
                                          lengths[rows[share]], inputs, image_index if on_device else None, tokens,
                                          config, amp, normalizer)
                 scheduler.step()
+                if average:
+                    average.update()
                 progress.update(step=progress["step"] + 1, batch=b + 1)
                 running, running_n = running + loss.detach() * world, running_n + 1   # summed on the device: no sync
                 if main_process and (progress["step"] % t["log_every"] == 0 or b + 1 == steps_per_epoch):
@@ -218,7 +252,7 @@ def end_of_validation(model, val_set, feed, config, vocab, amp, progress, run, o
         metric = scores["BLEU-4" if t["select_metric"] == "bleu4" else "CIDEr"] if by_score else val_loss
         improved = progress["best"] is None or (metric > progress["best"] if by_score else metric < progress["best"])
         print(f"epoch {progress['epoch']} step {progress['step']}: val loss {val_loss:.4f} (perplexity "
-              f"{math.exp(min(val_loss, 50)):.2f}), greedy BLEU-4 {scores['BLEU-4']:.4f}, CIDEr {scores['CIDEr']:.4f}"
+              f"{math.exp(min(val_loss, 50)):.2f}), BLEU-4 {scores['BLEU-4']:.4f}, CIDEr {scores['CIDEr']:.4f}"
               f"{' *best*' if improved else ''}", file=sys.stderr)
     progress["stale_epochs"] = 0 if improved else progress["stale_epochs"] + 1   # counts validations
     if improved:

@@ -28,8 +28,10 @@ def weights_hash(state: dict, label: str) -> str:
     return hashlib.sha1(f"{label}|{layout}".encode() + b"".join(digests)).hexdigest()[:16]
 
 
-def cache_key(encoder, image_size: int) -> str:
-    """The feature cache folder of an encoder: its name, weights, input transform and the stored layout
-    (fp16 grids [P, C], which every decoder reads)."""
-    parts = [encoder.name, encoder.weights_fingerprint(), transform_id(encoder.name, image_size), "grid", "fp16"]
+def cache_key(encoder, image_size: int, mirrored: bool = False) -> str:
+    """The feature cache folder of an encoder: its name, the weights of its trunk (the frozen part), the input
+    transform and the stored layout: fp16 grids [P, C], which every decoder reads, or, when the last blocks are
+    fine-tuned, the fp16 maps [C, H, W] that enter them."""
+    layout = f"trunk-{encoder.tail_blocks}" if encoder.tail_blocks else "grid"
+    parts = [encoder.name, encoder.weights_fingerprint(), transform_id(encoder.name, image_size, mirrored), layout, "fp16"]
     return hashlib.sha1("|".join(parts).encode()).hexdigest()[:16]

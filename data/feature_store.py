@@ -30,6 +30,12 @@ class FeatureStore:
         rows = torch.arange(len(tensor))
         return cls([tensor], torch.stack([torch.zeros_like(rows), rows], 1))
 
+    @classmethod
+    def concat(cls, first: "FeatureStore", second: "FeatureStore") -> "FeatureStore":
+        """A store over first's rows, then second's (no feature is read or copied)."""
+        moved = second.where + torch.tensor([len(first.sources), 0])
+        return cls(first.sources + second.sources, torch.cat([first.where, moved]))
+
     def __len__(self) -> int:
         return len(self.where)
 

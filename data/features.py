@@ -1,8 +1,9 @@
-"""The feature cache: each image goes through the frozen CNN once, ever.
+"""The feature cache: each image goes through the frozen CNN (its trunk) once, ever.
 
 Layout: <cache_dir>/<key>/shard_<pid>_NNNNN.pt, each {"files": [[path, size, mtime_ns], ...],
-"features": fp16 [n, P, C]}. The key (data.cache_key) hashes the encoder name, its weights, the
-transform and the layout; each entry also records its file's size and mtime, so a changed file,
+"features": fp16 [n, ...]}: grids [n, P, C] of a frozen CNN, or the maps [n, C, H, W] that enter
+its fine-tuned tail. The key (data.cache_key) hashes the encoder name, its trunk's weights, the
+transform (mirrored or not) and the layout; each entry also records its file's size and mtime, so a changed file,
 encoder, weight or transform never reuses stale features. Shards are memory-mapped when read: a
 cache is opened without reading its features, and extract_features returns a FeatureStore over
 them. Shards are written atomically by a background thread as extraction goes, so a killed run
@@ -108,8 +109,10 @@ def _read_shards(folder: str) -> tuple[list, dict]:
 
 @torch.no_grad()
 def extract_features(encoder, paths: list[str], image_size: int, cache_dir: str | None, device,
-                     batch_size: int = 64, num_workers: int = 2, desc: str = "features", wait_for_cache: bool = True):
-    """Features for image files, from the cache where valid, else computed (and cached).
+                     batch_size: int = 64, num_workers: int = 2, desc: str = "features", wait_for_cache: bool = True,
+                     mirrored: bool = False):
+    """encoder.trunk's output for image files (mirrored left to right if asked), from the cache where valid,
+    else computed (and cached).
 
     Returns (FeatureStore over the readable images, ok: list[bool] per path). Unreadable images are
     skipped with a warning and counted. On CUDA, batches hold at least CUDA_BATCH images. A computed
@@ -120,7 +123,7 @@ def extract_features(encoder, paths: list[str], image_size: int, cache_dir: str 
     stamps = [file_stamp(p) if os.path.exists(p) else None for p in paths]
     sources, cached, folder = [], {}, None
     if cache_dir:
-        folder = os.path.join(cache_dir, cache_key(encoder, image_size))
+        folder = os.path.join(cache_dir, cache_key(encoder, image_size, mirrored))
         try:
             os.makedirs(folder, exist_ok=True)
         except OSError as e:
@@ -170,8 +173,10 @@ def extract_features(encoder, paths: list[str], image_size: int, cache_dir: str 
                     # A batch size the CNN has not run makes cuDNN build a plan for each convolution, which costs
                     # more than computing the padding: a short batch is padded to the size every other batch has.
                     images = torch.cat([images, images.new_zeros((batch_size - n, *images.shape[1:]))])
+                if mirrored:
+                    images = images.flip(-1)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    feats = encoder.extract(images)[:n]                                   # [n, P, C]
+                    feats = encoder.trunk(images)[:n]                           # [n, P, C] or [n, C, H, W]
                 # On CUDA the copy to pinned memory runs while the next batch is computed; its rows are kept then.
                 host = torch.empty(feats.shape, dtype=torch.float16, pin_memory=device.type == "cuda")
                 host.copy_(feats.half(), non_blocking=True)

@@ -29,10 +29,11 @@ def normalisation(encoder: str) -> tuple:
     return (LITE_MEAN, LITE_STD) if encoder == "efficientnet_lite2" else (IMAGENET_MEAN, IMAGENET_STD)
 
 
-def transform_id(encoder: str, image_size: int) -> str:
+def transform_id(encoder: str, image_size: int, mirrored: bool = False) -> str:
     """Names everything that turns a file into the backbone's input; part of the feature cache's key."""
     mean, std = normalisation(encoder)
-    return f"rgb|exif-oriented|resize{input_size(encoder, image_size)}-bilinear-squash|uint8|mean{mean}|std{std}"
+    return (f"rgb|exif-oriented|resize{input_size(encoder, image_size)}-bilinear-squash|uint8|mean{mean}|std{std}"
+            + ("|mirrored" if mirrored else ""))
 
 
 def load_image(path) -> Image.Image:

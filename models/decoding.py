@@ -177,6 +177,13 @@ def never_said(vocab: Vocabulary) -> tuple:
     return vocab.pad_id, vocab.start_id, vocab.unk_id
 
 
+def describe_decoding(decode: dict) -> str:
+    """One line for a decode section (or the same keys given on a command line): what every tool prints."""
+    search = "greedy decoding" if decode["beam_size"] <= 1 else f"beam search (beam {decode['beam_size']}, length penalty {decode['length_penalty']:g})"
+    repeats = f"no {decode['no_repeat_ngram']}-gram said twice" if decode["no_repeat_ngram"] else "repeats allowed"
+    return f"{search}, {repeats}, at most {decode['max_len']} words"
+
+
 def generate(model, features, vocab: Vocabulary, beam_size: int = 1, max_len: int = 30, length_penalty: float = 1.0,
              no_repeat_ngram: int = 0):
     """Captions for a batch of features: list of {caption, tokens, score, attention, beams: [(caption, score)]}."""

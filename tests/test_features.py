@@ -30,7 +30,7 @@ def test_cache_is_reused_and_matches_fresh_features(tiny_data, tmp_path):
     images = ImageFiles(paths(tiny_data), 32)
     fresh = enc.extract(torch.stack([images[i][0] for i in range(6)])).half()
     assert torch.allclose(first[:].float(), fresh.float(), atol=1e-2)
-    enc.extract = None   # any recomputation would now fail: the second call must come from the cache
+    enc.trunk = None   # any recomputation would now fail: the second call must come from the cache
     again, _ = extract_features(enc, paths(tiny_data), 32, str(tmp_path), CPU, num_workers=0)
     assert torch.equal(first[:], again[:])
 
@@ -134,7 +134,7 @@ def test_unreadable_image_is_skipped_and_counted(tiny_data, tmp_path, capsys):
 
 def test_interrupted_extraction_keeps_what_it_computed(tiny_data, tmp_path, monkeypatch):
     enc, files, seen, interrupted = encoder(), paths(tiny_data, 24), [], []
-    real_extract = enc.extract
+    real_extract = enc.trunk
 
     def ctrl_c_at_batch_4(images):
         seen.append(len(images))
@@ -143,7 +143,7 @@ def test_interrupted_extraction_keeps_what_it_computed(tiny_data, tmp_path, monk
             raise KeyboardInterrupt
         return real_extract(images)
 
-    monkeypatch.setattr(enc, "extract", ctrl_c_at_batch_4)
+    monkeypatch.setattr(enc, "trunk", ctrl_c_at_batch_4)
     with pytest.raises(KeyboardInterrupt):
         extract_features(enc, files, 32, str(tmp_path), CPU, batch_size=4, num_workers=0)
     # Batches 1 and 2 were kept (batch 3's rows were still being copied back): 8 images are cached.
@@ -172,7 +172,7 @@ def test_extraction_need_not_wait_for_its_cache_writes(tiny_data, tmp_path, monk
         disk_free.set()                                          # a failed check must not leave the writer blocked
     wait_for_cache_writes()
     assert len(os.listdir(folder)) == 1
-    enc.extract = None
+    enc.trunk = None
     again, _ = extract_features(enc, files, 32, str(tmp_path), CPU, num_workers=0)
     assert torch.equal(got[:], again[:])
 
@@ -195,8 +195,8 @@ def test_a_short_batch_on_cuda_runs_padded_and_keeps_only_its_own_rows(tiny_data
     cuda = torch.device("cuda")
     enc = encoder().to(cuda)
     files = paths(tiny_data, 20)                          # one batch: 20 images and 236 rows of padding
-    sizes, extract = [], enc.extract
-    enc.extract = lambda images: sizes.append(len(images)) or extract(images)
+    sizes, extract = [], enc.trunk
+    enc.trunk = lambda images: sizes.append(len(images)) or extract(images)
     feats, ok = extract_features(enc, files, 32, None, cuda, num_workers=0)
     assert sizes == [CUDA_BATCH] and feats.shape == (20, 1, 512) and all(ok)
     images = ImageFiles(files, 32)
@@ -212,8 +212,8 @@ def test_cache_of_another_encoder_is_not_reused(tiny_data, tmp_path):
     resnet18, resnet34 = EncoderCNN("resnet18", "none", 16, True), EncoderCNN("resnet34", "none", 16, True)
     extract_features(resnet18, files, 32, str(tmp_path), CPU, num_workers=0)
     calls = []
-    real = resnet34.extract
-    resnet34.extract = lambda images: calls.append(len(images)) or real(images)
+    real = resnet34.trunk
+    resnet34.trunk = lambda images: calls.append(len(images)) or real(images)
     got, _ = extract_features(resnet34, files, 32, str(tmp_path), CPU, num_workers=0)
     assert calls == [3] and len(os.listdir(tmp_path)) == 2           # recomputed, into its own folder
     expected = real(torch.stack([ImageFiles(files, 32)[i][0] for i in range(3)])).half()

@@ -26,7 +26,7 @@ def test_threads_wait_for_the_one_move_to_channels_last(monkeypatch):
     and crashed the server. Slow the move down and check no thread runs the CNN while it is under way."""
     enc = EncoderCNN("resnet18", "none", embed_size=16, spatial=True)
     moving, moves, ran_during_move = threading.Event(), [], []
-    move, run = enc.backbone.to, enc._extract
+    move, run = enc.backbone.to, enc._trunk
 
     apart = threading.Lock()       # the test's own: move and CNN never overlap, so a regression fails, not crashes
 
@@ -45,7 +45,7 @@ def test_threads_wait_for_the_one_move_to_channels_last(monkeypatch):
             return run(*args, **kwargs)
 
     monkeypatch.setattr(enc.backbone, "to", slow_move)
-    monkeypatch.setattr(enc, "_extract", watched_run)
+    monkeypatch.setattr(enc, "_trunk", watched_run)
     start, grids = threading.Barrier(4), []
 
     def caption_one():
@@ -62,12 +62,15 @@ def test_threads_wait_for_the_one_move_to_channels_last(monkeypatch):
     assert enc.backbone[0].weight.is_contiguous(memory_format=torch.channels_last)    # the first conv, moved
 
 
-def test_fine_tune_trains_last_block_only():
-    enc = EncoderCNN("resnet18", "none", embed_size=16, spatial=False, fine_tune=True)
-    trainable = {n.split(".")[1] for n, p in enc.named_parameters() if p.requires_grad and n.startswith("backbone")}
-    assert trainable == {"7"}                                        # layer4
+def test_fine_tuned_tail_is_the_last_blocks_and_keeps_batchnorm_statistics():
+    enc = EncoderCNN("resnet18", "none", embed_size=16, spatial=False, tail_blocks=3)
+    trainable = {".".join(n.split(".")[1:3]) for n, p in enc.named_parameters() if p.requires_grad and n.startswith("backbone")}
+    assert trainable == {"6.1", "7.0", "7.1"}                  # ResNet-18's last 3 of 8 blocks: layer3's last, layer4
+    assert enc.tail_keys() == {k for k in enc.backbone.state_dict() if k.startswith(("6.1.", "7."))}
     enc.train()
-    assert enc.backbone[7].training and not enc.backbone[0].training
+    assert not enc.backbone.training and not enc.backbone[7].training and enc.embed.training
+    with pytest.raises(ValueError, match="resnet18 has 8 blocks"):
+        EncoderCNN("resnet18", "none", embed_size=16, spatial=False, tail_blocks=9)
 
 
 def test_resnet50_feature_dim_and_local_weights(tmp_path):

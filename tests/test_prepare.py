@@ -49,7 +49,7 @@ def test_prepare_splits_reads_both_splits_in_one_pass_and_skips_the_unreadable(s
         return extract_features(*args, **kwargs)
     monkeypatch.setattr("data.prepare.extract_features", counted)
     vocab = Vocabulary.build([c for cs in read_captions(split_config["data"]["captions"]).values() for c in cs])
-    splits = prepare_splits(split_config, vocab, encoder, CPU, show_progress=False)
+    splits = prepare_splits(split_config, vocab, encoder, CPU)
     assert len(calls) == 1 and len(calls[0]) == 7                     # images 0-6, image 3 once
     train, val = splits["train"], splits["val"]
     assert train["names"] == ["shape_0000.png"] + [f"shape_{i:04d}.png" for i in range(2, 6)]
@@ -65,4 +65,4 @@ def test_prepare_splits_says_when_no_train_image_can_be_read(split_config, tmp_p
     (tmp_path / "train.txt").write_text("shape_0001.png\n")
     vocab = Vocabulary.build(["a red square"])
     with pytest.raises(ValueError, match="none of the 1 train images"):
-        prepare_splits(split_config, vocab, EncoderCNN("resnet18", "none", 16, spatial=True), CPU, show_progress=False)
+        prepare_splits(split_config, vocab, EncoderCNN("resnet18", "none", 16, spatial=True), CPU)

@@ -28,7 +28,8 @@ def resume_config(path: str, overrides: list[str]) -> tuple[dict, dict]:
                          f"start a new run from its weights with --set train.init_from={path}")
     recorded = merge(DEFAULTS, checkpoint["config"], path)
     config = merge(recorded, parse_overrides(overrides), "--set")
-    for key in [f"model.{k}" for k in DEFAULTS["model"]] + [f"data.{k}" for k in DEFAULTS["data"]] + ["train.scst"]:
+    kept = ["train.scst", "train.fine_tune_encoder", "train.ema_decay"]
+    for key in [f"model.{k}" for k in DEFAULTS["model"]] + [f"data.{k}" for k in DEFAULTS["data"]] + kept:
         section, name = key.split(".")
         if config[section][name] != recorded[section][name]:
             raise ValueError(f"--resume: the run was trained with {key}={recorded[section][name]!r}; "
@@ -43,8 +44,9 @@ def starting_point(config, checkpoint):
     if config["train"]["scst"] and not (path or checkpoint):
         raise ValueError("train.scst=true starts from a trained model: set train.init_from=CHECKPOINT (a "
                          "cross-entropy run's checkpoint_best.pth)")
-    if config["train"]["scst"] and config["train"]["fine_tune_encoder"]:
-        raise ValueError("train.scst=true trains on cached features: set train.fine_tune_encoder=false")
+    if config["train"]["scst"] and config["train"]["hflip"]:
+        raise ValueError("train.hflip mirrors images for cross-entropy training, whose captions it can mirror too; "
+                         "set train.hflip=false for self-critical training")
     if checkpoint or not path:
         return None
     start = load_checkpoint(path)
@@ -58,14 +60,13 @@ def starting_point(config, checkpoint):
     return model, vocab
 
 
-def frozen_weights(model, fine_tune: bool) -> dict:
-    """{state_dict key: CPU tensor} of a frozen CNN, copied once; it also primes the feature cache key's
-    hash of them (EncoderCNN.weights_fingerprint), so the weights are copied to the host only once."""
-    if fine_tune:
-        return {}
-    copy = {k: v.cpu() for k, v in model.state_dict().items() if k.startswith(BACKBONE)}
-    model.encoder.weights_fingerprint({k[len(BACKBONE):]: v for k, v in copy.items()})
-    return copy
+def frozen_weights(model) -> dict:
+    """{state_dict key: CPU tensor} of the CNN's frozen trunk (all of it, unless its tail is fine-tuned), copied
+    once; it also primes the feature cache key's hash of them (EncoderCNN.weights_fingerprint), so the weights
+    are copied to the host only once."""
+    trunk = {k: v.cpu() for k, v in model.encoder.trunk_state().items()}
+    model.encoder.weights_fingerprint(trunk)
+    return {BACKBONE + k: v for k, v in trunk.items()}
 
 
 def checkpoint_state(model, vocab, config: dict, unchanging=None, **state) -> dict:
@@ -83,8 +84,11 @@ def rng_state() -> dict:
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
-def restore(checkpoint: dict, optimizer, scheduler, scaler, progress: dict) -> None:
-    """A resumed run's optimizer, schedule, loss scale, progress and random state, as the checkpoint has them."""
+def restore(checkpoint: dict, optimizer, scheduler, scaler, progress: dict, average=None) -> None:
+    """A resumed run's optimizer, schedule, loss scale, progress, weight average and random state, as the
+    checkpoint has them."""
+    if average is not None and checkpoint.get("weight_average"):
+        average.load_state_dict(checkpoint["weight_average"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     scheduler.load_state_dict(checkpoint["scheduler"])
     if scaler and checkpoint.get("scaler"):

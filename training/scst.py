@@ -30,21 +30,24 @@ class SelfCritical:
         self.max_len = config["decode"]["max_len"]
 
     def loss(self, model, step_model, features, names: list[str], normalizer: float, amp):
-        """features [B,P,C] of images `names` -> (loss to minimise, mean reward of the samples).
+        """features of images `names` (what the feature cache holds: grids [B,P,C], or the maps that enter a
+        fine-tuned tail) -> (loss to minimise, mean reward of the samples).
 
         model samples (no gradient); step_model (model, or its DDP wrapper) computes the log-probabilities,
         so that data-parallel ranks average their gradients. The loss is summed over this rank's samples and
         divided by normalizer (the global batch's sample count over the number of ranks)."""
         model.eval()
-        with amp:
-            tokens, lengths = sample_captions(model, features, self.k, self.max_len, start_id=self.vocab.start_id,
+        with amp, torch.no_grad():
+            tokens, lengths = sample_captions(model, model.encoder.tail(features), self.k, self.max_len,
+                                              start_id=self.vocab.start_id,
                                               end_id=self.vocab.end_id, pad_id=self.vocab.pad_id,
                                               banned=never_said(self.vocab))
         captions = [self.vocab.decode(row[1:]) for row in tokens.tolist()]
         rewards = self.reward.score(captions, [name for name in names for _ in range(self.k)])
         advantage = torch.as_tensor(rewards - leave_one_out_baseline(rewards, self.k), dtype=torch.float32,
                                     device=features.device)
+        image_of_row = torch.arange(len(features), device=features.device).repeat_interleave(self.k)
         with amp:
-            log_probs = step_model(features.repeat_interleave(self.k, 0), tokens, lengths, log_probs=True)
+            log_probs = step_model(features, tokens, lengths, image_of_row=image_of_row, log_probs=True)
         model.train()
         return -(advantage * log_probs).sum() / normalizer, float(rewards.mean())

@@ -23,13 +23,13 @@ def make_amp(device, enabled):
     return torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
 
 
-def batch_loss(model, inputs, tokens, lengths, config, amp, normalizer=None, label_smoothing=None):
-    """Teacher-forced loss of one batch -> (loss, extra loss); tokens are cut to the batch's longest caption."""
+def batch_loss(model, inputs, tokens, lengths, config, amp, normalizer=None, label_smoothing=None, image_of_row=None):
+    """Teacher-forced loss of one batch -> (loss, extra loss); tokens are cut to the batch's longest caption.
+    image_of_row: the row of inputs each caption describes (CaptionModel.forward)."""
     if label_smoothing is None:
         label_smoothing = config["train"]["label_smoothing"]
     with amp:
-        return model(inputs, tokens[:, :int(lengths.max())], lengths, label_smoothing,
-                     normalizer, from_images=config["train"]["fine_tune_encoder"])
+        return model(inputs, tokens[:, :int(lengths.max())], lengths, label_smoothing, normalizer, image_of_row)
 
 
 def optimizer_step(optimizer, scaler, loss, grad_clip):
@@ -49,29 +49,41 @@ def optimizer_step(optimizer, scaler, loss, grad_clip):
 
 
 def training_step(model, optimizer, scaler, graphed, rows, lengths, inputs, image_index, tokens, config, amp,
-                  normalizer=None):
+                  normalizer=None, image_of_row=None):
     """One update on caption rows [B] (on the device; lengths [B] on the CPU), replayed as a CUDA graph where
     `graphed` (a cuda_graphs.GraphedStep, or None) takes the batch, else eager. -> the batch's loss, on the device.
     inputs is the image features [N_images, ...] indexed by image_index[rows], or the batch's own [B, ...]
-    when image_index is None (streamed from the feature cache)."""
+    when image_index is None (streamed from the feature cache), or the batch's images' own [b, ...] that
+    image_of_row [B] indexes (a fine-tuned tail runs once per image)."""
     if graphed is not None and len(rows) == config["train"]["batch_size"]:
         loss = graphed(rows, int(lengths.max()))
         if loss is not None:
             optimizer.step()
             return loss
     batch_inputs = inputs if image_index is None else inputs[image_index[rows]]
-    loss, extra = batch_loss(model, batch_inputs, tokens[rows], lengths, config, amp, normalizer)
+    loss, extra = batch_loss(model, batch_inputs, tokens[rows], lengths, config, amp, normalizer,
+                             image_of_row=image_of_row)
     optimizer_step(optimizer, scaler, loss + extra, config["train"]["grad_clip"])
     return loss
 
 
+def captions_of_images(first_caption, caption_count, images):
+    """Caption rows of images [b] (each image's captions are consecutive rows, from first_caption[i], count
+    caption_count[i]) -> (caption rows [B], image_of_row [B]: the position in images of each one's image)."""
+    counts = caption_count[images]
+    image_of_row = torch.repeat_interleave(torch.arange(len(images)), counts)
+    starts = counts.cumsum(0) - counts
+    caption_rows = first_caption[images][image_of_row] + torch.arange(len(image_of_row)) - starts[image_of_row]
+    return caption_rows, image_of_row
+
+
 def make_optimizer(model, config, total_steps: int, device):
-    """(trained parameters apart from the CNN's, AdamW over them and the fine-tuned CNN block, its schedule)."""
+    """(trained parameters apart from the CNN's, AdamW over them and the fine-tuned CNN blocks, its schedule)."""
     t = config["train"]
     decoder_params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("encoder.backbone")]
     groups = [{"params": decoder_params, "lr": t["lr"]}]
-    if t["fine_tune_encoder"]:
-        groups.append({"params": list(model.encoder.last_block().parameters()), "lr": t["encoder_lr"]})
+    if model.encoder.tail_blocks:
+        groups.append({"params": model.encoder.tail_parameters(), "lr": t["encoder_lr"]})
     optimizer = torch.optim.AdamW(groups, weight_decay=t["weight_decay"], fused=device.type == "cuda")
     return decoder_params, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, total_steps))
 

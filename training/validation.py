@@ -1,38 +1,50 @@
-"""The end-of-epoch check on the validation split: teacher-forced loss over all its captions, and greedy
-captions of its first train.val_bleu_images images scored with BLEU-4 and CIDEr-D (no Java, so it is fast).
+"""The check on the validation split: teacher-forced loss over all its captions, and the captions of its
+first train.val_bleu_images images, decoded as the config's decode section says (the decoding that is
+reported), scored with BLEU-4 and CIDEr-D (no Java, so it is fast).
 """
 import torch
 
 from evaluation.metrics import quick_scores
-from models.decoding import generate
+from models.decoding import describe_decoding, generate
 from training.step import batch_loss
 
 DECODE_BATCH = 256
 LOSS_BATCH = 512          # captions per teacher-forced validation batch: no gradients, so larger than training's
 
 
+def describe_validation(config, n_val_images: int) -> str:
+    """One line: what validation decodes and scores."""
+    n = min(config["train"]["val_bleu_images"], n_val_images)
+    if not n:
+        return f"validation: loss on {n_val_images} images (train.val_bleu_images=0: no captions decoded)"
+    return f"validation: loss on {n_val_images} images; BLEU-4 and CIDEr-D of {n} decoded with {describe_decoding(config['decode'])}"
+
+
 @torch.no_grad()
 def validate(model, val: dict, feed, config, vocab, amp) -> tuple[float, dict]:
-    """(validation loss, {"BLEU-4", "CIDEr"} of greedy captions; nan where train.val_bleu_images is 0).
+    """(validation loss, {"BLEU-4", "CIDEr"} of the decoded captions; nan where train.val_bleu_images is 0).
     feed: a data.feature_store.FeatureFeed over the validation images."""
     model.eval()
     total, count, bs = 0.0, 0, LOSS_BATCH
     for start in range(0, len(val["tokens"]), bs):
         rows = slice(start, start + bs)
-        inputs = feed.batch(val["image_index"][rows])
+        image_index = val["image_index"][rows]
+        first = int(image_index[0])     # a fine-tuned tail runs once per image, not once per caption
+        inputs = feed.batch(torch.arange(first, int(image_index[-1]) + 1))
         tokens, lengths = val["tokens"][rows].to(inputs.device), val["lengths"][rows]
         # Summed over the target tokens (normalizer 1), without label smoothing: the mean is a true perplexity.
-        loss, _ = batch_loss(model, inputs, tokens, lengths, config, amp, normalizer=1.0, label_smoothing=0.0)
+        loss, _ = batch_loss(model, inputs, tokens, lengths, config, amp, normalizer=1.0, label_smoothing=0.0,
+                             image_of_row=(image_index - first).to(inputs.device))
         total, count = total + loss.item(), count + int((lengths - 1).sum())
     scores = {"BLEU-4": float("nan"), "CIDEr": float("nan")}
     n = min(config["train"]["val_bleu_images"], len(val["names"]))
     if n:
-        hypotheses = {}
+        hypotheses, decode = {}, config["decode"]
         for start in range(0, n, DECODE_BATCH):
             inputs = feed.batch(torch.arange(start, min(start + DECODE_BATCH, n)))
             with amp:
-                features = model.encoder.extract(inputs) if config["train"]["fine_tune_encoder"] else inputs
-                results = generate(model, features, vocab, beam_size=1, max_len=config["decode"]["max_len"])
+                results = generate(model, model.encoder.tail(inputs), vocab, decode["beam_size"], decode["max_len"],
+                                   decode["length_penalty"], decode["no_repeat_ngram"])
             hypotheses.update({val["names"][start + j]: r["caption"] for j, r in enumerate(results)})
         scores = quick_scores(hypotheses, {name: val["references"][name] for name in hypotheses})
     model.train()
