@@ -22,15 +22,15 @@ import torch
 from PIL import Image
 
 from data.demo import knows_only_shapes
-from data.images import input_size, load_image, resize_image
+from data.images import IMAGE_EXTENSIONS, input_size, load_image, resize_image
 from evaluation.gallery import attention_overlay
 from models.checkpoint import PRETRAINED, load_checkpoint, load_model
-from models.decoding import generate
-from utils import pick_device
+from models.decoding import decode_settings, describe_decoding, generate
+from utils import UserError, pick_device
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 ANY_CHECKPOINT = "CAPTION_APP_ANY_CHECKPOINT"   # set to 1 by the operator: the path box opens any file
-UPLOAD_TYPES = ["jpg", "jpeg", "png", "webp"]
+UPLOAD_TYPES = [extension.lstrip(".") for extension in IMAGE_EXTENSIONS]   # what the command line reads too
 EXAMPLES_DIR = os.path.join(ROOT, "examples")          # photos, for a model trained on photos
 DEMO_EXAMPLES_DIR = os.path.join(ROOT, "demo_images")   # generated shapes, for a model trained on them
 N_EXAMPLES = 4
@@ -77,10 +77,10 @@ def caption(captioner, image: Image.Image, beam_size: int, max_len: int, no_repe
     """One image -> decoding.generate's result plus `heatmaps`: [(word, overlay image)] when the model attends."""
     model, vocab, config, device = captioner
     size = input_size(config["model"]["encoder"], config["data"]["image_size"])
+    decode = decode_settings(config["decode"], beam_size=beam_size, max_len=max_len, no_repeat_ngram=no_repeat_ngram)
     with torch.inference_mode():
         features = model.encoder.extract(resize_image(image, size).unsqueeze(0).to(device))   # [1,3,S,S] -> [1,P,C]
-        result = generate(model, features, vocab, beam_size, max_len, config["decode"]["length_penalty"],
-                          no_repeat_ngram)[0]
+        result = generate(model, features, vocab, **decode)[0]
     attention, result["heatmaps"] = result["attention"], []
     if attention is not None and len(attention):                                            # [n_words, P]
         side = math.isqrt(attention.size(1))
@@ -172,7 +172,7 @@ def main() -> None:
     full = os.path.realpath(os.path.join(ROOT, path))      # one cache entry per file, however it was named
     try:
         captioner = load_captioner(full, os.path.getmtime(full) if os.path.exists(full) else 0.0)
-    except (ValueError, OSError) as e:
+    except (UserError, OSError) as e:
         st.error(f"Cannot load the checkpoint: {e}. Train one with `python train.py`, or pick another in the sidebar.")
         st.stop()
     _, _, config, device = captioner
@@ -181,6 +181,8 @@ def main() -> None:
     max_len = st.sidebar.slider("Max caption length (words)", 5, 60, min(max(config["decode"]["max_len"], 5), 60))
     no_repeat_ngram = st.sidebar.slider("Never repeat a phrase of this many words (0: off)", 0, 5,
                                         min(config["decode"]["no_repeat_ngram"], 5))
+    decode = decode_settings(config["decode"], beam_size=beam_size, max_len=max_len, no_repeat_ngram=no_repeat_ngram)
+    st.sidebar.caption(f"Decoding: {describe_decoding(decode)}.")
     st.sidebar.caption(f"{config['model']['encoder']} + {config['model']['decoder']} on {device.type}; "
                        f"images up to {Image.MAX_IMAGE_PIXELS:,} pixels")
 
@@ -198,7 +200,7 @@ def main() -> None:
     for name, data in inputs:
         try:
             image = read_image(data, name)
-        except ValueError as e:
+        except UserError as e:
             st.error(str(e))
             continue
         with st.spinner(f"Captioning {name}..."):

@@ -44,7 +44,7 @@ from models.checkpoint import load_checkpoint, load_model
 from models.decoding import generate
 from training.cuda_graphs import graphed_step
 from training.step import epoch_order, make_amp, training_step
-from utils import atomic_write_text, int_at_least, pick_device, run_main
+from utils import UserError, atomic_write_text, int_at_least, pick_device, run_main
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 FLICKR8K = os.path.join(ROOT, "data", "flickr8k")
@@ -81,14 +81,14 @@ def find_data(args, tmp, n_images):
         return make_jpegs(tmp, n_images)
     images, captions_path = os.path.join(folder, "Images"), os.path.join(folder, "captions.txt")
     if not os.path.isdir(images) or not os.path.isfile(captions_path):
-        raise ValueError(f"--data {folder}: expected {captions_path} and the folder {images}; "
+        raise UserError(f"--data {folder}: expected {captions_path} and the folder {images}; "
                          f"or leave --data out to use generated images")
     captions, on_disk = read_captions(captions_path), set(os.listdir(images))
     split = os.path.join(folder, "Flickr_8k.trainImages.txt")
     names = read_split_file(split) if os.path.isfile(split) else sorted(captions)
     names = [n for n in names if n in captions and n in on_disk][:n_images]
     if not names:
-        raise ValueError(f"--data {folder}: no image of {split} is both in {images} and in {captions_path}")
+        raise UserError(f"--data {folder}: no image of {split} is both in {images} and in {captions_path}")
     return images, captions_path, names, f"flickr8k ({os.path.abspath(folder)})"
 
 
@@ -326,7 +326,7 @@ def main(argv=None):
     parser.add_argument("--image-size", type=int_at_least(32), default=224, help="CNN input size (default 224)")
     args = parser.parse_args(argv)
     if args.scale and args.pretrained:
-        raise ValueError("--scale and --pretrained are two benchmarks: run one at a time")
+        raise UserError("--scale and --pretrained are two benchmarks: run one at a time")
     if args.scale:
         result = scale.run(pick_device(args.device), args.quick, args.sizes or scale.SIZES)
         scale.print_table(result)

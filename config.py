@@ -5,9 +5,12 @@ overlaid by `--set KEY=VALUE` pairs from the command line. Unknown keys are reje
 so a typo never silently trains the wrong model.
 """
 import copy
+import difflib
 import math
 
 import yaml
+
+from utils import UserError
 
 DEFAULTS = {
     "data": {
@@ -44,7 +47,7 @@ DEFAULTS = {
         "warmup_steps": 0,
         "label_smoothing": 0.0,
         "batch_by_length": False, # batches of captions of similar length: faster steps on a GPU
-        "select_metric": "bleu4", # bleu4 | cider | loss: what picks checkpoint_best.pth (greedy, on val)
+        "select_metric": "bleu4", # bleu4 | cider | loss: what picks checkpoint_best.pth (on val, decoded as decode: says)
         "early_stop_patience": 0, # validations without improvement before stopping; 0 = never
         "val_bleu_images": 500,   # images decoded for validation BLEU-4 and CIDEr; 0 = off
         "val_every": 0,           # steps between validations (and checkpoints) within an epoch; 0 = at its end only
@@ -77,6 +80,14 @@ DEFAULTS = {
 }
 
 
+KEYS = [f"{section}.{key}" for section in DEFAULTS for key in DEFAULTS[section]]
+
+
+def describe_keys() -> str:
+    """Every key with its default, a line each (train.py --help)."""
+    return "\n".join(f"  {key} = {DEFAULTS[key.split('.')[0]][key.split('.')[1]]!r}" for key in KEYS)
+
+
 CHOICES = {
     "model.encoder": ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "efficientnet_lite2"),
     "model.decoder": ("lstm", "attention", "transformer"),
@@ -105,18 +116,18 @@ OPEN_BELOW = {"data.val_fraction", "model.dropout", "train.label_smoothing", "tr
 def check_value(key: str, value, where: str) -> None:
     """ValueError with the allowed values or range when a key's value is outside them."""
     if key in CHOICES and value not in CHOICES[key]:
-        raise ValueError(f"{where}: {key}={value!r} is not one of {', '.join(CHOICES[key])}")
+        raise UserError(f"{where}: {key}={value!r} is not one of {', '.join(CHOICES[key])}")
     if key not in RANGES:
         return
     if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError(f"{where}: {key}={value!r} is not a finite number")
+        raise UserError(f"{where}: {key}={value!r} is not a finite number")
     low, high = RANGES[key]
     too_low = low is not None and (value <= low if key in OPEN_ABOVE else value < low)
     too_high = high is not None and (value >= high if key in OPEN_BELOW else value > high)
     if too_low or too_high:
         lower = "" if low is None else f"{'more than' if key in OPEN_ABOVE else 'at least'} {low}"
         upper = "" if high is None else f"{'less than' if key in OPEN_BELOW else 'at most'} {high}"
-        raise ValueError(f"{where}: {key}={value!r} is out of range; it must be {' and '.join(p for p in (lower, upper) if p)}")
+        raise UserError(f"{where}: {key}={value!r} is out of range; it must be {' and '.join(p for p in (lower, upper) if p)}")
 
 
 def parse_overrides(pairs: list[str]) -> dict:
@@ -125,7 +136,7 @@ def parse_overrides(pairs: list[str]) -> dict:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise ValueError(f"--set {pair!r}: expected KEY=VALUE, for example --set train.epochs=5")
+            raise UserError(f"--set {pair!r}: expected KEY=VALUE, for example --set train.epochs=5")
         overrides[key.strip()] = yaml.safe_load(value) if value.strip() else ""
     return overrides
 
@@ -136,8 +147,9 @@ def merge(config: dict, updates: dict, source: str) -> dict:
     for dotted, value in _flatten(updates).items():
         section, _, key = dotted.partition(".")
         if section not in DEFAULTS or key not in DEFAULTS[section]:
-            known = ", ".join(f"{s}.{k}" for s in DEFAULTS for k in DEFAULTS[s])
-            raise ValueError(f"{source}: unknown config key {dotted!r}; known keys: {known}")
+            close = difflib.get_close_matches(dotted, KEYS, n=3, cutoff=0.75)
+            hint = f"did you mean {' or '.join(close)}?" if close else "python train.py --help lists every key"
+            raise UserError(f"{source}: unknown key {dotted}; {hint}")
         if dotted == "train.fine_tune_encoder" and isinstance(value, bool):
             value = int(value)      # it was a switch for the last block before it counted blocks
         config[section][key] = _coerce(value, DEFAULTS[section][key], f"{source}: {dotted}")
@@ -163,7 +175,7 @@ def _coerce(value, default, where: str):
             return str(value)
     except ValueError:
         pass
-    raise ValueError(f"{where} must be a {type(default).__name__}, got {value!r}")
+    raise UserError(f"{where} must be a {type(default).__name__}, got {value!r}")
 
 
 def load_config(path: str | None, overrides: list[str] | None = None) -> dict:
@@ -173,11 +185,11 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> dict:
             with open(path, encoding="utf-8") as f:
                 from_file = yaml.safe_load(f) or {}
         except OSError as e:
-            raise ValueError(f"{path}: cannot read the config ({e.strerror}); pass --config with an existing YAML file") from None
+            raise UserError(f"{path}: cannot read the config ({e.strerror}); pass --config with an existing YAML file") from None
         except yaml.YAMLError as e:
-            raise ValueError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+            raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(from_file, dict):
-            raise ValueError(f"{path}: expected a mapping of sections (data:, model:, train:, decode:)")
+            raise UserError(f"{path}: expected a mapping of sections (data:, model:, train:, decode:)")
         config = merge(config, from_file, path)
     return merge(config, parse_overrides(overrides or []), "--set")
 

@@ -1,13 +1,14 @@
 """Score a checkpoint on a split with real decoding (never teacher forcing).
 
-    python evaluate.py --checkpoint runs/demo/checkpoint_best.pth --split val --beam-size 3
+    python evaluate.py --checkpoint runs/demo/checkpoint_best.pth --split val
     python evaluate.py --checkpoint CKPT --captions data/flickr8k/captions.txt --images data/flickr8k/Images \\
-        --split-file data/flickr8k/Flickr_8k.devImages.txt --beam-size 3 --out runs/x/metrics.json
+        --split-file data/flickr8k/Flickr_8k.devImages.txt --out runs/x/metrics.json
     python evaluate.py --checkpoint CKPT --captions data/coco/dataset_coco.json --images data/coco --split test
     python evaluate.py --checkpoint pretrained/flickr8k_attention_lite2.pth --captions ... --images ...
 
-Generates a caption for every image of the split (greedy, or beam search with --beam-size K) and
-scores them against all reference captions with the coco-caption toolkit: BLEU-1..4, METEOR,
+Generates a caption for every image of the split, decoded as the checkpoint's decode section says
+(the decoding of inference, the web demo and the README's tables; --beam-size, --max-len,
+--length-penalty and --no-repeat-ngram change it), prints that decoding in one line, and scores them against all reference captions with the coco-caption toolkit: BLEU-1..4, METEOR,
 ROUGE-L, CIDEr-D. Prints the metrics as one JSON object on the last line of stdout (plus
 exact_match: the share of captions equal to a reference word for word, n_empty_captions and
 n_skipped). With --out, writes that object to the file, and beside it <stem>_captions.json (image,
@@ -28,8 +29,8 @@ from data.features import extract_features
 from data.vocab import tokenize
 from evaluation.metrics import score_captions
 from models.checkpoint import load_checkpoint, load_model
-from models.decoding import generate
-from utils import atomic_write_text, int_at_least, pick_device, run_main, warn
+from models.decoding import decode_settings, describe_decoding, generate
+from utils import UserError, atomic_write_text, int_at_least, pick_device, run_main, warn
 
 
 def write_json(obj, path: str) -> None:
@@ -43,13 +44,13 @@ def images_to_score(args, config):
         args.captions, args.images = config["data"]["captions"], config["data"]["images"]
         return references, train_names if args.split == "train" else val_names
     if not (args.captions and args.images):
-        raise ValueError("give --captions and --images (and --split-file, or --split with a Karpathy JSON), "
+        raise UserError("give --captions and --images (and --split-file, or --split with a Karpathy JSON), "
                          "or --split val for the checkpoint's own validation split")
     if karpathy.is_karpathy(args.captions):
         rows, splits = karpathy.read(args.captions)
         return collect(args.captions, rows), karpathy.split_names(splits, args.split or "test", args.captions)
     if args.split:
-        raise ValueError(f"--split {args.split} with --captions needs a Karpathy JSON; for {args.captions} "
+        raise UserError(f"--split {args.split} with --captions needs a Karpathy JSON; for {args.captions} "
                          f"pass --split-file with the image names")
     references = read_captions(args.captions)
     return references, read_split_file(args.split_file) if args.split_file else list(references)
@@ -63,7 +64,8 @@ def main(argv=None):
     parser.add_argument("--split-file", help="image names to evaluate, one per line (default: every captioned image)")
     parser.add_argument("--split", help="with a Karpathy JSON: its split(s), e.g. test or val (default test); "
                                         "without --captions: train or val of the checkpoint's own dataset")
-    parser.add_argument("--beam-size", type=int_at_least(1), default=1, help="1 = greedy (default)")
+    parser.add_argument("--beam-size", type=int_at_least(1), default=None,
+                        help="beam width, 1 = greedy (default: the checkpoint's decode.beam_size)")
     parser.add_argument("--max-len", type=int_at_least(1), default=None,
                         help="maximum caption length in words (default: the checkpoint's)")
     parser.add_argument("--length-penalty", type=float, default=None,
@@ -90,27 +92,25 @@ def main(argv=None):
     absent = set(missing)
     names = [n for n in names if n in references and n not in absent]
     if not names:
-        raise ValueError(f"nothing to evaluate: no image of {args.split_file or args.split or args.captions} is both "
+        raise UserError(f"nothing to evaluate: no image of {args.split_file or args.split or args.captions} is both "
                          f"captioned in {args.captions} and present in {args.images}")
 
     captions_path = os.path.splitext(args.out)[0] + "_captions.json" if args.out else None
     produced = []
     paths = [os.path.join(args.images, n) for n in names]
-    max_len = args.max_len or config["decode"]["max_len"]
-    length_penalty = config["decode"]["length_penalty"] if args.length_penalty is None else args.length_penalty
-    if length_penalty < 0:
-        raise ValueError(f"--length-penalty {length_penalty}: must be at least 0")
-    no_repeat_ngram = config["decode"]["no_repeat_ngram"] if args.no_repeat_ngram is None else args.no_repeat_ngram
+    decode = decode_settings(config["decode"], beam_size=args.beam_size, max_len=args.max_len,
+                             length_penalty=args.length_penalty, no_repeat_ngram=args.no_repeat_ngram)
+    print(f"decoding: {describe_decoding(decode)}", file=sys.stderr)
     # The CNN trunk's output comes from the training cache when it is there (same key, same weights).
     cache_dir = None if args.no_cache else config["train"]["cache_dir"]
     features, ok = extract_features(model.encoder, paths, config["data"]["image_size"], cache_dir, device,
                                     args.batch_size, args.num_workers)
     readable = [n for n, good in zip(names, ok) if good]
-    for start in tqdm(range(0, len(readable), args.batch_size), desc=f"captioning (beam {args.beam_size})",
+    for start in tqdm(range(0, len(readable), args.batch_size), desc=f"captioning (beam {decode['beam_size']})",
                       unit="batch", file=sys.stderr):
         with torch.no_grad():
             grids = model.encoder.tail(features[start:start + args.batch_size].to(device))
-            results = generate(model, grids, vocab, args.beam_size, max_len, length_penalty, no_repeat_ngram)
+            results = generate(model, grids, vocab, **decode)
         produced += [{"image": name, "caption": r["caption"], "references": references[name]}
                      for name, r in zip(readable[start:], results)]
         if captions_path:
@@ -125,8 +125,7 @@ def main(argv=None):
     result = {**{k: (round(v, 4) if v is not None else None) for k, v in metrics.items()}, "n_images": len(produced),
               "exact_match": round(sum(tokenize(p["caption"]) in [tokenize(r) for r in p["references"]]
                                        for p in produced) / len(produced), 4),
-              "beam_size": args.beam_size, "length_penalty": length_penalty,
-              "no_repeat_ngram": no_repeat_ngram, "n_empty_captions": empty,
+              **decode, "n_empty_captions": empty,
               "n_skipped": len(not_captioned) + len(missing) + len(names) - len(readable)}
     if args.out:
         for p in produced:

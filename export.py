@@ -1,15 +1,30 @@
 """Export a training checkpoint as a small inference checkpoint: the form of the shipped model.
 
     python export.py runs/NAME/checkpoint_best.pth pretrained/flickr8k_attention_lite2.pth \\
-        --scores runs/NAME/metrics_dev_beam3.json \\
+        --verify-images data/flickr8k/Images --verify-split data/flickr8k/Flickr_8k.devImages.txt
+    python evaluate.py --checkpoint pretrained/flickr8k_attention_lite2.pth --captions data/flickr8k/captions.txt \\
+        --images data/flickr8k/Images --split-file data/flickr8k/Flickr_8k.devImages.txt --out runs/NAME/metrics_shipped.json
+    python export.py runs/NAME/checkpoint_best.pth pretrained/flickr8k_attention_lite2.pth \\
+        --scores runs/NAME/metrics_shipped.json \\
         --verify-images data/flickr8k/Images --verify-split data/flickr8k/Flickr_8k.devImages.txt
 
-The file holds the trained weights in half precision, the vocabulary, the config, the dev scores
-(--scores: the JSON that evaluate.py --out wrote) and the command that trained the model; no
-optimizer state. The frozen CNN's weights stay out when a package supplies them, and a hash of them
-is recorded and checked at load time. With --verify-images, the greedy captions of the exported
-model are compared with the training checkpoint's on those images before the file is written: at
-least --min-agreement of them must be the same.
+The file holds the trained weights in half precision, the vocabulary, the config (data paths of the
+training machine written as data/<folder>/<file>, as the README lays data out), the dev scores
+(--scores) and the command that trained the model; no optimizer state. The frozen CNN's weights stay
+out when a package supplies them, and a hash of them is recorded and checked at load time; a
+fine-tuned tail of the CNN ships inside.
+
+With --verify-images, the exported model captions those images as the checkpoint's decode section
+says (the decoding users get), and at least --min-agreement of its captions must equal the training
+checkpoint's before the file is written. The scores it embeds must be the exported file's own: the
+second export above writes the same weights with the scores evaluate.py gave on the first, and with
+--verify-images it checks that the captions behind them (the _captions.json beside the scores) are the
+ones the exported file gives.
+
+--ensemble adds more training checkpoints of the same vocabulary and CNN trunk: the file then decodes
+with all the models at once, averaging their word log-probabilities at each step (models.ensemble):
+
+    python export.py runs/A/checkpoint_best.pth ensemble.pth --ensemble runs/B/checkpoint_best.pth ...
 """
 import argparse
 import hashlib
@@ -24,73 +39,123 @@ from tqdm import tqdm
 from data.captions import read_split_file
 from data.features import extract_features
 from data.images import list_images
-from models.checkpoint import inference_checkpoint, is_inference, load_checkpoint, load_model
-from models.decoding import generate
-from utils import atomic_write, pick_device, run_main, warn
+from models.checkpoint import (
+    MAX_SHIPPED_BYTES,
+    MAX_SHIPPED_ENSEMBLE_BYTES,
+    inference_checkpoint,
+    is_inference,
+    load_checkpoint,
+    load_model,
+)
+from models.decoding import decode_settings, describe_decoding, generate
+from models.ensemble import CaptionEnsemble
+from utils import UserError, atomic_write, pick_device, run_main, warn
 
-MAX_BYTES = 20 * 2**20        # the repository's limit for the shipped model
 
-
-def same_greedy_captions(full, exported, paths, config, device, batch_size=64) -> tuple[int, int]:
-    """(images whose greedy captions agree, images compared), on features the frozen CNN computes once."""
-    (model_a, vocab), model_b = full[:2], exported[0]
-    cache_dir = config["train"]["cache_dir"]
-    features, _ = extract_features(model_a.encoder, paths, config["data"]["image_size"], cache_dir, device,
-                                   batch_size, num_workers=0, desc="verify: features")
-    same = 0
-    for start in tqdm(range(0, len(features), batch_size), desc="verify: greedy captions", unit="batch"):
+def captions_of(models, paths, config, device, decode, batch_size=64) -> list[dict]:
+    """{image name: caption} of each model on the image files, on the trunk's output computed (or read from the
+    cache) once for all: the models share their frozen trunk."""
+    vocab = models[0][1]
+    features, ok = extract_features(models[0][0].encoder, paths, config["data"]["image_size"],
+                                    config["train"]["cache_dir"], device, batch_size, num_workers=0,
+                                    desc="verify: features")
+    names = [os.path.basename(p) for p, good in zip(paths, ok) if good]
+    captions = [{} for _ in models]
+    for start in tqdm(range(0, len(features), batch_size), desc="verify: captions", unit="batch"):
         batch = features[start:start + batch_size].to(device)
         with torch.no_grad():
-            a = generate(model_a, model_a.encoder.tail(batch), vocab, beam_size=1, max_len=config["decode"]["max_len"])
-            b = generate(model_b, model_b.encoder.tail(batch), vocab, beam_size=1, max_len=config["decode"]["max_len"])
-        same += sum(x["tokens"] == y["tokens"] for x, y in zip(a, b))
-    return same, len(features)
+            for found, (model, *_) in zip(captions, models):
+                results = generate(model, model.encoder.tail(batch), vocab, **decode)
+                found.update({name: r["caption"] for name, r in zip(names[start:], results)})
+    return captions
+
+
+def read_scores(path: str, decode: dict) -> tuple[dict, dict]:
+    """(scores, {image: caption} behind them, or {} when evaluate.py's _captions.json is not beside them);
+    the scores must come from the decoding the file will default to."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            scores = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"--scores {path}: not a readable JSON file ({e}); pass evaluate.py's --out") from None
+    other = {k: (scores.get(k), v) for k, v in decode.items() if scores.get(k) != v}
+    if other:
+        raise UserError(f"--scores {path}: measured with {', '.join(f'{k}={a!r}' for k, (a, _) in other.items())}, "
+                        f"while the file decodes with {describe_decoding(decode)}; score it with evaluate.py's defaults")
+    captions_path = os.path.splitext(path)[0] + "_captions.json"
+    if not os.path.isfile(captions_path):
+        return scores, {}
+    with open(captions_path, encoding="utf-8") as f:
+        return scores, {row["image"]: row["caption"] for row in json.load(f)}
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="a training checkpoint (checkpoint_best.pth)")
     parser.add_argument("out", help="the inference checkpoint to write, e.g. pretrained/flickr8k_attention_lite2.pth")
-    parser.add_argument("--scores", help="evaluate.py's --out JSON of this checkpoint (dev scores, beam 3)")
+    parser.add_argument("--scores", help="evaluate.py's --out JSON of the exported file (dev, its default decoding)")
     parser.add_argument("--command", help="the command that trained it (default: the one the checkpoint records)")
-    parser.add_argument("--verify-images", metavar="DIR", help="images to compare greedy captions on")
+    parser.add_argument("--verify-images", metavar="DIR", help="images to compare captions on")
     parser.add_argument("--verify-split", metavar="FILE", help="names of --verify-images to use, one per line")
     parser.add_argument("--min-agreement", type=float, default=0.99, help="share of equal captions required (0.99)")
+    parser.add_argument("--ensemble", nargs="+", default=[], metavar="CHECKPOINT",
+                        help="more training checkpoints to decode with it as one ensemble")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
 
-    checkpoint = load_checkpoint(args.checkpoint)
-    if is_inference(checkpoint):
-        raise ValueError(f"{args.checkpoint} is already an exported checkpoint; export the training checkpoint")
-    scores = None
-    if args.scores:
-        try:
-            with open(args.scores, encoding="utf-8") as f:
-                scores = json.load(f)
-        except (OSError, ValueError) as e:
-            raise ValueError(f"--scores {args.scores}: not a readable JSON file ({e}); pass evaluate.py's --out") from None
+    paths = [args.checkpoint, *args.ensemble]
+    checkpoints = [training_checkpoint(path) for path in paths]
     device = pick_device(args.device)
-    full = load_model(checkpoint, args.checkpoint)
-    exported = inference_checkpoint(checkpoint, full[0], scores, args.command)
+    loaded = [load_model(checkpoint, path) for checkpoint, path in zip(checkpoints, paths)]
+    for (_, vocab, _), path in zip(loaded[1:], args.ensemble):
+        if vocab.itos != loaded[0][1].itos:
+            raise UserError(f"--ensemble {path}: its vocabulary differs from {args.checkpoint}'s; an ensemble's models "
+                            f"must be trained on one vocabulary (the same data and data.min_word_freq)")
+    full = loaded[0] if not args.ensemble else (CaptionEnsemble([m for m, _, _ in loaded]).eval(), *loaded[0][1:])
+    decode = decode_settings(full[2]["decode"])
+    scores, scored_captions = read_scores(args.scores, decode) if args.scores else (None, {})
+    exported = inference_checkpoint(checkpoints[0], loaded[0][0], scores, args.command,
+                                    [(c, m) for c, (m, _, _) in zip(checkpoints[1:], loaded[1:])])
     buffer = io.BytesIO()
     torch.save(exported, buffer)
     data = buffer.getvalue()
-    if len(data) > MAX_BYTES:
-        warn(f"the exported file is {len(data) / 2**20:.1f} MB, over the {MAX_BYTES // 2**20} MB the repository ships")
-    # Loaded back as a user will load it: weights_only, the CNN from its package, the hash checked.
+    limit = MAX_SHIPPED_ENSEMBLE_BYTES if args.ensemble else MAX_SHIPPED_BYTES
+    if len(data) > limit:
+        warn(f"the exported file is {len(data) / 2**20:.1f} MB, over the {limit / 2**20:.0f} MB the repository ships "
+             f"{'an ensemble' if args.ensemble else 'one model'} in")
+    # Loaded back as a user will load it: weights_only, the CNN's trunk from its package, the hash checked.
     again = load_model(torch.load(io.BytesIO(data), weights_only=True), args.out)
     if args.verify_images:
         paths = ([os.path.join(args.verify_images, n) for n in read_split_file(args.verify_split)]
                  if args.verify_split else list_images([args.verify_images]))
-        full[0].to(device)
-        again[0].to(device)
-        same, total = same_greedy_captions(full, again, paths, full[2], device)
-        print(f"greedy captions equal for {same} of {total} images ({100 * same / total:.1f}%)", file=sys.stderr)
-        if same < args.min_agreement * total:
-            raise ValueError(f"only {same} of {total} greedy captions agree (at least {args.min_agreement:.0%} "
-                             f"required); {args.out} was not written")
+        print(f"verify: decoding with {describe_decoding(decode)}", file=sys.stderr)
+        for model, *_ in (full, again):
+            model.to(device)
+        ours, theirs = captions_of([full[:2], again[:2]], paths, full[2], device, decode)
+        agreement(ours, theirs, "the training checkpoint's", args.min_agreement, args.out)
+        if scored_captions:
+            agreement({n: scored_captions[n] for n in theirs if n in scored_captions}, theirs,
+                      f"the captions behind --scores {args.scores}", args.min_agreement, args.out)
+    elif scored_captions:
+        warn("the scores were not checked against the exported file's captions: give --verify-images")
     atomic_write(args.out, lambda f: f.write(data))
     print(f"{args.out}: {len(data) / 2**20:.1f} MB, sha256 {hashlib.sha256(data).hexdigest()}")
+
+
+def training_checkpoint(path: str) -> dict:
+    checkpoint = load_checkpoint(path)
+    if is_inference(checkpoint):
+        raise UserError(f"{path} is already an exported checkpoint; export the training checkpoint")
+    return checkpoint
+
+
+def agreement(expected: dict, found: dict, whose: str, min_agreement: float, out: str) -> None:
+    """Print how many of the exported file's captions equal `expected`'s; UserError below min_agreement."""
+    same = sum(found.get(name) == caption for name, caption in expected.items())
+    print(f"the exported file's captions equal {whose} for {same} of {len(expected)} images", file=sys.stderr)
+    if not expected or same < min_agreement * len(expected):
+        raise UserError(f"only {same} of {len(expected)} captions equal {whose} (at least {min_agreement:.0%} "
+                        f"required); {out} was not written")
 
 
 if __name__ == "__main__":

@@ -26,8 +26,8 @@ from data.demo import knows_only_shapes
 from data.images import image_loader, input_size, list_images, load_image
 from evaluation.gallery import attention_overlay, caption_image, image_to_data_uri, write_gallery
 from models.checkpoint import PRETRAINED, load_checkpoint, load_model, load_shipped
-from models.decoding import generate
-from utils import atomic_write, int_at_least, pick_device, run_main, warn
+from models.decoding import decode_settings, describe_decoding, generate
+from utils import UserError, atomic_write, int_at_least, pick_device, run_main, warn
 
 
 def parse_args(argv=None):
@@ -62,14 +62,14 @@ def unique_stem(path: str, taken: set) -> str:
 def main(argv=None):
     args = parse_args(argv)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise ValueError(f"--out {args.out} is a file; give a folder for the captioned images and the gallery")
+        raise UserError(f"--out {args.out} is a file; give a folder for the captioned images and the gallery")
     device = pick_device(args.device)
     checkpoint_path = args.checkpoint or PRETRAINED
     checkpoint = load_checkpoint(args.checkpoint) if args.checkpoint else load_shipped()
     model, vocab, config = load_model(checkpoint, checkpoint_path)
     model.to(device)
-    beam_size = args.beam_size or config["decode"]["beam_size"]
-    max_len = args.max_len or config["decode"]["max_len"]
+    decode = decode_settings(config["decode"], beam_size=args.beam_size, max_len=args.max_len)
+    print(f"decoding: {describe_decoding(decode)}", file=sys.stderr)
     references = {}
     if args.split:
         captions, train_names, val_names = load_splits(config["data"])
@@ -84,7 +84,7 @@ def main(argv=None):
                  f"photos, leave out --checkpoint: the shipped Flickr8k model ({os.path.relpath(PRETRAINED)}) is the default")
     paths = paths[:args.max_images] if args.max_images else paths
     if not paths:
-        raise ValueError(f"split {args.split!r} of {config['data']['captions']} has no images")
+        raise UserError(f"split {args.split!r} of {config['data']['captions']} has no images")
     os.makedirs(args.out, exist_ok=True)
 
     rows, lines, taken, skipped = [], [], set(), 0
@@ -97,8 +97,7 @@ def main(argv=None):
             continue
         with torch.no_grad():
             features = model.encoder.extract(images.to(device))                  # [b, P, C]
-            results = generate(model, features, vocab, beam_size, max_len, config["decode"]["length_penalty"],
-                               config["decode"]["no_repeat_ngram"])
+            results = generate(model, features, vocab, **decode)
         for i, result in zip(good, results):
             path, stem = paths[i], unique_stem(paths[i], taken)
             print(f"{os.path.basename(path)}\t{result['caption']}", flush=True)
@@ -108,10 +107,14 @@ def main(argv=None):
                          lambda f: caption_image(picture, result["caption"]).save(f, format="JPEG", quality=90))
             rows.append(gallery_row(picture, path, result, references.get(path, []), not args.no_attention_maps))
         atomic_write(csv_path, lambda f: f.write(csv_text(lines)), binary=False)   # what is done so far is kept
+    if not rows:
+        given = " ".join(args.images or []) or f"split {args.split}"
+        raise UserError(f"no image found among the {len(paths)} file{'s' if len(paths) > 1 else ''} given ({given}): "
+                        f"none could be read as an image; give JPEG, PNG, WebP, BMP or GIF files or folders of them")
     html_path = os.path.join(args.out, "captions_result.html")
     stem = os.path.splitext(os.path.basename(checkpoint_path))[0]      # a run's checkpoint_*.pth: its run folder's name
     name = os.path.basename(os.path.dirname(os.path.abspath(checkpoint_path))) if stem.startswith("checkpoint_") else stem
-    title = f"{name}: {config['model']['encoder']} + {config['model']['decoder']}, beam {beam_size}"
+    title = f"{name}: {config['model']['encoder']} + {config['model']['decoder']}, {describe_decoding(decode)}"
     write_gallery(html_path, rows, title)
     if skipped:
         warn(f"skipped {skipped} of {len(paths)} files that are not readable images")

@@ -30,7 +30,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from config import load_config
+from config import describe_keys, load_config
 from data.captions import load_splits
 from data.feature_store import FeatureFeed, fits_on_device
 from data.features import wait_for_cache_writes
@@ -39,8 +39,15 @@ from data.prepare import prepare_splits
 from data.vocab import Vocabulary
 from models import build_model
 from models.checkpoint import load_checkpoint, load_weights
-from training.checkpoints import (CheckpointWriter, checkpoint_state, frozen_weights, restore, resume_config, rng_state,
-                                  starting_point)
+from training.checkpoints import (
+    CheckpointWriter,
+    checkpoint_state,
+    frozen_weights,
+    restore,
+    resume_config,
+    rng_state,
+    starting_point,
+)
 from training.cuda_graphs import graphed_step
 from training.distributed import broadcast_flag, setup_distributed, shutdown, wrap
 from training.run_folder import RunFolder
@@ -48,7 +55,7 @@ from training.scst import SelfCritical
 from training.step import captions_of_images, epoch_order, make_amp, make_optimizer, optimizer_step, training_step
 from training.validation import describe_validation, validate
 from training.weight_average import WeightAverage
-from utils import atomic_write_text, run_main, seed_everything, warn
+from utils import UserError, atomic_write_text, run_main, seed_everything, warn
 
 
 def train(config, run: RunFolder, checkpoint=None, command="", begun=None):
@@ -99,7 +106,7 @@ def train(config, run: RunFolder, checkpoint=None, command="", begun=None):
     n_rows, bs = (n_images if by_image else len(tokens)), t["batch_size"]
     steps_per_epoch = n_rows // bs + (n_rows % bs >= 2 * world)
     if not steps_per_epoch:
-        raise ValueError(f"{n_rows} training rows are too few for {world} process(es) at train.batch_size={bs}: "
+        raise UserError(f"{n_rows} training rows are too few for {world} process(es) at train.batch_size={bs}: "
                          f"each needs at least 2 per batch; add images or lower the process count")
     scst = SelfCritical({n: captions[n] for n in train_set["names"]}, vocab, config) if t["scst"] else None
 
@@ -200,7 +207,7 @@ def train(config, run: RunFolder, checkpoint=None, command="", begun=None):
                 if main_process and (progress["step"] % t["log_every"] == 0 or b + 1 == steps_per_epoch):
                     lr, mean_loss = optimizer.param_groups[0]["lr"], float(running) / running_n
                     if not math.isfinite(mean_loss):
-                        raise ValueError(f"the training loss became {mean_loss} at step {progress['step']}; the last "
+                        raise UserError(f"the training loss became {mean_loss} at step {progress['step']}; the last "
                                          f"good checkpoint in {run.out_dir} is kept; lower train.lr and start again")
                     mean_reward = rewards / running_n if scst else float("nan")
                     run.write_row(progress["step"], epoch + 1, "train", mean_loss, lr, time.time() - started,
@@ -270,7 +277,8 @@ def _raise_keyboard_interrupt(signum, frame):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=f"config keys and their defaults (config.py):\n{describe_keys()}")
     parser.add_argument("--config", default="config.yaml", help="YAML config (default: config.yaml, the demo)")
     parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="override config keys, e.g. --set train.epochs=5 model.decoder=attention")

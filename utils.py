@@ -17,6 +17,12 @@ import torch
 TEMP_PREFIX = ".tmp-"  # atomic_write's files before their rename: a folder's readers skip them
 
 
+class UserError(ValueError):
+    """A mistake of the user's (a bad path, config value or file), told in one line that names the fix.
+    run_main prints it without a traceback; any other exception is a bug of ours and keeps its traceback.
+    A ValueError, so that code which checks a value can catch either."""
+
+
 def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
@@ -128,11 +134,11 @@ def pick_device(name: str = "auto") -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device cuda was asked for, but this machine has no CUDA GPU (or this torch build has no CUDA); use --device cpu or auto")
+        raise UserError("device cuda was asked for, but this machine has no CUDA GPU (or this torch build has no CUDA); use --device cpu or auto")
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ValueError("device mps was asked for, but MPS is not available here; use auto or cpu")
+        raise UserError("device mps was asked for, but MPS is not available here; use auto or cpu")
     if name not in ("cpu", "cuda", "mps") and not name.startswith("cuda:"):
-        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda or mps")
+        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda or mps")
     return torch.device(name)
 
 
@@ -156,12 +162,12 @@ def int_at_least(lowest: int):
 
 
 def run_main(main) -> None:
-    """Run a script's main(). A user's mistake (ValueError) ends with one line and exit code 2; a file
-    operation the machine refused (a full disk, say) with one line and exit code 1. Nothing written earlier
-    is lost: every file is written by atomic_write."""
+    """Run a script's main(). A user's mistake (UserError) ends with one line and exit code 2; a file
+    operation the machine refused (a full disk, say) with one line and exit code 1. Anything else is a bug,
+    and keeps its traceback. Nothing written earlier is lost: every file is written by atomic_write."""
     try:
         main()
-    except ValueError as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except OSError as e:

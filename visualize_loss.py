@@ -8,17 +8,16 @@ The upper panel shows the training loss per logged step (thin, light), an expone
 moving average of it (bias-corrected EMA, span = number of train rows / 10, clamped to
 1..100; under 20 rows only the raw curve is drawn), the validation loss at each validation
 and, for self-critical training, the mean reward of the sampled captions on a second
-y-axis. The lower panel, drawn when validation scores were computed, shows greedy
-validation BLEU-4 and CIDEr. Logs from older runs without the bleu4, cider or reward
+y-axis. The lower panel, drawn when validation scores were computed, shows
+validation BLEU-4 and CIDEr (decoded as the run's decode: section says). Logs from older runs without the bleu4, cider or reward
 columns are accepted; a step logged twice after a resume is plotted once, with the later
 (resumed) value.
 """
 import argparse
 import math
 import os
-import sys
 
-from utils import atomic_write
+from utils import UserError, atomic_write, run_main
 
 REQUIRED_COLUMNS = ("step", "epoch", "split", "loss")
 EXPECTED_HEADER = "step\tepoch\tsplit\tloss\tlr\telapsed\tbleu4\tcider\treward"
@@ -33,17 +32,17 @@ def read_loss_log(path: str) -> list[dict]:
     log, a wrong header or a malformed row.
     """
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such loss log; pass a run folder containing loss_log.txt "
+        raise UserError(f"{path}: no such loss log; pass a run folder containing loss_log.txt "
                                 f"(written by train.py) or --log PATH")
     with open(path, encoding="utf-8") as f:
         lines = f.read().splitlines()
     if not lines or not lines[0].strip():
-        raise ValueError(f"{path}: file is empty; expected the header line '{EXPECTED_HEADER}' "
+        raise UserError(f"{path}: file is empty; expected the header line '{EXPECTED_HEADER}' "
                          f"(tab-separated) followed by rows; train for at least one log step first")
     columns = lines[0].strip().split("\t")
     missing = [c for c in REQUIRED_COLUMNS if c not in columns]
     if missing:
-        raise ValueError(f"{path}: wrong header {lines[0].strip()!r} (missing {', '.join(missing)}); "
+        raise UserError(f"{path}: wrong header {lines[0].strip()!r} (missing {', '.join(missing)}); "
                          f"expected the tab-separated header '{EXPECTED_HEADER}' written by train.py")
     rows = []
     for line_number, line in enumerate(lines[1:], start=2):
@@ -56,14 +55,14 @@ def read_loss_log(path: str) -> list[dict]:
             for name in OPTIONAL_COLUMNS:
                 row[name] = float(values[name]) if values.get(name, "") != "" else math.nan
         except (KeyError, ValueError):
-            raise ValueError(f"{path}: line {line_number} is malformed ({line.strip()!r}); "
+            raise UserError(f"{path}: line {line_number} is malformed ({line.strip()!r}); "
                              f"delete or fix that line (a run killed mid-write can leave one)") from None
         if row["split"] not in ("train", "val"):
-            raise ValueError(f"{path}: line {line_number} has split {row['split']!r}; "
+            raise UserError(f"{path}: line {line_number} has split {row['split']!r}; "
                              f"expected 'train' or 'val', fix or delete that line")
         rows.append(row)
     if not rows:
-        raise ValueError(f"{path}: log has a header but no rows; train for at least one log step "
+        raise UserError(f"{path}: log has a header but no rows; train for at least one log step "
                          f"(train.log_every) before plotting")
     return rows
 
@@ -135,14 +134,14 @@ def plot_loss(rows: list[dict], out_path: str, title: str) -> str:
         bleu = [r for r in scored if math.isfinite(r["bleu4"])]
         if bleu:
             handles += score_axis.plot([r["step"] for r in bleu], [r["bleu4"] for r in bleu], "s--", color="tab:green",
-                                       markersize=6, label="val BLEU-4 (greedy)")
+                                       markersize=6, label="val BLEU-4")
         score_axis.set_ylabel("BLEU-4", color="tab:green")
         score_axis.grid(True, alpha=0.3)
         cider = [r for r in scored if math.isfinite(r["cider"])]
         if cider:
             cider_axis = score_axis.twinx()
             handles += cider_axis.plot([r["step"] for r in cider], [r["cider"] for r in cider], "^-", color="tab:red",
-                                       markersize=6, label="val CIDEr (greedy)")
+                                       markersize=6, label="val CIDEr")
             cider_axis.set_ylabel("CIDEr", color="tab:red")
         score_axis.legend(handles, [h.get_label() for h in handles], loc="lower right", fontsize="small",
                           framealpha=0.8)
@@ -153,7 +152,7 @@ def plot_loss(rows: list[dict], out_path: str, title: str) -> str:
     return out_path
 
 
-def main(argv=None) -> int:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Plot a run's training curves (loss, reward, validation "
                                                  "BLEU-4 and CIDEr) from its loss_log.txt.")
     parser.add_argument("run_dir", nargs="?", help="run folder containing loss_log.txt (train.out_dir)")
@@ -165,15 +164,9 @@ def main(argv=None) -> int:
     log_path = args.log or os.path.join(args.run_dir, "loss_log.txt")
     run_dir = os.path.dirname(os.path.abspath(log_path))
     out_path = args.out or os.path.join(run_dir, "loss_curve.png")
-    try:
-        rows = read_loss_log(log_path)
-        plot_loss(rows, out_path, os.path.basename(run_dir))
-    except (OSError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    plot_loss(read_loss_log(log_path), out_path, os.path.basename(run_dir))
     print(out_path)
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -14,9 +14,9 @@ import torchvision
 from PIL import Image
 
 from config import DEFAULTS
-from models.decoding import generate
-from models.decoder_lstm import DecoderRNN
 from data.images import IMAGENET_MEAN, IMAGENET_STD
+from models.decoder_lstm import DecoderRNN
+from models.decoding import generate
 
 MAX_LEN = DEFAULTS["decode"]["max_len"]
 

@@ -11,7 +11,7 @@ import random
 from data import karpathy
 from data.images import IMAGE_EXTENSIONS
 from data.vocab import tokenize
-from utils import warn
+from utils import UserError, warn
 
 
 def read_text(path: str, what: str, key: str) -> str:
@@ -20,12 +20,12 @@ def read_text(path: str, what: str, key: str) -> str:
         with open(path, "rb") as f:
             raw = f.read()
     except OSError as e:
-        raise ValueError(f"{path}: cannot read the {what} ({e.strerror}); check {key}") from None
+        raise UserError(f"{path}: cannot read the {what} ({e.strerror}); check {key}") from None
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = raw[:e.start].count(b"\n") + 1
-        raise ValueError(f"{path}: line {line} is not UTF-8 (byte 0x{raw[e.start]:02x}); re-save the file as UTF-8") from None
+        raise UserError(f"{path}: line {line} is not UTF-8 (byte 0x{raw[e.start]:02x}); re-save the file as UTF-8") from None
 
 
 def read_captions(path: str) -> dict[str, list[str]]:
@@ -38,7 +38,7 @@ def read_captions(path: str) -> dict[str, list[str]]:
     text = read_text(path, "captions file", "data.captions")
     first = text.split("\n", 1)[0]
     if not text.strip():
-        raise ValueError(f"{path}: the captions file is empty")
+        raise UserError(f"{path}: the captions file is empty")
     if "\t" in first and "#" in first.split("\t")[0]:   # Flickr8k.token.txt: IMAGE#N<TAB>caption
         rows = [(n, *line.split("\t", 1)) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
         rows = [(f"line {n}", image.rsplit("#", 1)[0], caption) for n, image, *rest in rows for caption in (rest or [""])]
@@ -47,7 +47,7 @@ def read_captions(path: str) -> dict[str, list[str]]:
         reader = csv.reader(io.StringIO(text, newline=""), strict=True)
         header = [h.strip().lower() for h in next(reader)]
         if header[:2] != ["image", "caption"]:
-            raise ValueError(f"{path}: line 1 is {first[:60]!r}; the header must be `image,caption` "
+            raise UserError(f"{path}: line 1 is {first[:60]!r}; the header must be `image,caption` "
                              f"(or use Flickr8k.token.txt lines `IMAGE#N<TAB>caption`, or Karpathy's JSON)")
         rows = []
         try:
@@ -57,7 +57,7 @@ def read_captions(path: str) -> dict[str, list[str]]:
                     rows.append((f"line {line}", *(row + ["", ""])[:2]))
                 line = reader.line_num + 1
         except csv.Error as e:
-            raise ValueError(f"{path}: line {line} is not valid CSV ({e}); fix its quotes") from None
+            raise UserError(f"{path}: line {line} is not valid CSV ({e}); fix its quotes") from None
     return collect(path, rows)
 
 
@@ -83,7 +83,7 @@ def collect(path: str, rows) -> dict[str, list[str]]:
     if wordless:
         warn(f"{path}: skipped {wordless} captions with no words (punctuation only)")
     if not captions:
-        raise ValueError(f"{path}: no usable captions")
+        raise UserError(f"{path}: no usable captions")
     return captions
 
 
@@ -91,7 +91,7 @@ def read_split_file(path: str) -> list[str]:
     text = read_text(path, "split file", "data.train_split / data.val_split")
     names = [line.strip() for line in text.splitlines() if line.strip()]
     if not names:
-        raise ValueError(f"{path}: the split file lists no images")
+        raise UserError(f"{path}: the split file lists no images")
     return names
 
 
@@ -110,7 +110,7 @@ def load_splits(data: dict) -> tuple[dict[str, list[str]], list[str], list[str]]
     Images named in the captions but missing from data.images are dropped with one warning.
     """
     if not os.path.isdir(data["images"]):
-        raise ValueError(f"data.images={data['images']}: no such folder; point it at the folder of images")
+        raise UserError(f"data.images={data['images']}: no such folder; point it at the folder of images")
     if karpathy.is_karpathy(data["captions"]):
         rows, splits = karpathy.read(data["captions"])
         captions = collect(data["captions"], rows)
@@ -120,13 +120,13 @@ def load_splits(data: dict) -> tuple[dict[str, list[str]], list[str], list[str]]
         captions = read_captions(data["captions"])
         if data["train_split"] or data["val_split"]:
             if not (data["train_split"] and data["val_split"]):
-                raise ValueError("set both data.train_split and data.val_split, or neither (for a seeded split)")
+                raise UserError("set both data.train_split and data.val_split, or neither (for a seeded split)")
             train, val = read_split_file(data["train_split"]), read_split_file(data["val_split"])
         else:
             train, val = split_images(list(captions), data["val_fraction"], data["seed"])
     on_disk = files_in(data["images"], train + val)
     if not any(name.lower().endswith(IMAGE_EXTENSIONS) for name in on_disk):
-        raise ValueError(f"{data['images']}: the folder has no images named in {data['captions']} "
+        raise UserError(f"{data['images']}: the folder has no images named in {data['captions']} "
                          f"({', '.join(IMAGE_EXTENSIONS)})")
     kept = []
     for split, names in (("train", train), ("val", val)):
@@ -138,7 +138,7 @@ def load_splits(data: dict) -> tuple[dict[str, list[str]], list[str], list[str]]
             warn(f"{len(missing)} {split} images are not in {data['images']} (e.g. {missing[0]}); skipped")
         kept.append([n for n in names if n in captions and n in on_disk])
     if not kept[0]:
-        raise ValueError(f"no training images left: check that data.images={data['images']} holds the files named in {data['captions']}")
+        raise UserError(f"no training images left: check that data.images={data['images']} holds the files named in {data['captions']}")
     return captions, kept[0], kept[1]
 
 

@@ -23,6 +23,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from utils import UserError
+
 # Saturated shape colours, far from each other and from every background colour.
 SHAPE_COLOURS = {
     "red": (220, 30, 30),
@@ -91,7 +93,7 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, x0: int, y0: int, side: i
         draw.rectangle([a0, y0, a0 + arm - 1, y1], fill=fill)
         draw.rectangle([x0, b0, x1, b0 + arm - 1], fill=fill)
     else:
-        raise ValueError(f"unknown shape {shape!r}; use one of {', '.join(SHAPES)}")
+        raise UserError(f"unknown shape {shape!r}; use one of {', '.join(SHAPES)}")
 
 
 def render_image(colour: str, shape: str, background: str, size: str,
@@ -112,9 +114,9 @@ def make_demo_dataset(images_dir, captions_path, n_images: int = 600, seed: int 
                       image_size: int = 64) -> None:
     """Write `n_images` PNGs `shape_0000.png`... to `images_dir` and their captions CSV."""
     if n_images < 1:
-        raise ValueError(f"make_demo_dataset: n_images must be at least 1, got {n_images}")
+        raise UserError(f"make_demo_dataset: n_images must be at least 1, got {n_images}")
     if image_size < 32:
-        raise ValueError(f"make_demo_dataset: image_size must be at least 32 pixels, got {image_size}")
+        raise UserError(f"make_demo_dataset: image_size must be at least 32 pixels, got {image_size}")
     rng = random.Random(seed)
     images_dir, captions_path = Path(images_dir), Path(captions_path)
     images_dir.mkdir(parents=True, exist_ok=True)
@@ -156,7 +158,7 @@ def main() -> None:
     args = parser.parse_args()
     try:
         make_demo_dataset(args.out_images, args.out_captions, args.n_images, args.seed)
-    except ValueError as error:
+    except UserError as error:
         parser.error(str(error))
     print(f"wrote {args.n_images} images to {args.out_images}/ and "
           f"{args.n_images * CAPTIONS_PER_IMAGE} captions to {args.out_captions}")

@@ -17,7 +17,9 @@ and a short one is padded to the full batch size: a new batch size costs cuDNN m
 padding (docs/speed.md).
 """
 import os
+import pickle
 import time
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -27,8 +29,13 @@ from data.cache_key import cache_key
 from data.feature_store import FeatureStore
 from data.gpu_jpeg import image_batches
 from data.images import input_size
-from utils import TEMP_PREFIX, atomic_save, disk_error, warn
+from utils import TEMP_PREFIX, UserError, atomic_save, disk_error, warn
 
+# What reading a truncated, corrupt or foreign shard raises (torch.load's zip reader, its memory map of a cut
+# file, its unpickler; a missing key, a value of the wrong type). Nothing else deletes a shard: a bug, or Ctrl-C,
+# leaves the cache as it is.
+DAMAGED_SHARD = (RuntimeError, OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, KeyError, TypeError,
+                 ValueError, AttributeError)
 SHARD_SIZE = 1024
 CUDA_BATCH = 256          # images per CNN batch on CUDA at least: smaller batches leave the GPU idle
 AMP_MIN_BATCH = 16        # below this, casting the weights to bf16 costs more than it saves
@@ -89,7 +96,7 @@ def _read_shards(folder: str) -> tuple[list, dict]:
                 raise ValueError("its rows do not match its file list, or the other shards' grids")
         except FileNotFoundError:                          # another DDP rank deleted it since listdir
             continue
-        except Exception as e:
+        except DAMAGED_SHARD as e:
             warn(f"{path}: feature cache shard is damaged ({str(e).splitlines()[0][:60]}); deleting and recomputing it")
             _remove_if_there(path)
             continue
@@ -127,7 +134,7 @@ def extract_features(encoder, paths: list[str], image_size: int, cache_dir: str 
         try:
             os.makedirs(folder, exist_ok=True)
         except OSError as e:
-            raise ValueError(f"train.cache_dir: {disk_error(e)}; set train.cache_dir to a folder you can write") from None
+            raise UserError(f"train.cache_dir: {disk_error(e)}; set train.cache_dir to a folder you can write") from None
         sources, cached = _read_shards(folder)
     where = {i: cached[s] for i, s in enumerate(stamps) if s is not None and s in cached}
     todo = [i for i in range(len(paths)) if i not in where]
@@ -199,7 +206,7 @@ def extract_features(encoder, paths: list[str], image_size: int, cache_dir: str 
             warn(f"{bad} of {len(paths)} images could not be read and were skipped")
     ok = [i in where for i in range(len(paths))]
     if not any(ok):
-        raise ValueError(f"none of the {len(paths)} images could be read")
+        raise UserError(f"none of the {len(paths)} images could be read")
     return FeatureStore(sources, torch.tensor([where[i] for i in range(len(paths)) if ok[i]], dtype=torch.long)), ok
 
 
@@ -212,7 +219,7 @@ def check_memory_after_failed_writes(rows_to_come: int, row_bytes: int) -> None:
         available = next((int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")), None)
     needed = rows_to_come * row_bytes
     if available is not None and needed > 0.8 * available:
-        raise ValueError(f"the feature cache's disk is full, and the features of the {rows_to_come:,} images to come "
+        raise UserError(f"the feature cache's disk is full, and the features of the {rows_to_come:,} images to come "
                          f"({needed / 2**30:.1f} GiB) do not fit in memory ({available / 2**30:.1f} GiB free): free "
                          f"disk space, or set train.cache_dir to another disk")
 

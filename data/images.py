@@ -11,7 +11,7 @@ import warnings
 import torch
 from PIL import Image, ImageOps
 
-from utils import warn
+from utils import UserError, warn
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 Image.MAX_IMAGE_PIXELS = 40_000_000   # ~6300x6300; bigger files are refused as decompression bombs
@@ -37,7 +37,7 @@ def transform_id(encoder: str, image_size: int, mirrored: bool = False) -> str:
 
 
 def load_image(path) -> Image.Image:
-    """Open an image fully, turned upright by its EXIF orientation, as RGB; or raise ValueError with the
+    """Open an image fully, turned upright by its EXIF orientation, as RGB; or raise UserError with the
     reason (missing, corrupt, not an image, too large). path may be a file object with a name."""
     try:
         with warnings.catch_warnings():
@@ -47,11 +47,11 @@ def load_image(path) -> Image.Image:
                 # A phone stores the pixels as its sensor saw them, and in EXIF how to turn them.
                 return ImageOps.exif_transpose(image).convert("RGB")
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ValueError(f"{path}: image too large (over {Image.MAX_IMAGE_PIXELS:,} pixels)") from None
+        raise UserError(f"{path}: image too large (over {Image.MAX_IMAGE_PIXELS:,} pixels)") from None
     except FileNotFoundError:
-        raise ValueError(f"{path}: no such file") from None
+        raise UserError(f"{path}: no such file") from None
     except (OSError, SyntaxError, ValueError) as e:  # PIL raises all three for broken files
-        raise ValueError(f"{path}: not a readable image ({str(e).splitlines()[0][:80]})") from None
+        raise UserError(f"{path}: not a readable image ({str(e).splitlines()[0][:80]})") from None
 
 
 def resize_image(image: Image.Image, size: int) -> torch.Tensor:
@@ -70,20 +70,30 @@ def printable(name: str) -> bool:
         return False
 
 
+SHOWN_NAMES = 3          # names a warning about skipped files gives as examples
+
+
 def list_images(paths: list[str]) -> list[str]:
-    """Expand files and folders into image files (folders: sorted, non-recursive). Names that are not valid
-    UTF-8 are skipped with one warning and counted."""
+    """Expand files and folders into image files (folders: sorted, non-recursive). A folder's other files (not
+    its hidden ones or subfolders) and names that are not valid UTF-8 are skipped with one warning each,
+    counted, with the first few names."""
     files = []
     for path in paths:
         if os.path.isdir(path):
-            found = sorted(os.path.join(path, n) for n in os.listdir(path) if n.lower().endswith(IMAGE_EXTENSIONS))
+            names = sorted(n for n in os.listdir(path) if not n.startswith(".") and os.path.isfile(os.path.join(path, n)))
+            found = [os.path.join(path, n) for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
+            others = [n for n in names if not n.lower().endswith(IMAGE_EXTENSIONS)]
             if not found:
                 warn(f"{path}: the folder has no images ({', '.join(IMAGE_EXTENSIONS)})")
+            elif others:
+                shown = ", ".join(others[:SHOWN_NAMES]) + (", ..." if len(others) > SHOWN_NAMES else "")
+                warn(f"{path}: skipped {len(others)} file{'s' if len(others) > 1 else ''} that are not images by "
+                     f"their extension ({shown}); images are {', '.join(IMAGE_EXTENSIONS)}")
             files += found
         elif os.path.exists(path):
             files.append(path)
         else:
-            raise ValueError(f"{path}: no such file or folder")
+            raise UserError(f"{path}: no such file or folder")
     unprintable = [f for f in files if not printable(f)]
     if unprintable:
         shown = os.fsencode(unprintable[0]).decode("utf-8", "backslashreplace")
@@ -91,7 +101,7 @@ def list_images(paths: list[str]) -> list[str]:
              f"(e.g. {shown}); rename them to caption them")
         files = [f for f in files if printable(f)]
     if not files:
-        raise ValueError(f"no images found in {' '.join(p if printable(p) else repr(p) for p in paths)}")
+        raise UserError(f"no images found in {' '.join(p if printable(p) else repr(p) for p in paths)}")
     return files
 
 
@@ -107,7 +117,7 @@ class ImageFiles(torch.utils.data.Dataset):
     def __getitem__(self, index):
         try:
             return resize_image(load_image(self.paths[index]), self.size), index
-        except ValueError as e:
+        except UserError as e:
             warn(str(e) + "; skipped")
             return None, index
 

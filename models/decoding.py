@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from data.vocab import Vocabulary
+from utils import UserError
 
 
 @torch.no_grad()
@@ -175,6 +176,16 @@ def sample_captions(model, features, samples_per_image: int, max_len: int, tempe
 def never_said(vocab: Vocabulary) -> tuple:
     """Ids a caption never holds: <pad>, <start>, and <unk>, which would print as a placeholder."""
     return vocab.pad_id, vocab.start_id, vocab.unk_id
+
+
+def decode_settings(decode: dict, **given) -> dict:
+    """A checkpoint's decode section, with what a command line gave instead (None: not given): the keyword
+    arguments of generate()."""
+    settings = {key: decode[key] for key in ("beam_size", "max_len", "length_penalty", "no_repeat_ngram")}
+    settings.update({key: value for key, value in given.items() if value is not None})
+    if settings["length_penalty"] < 0:
+        raise UserError(f"length penalty {settings['length_penalty']}: must be at least 0")
+    return settings
 
 
 def describe_decoding(decode: dict) -> str:

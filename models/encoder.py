@@ -18,6 +18,7 @@ import torch.nn as nn
 from data.cache_key import weights_hash
 from data.images import normalisation
 from models.backbones import build_backbone
+from utils import UserError
 
 CPU_CHUNK = 4       # images per CNN call on a CPU (see EncoderCNN.trunk)
 # Moving the weights to channels_last swaps each parameter's storage. A convolution running in another thread
@@ -39,7 +40,7 @@ class EncoderCNN(nn.Module):
         self.backbone = build_backbone(name, weights)
         self.feature_dim = self.backbone.feature_dim
         if not 0 <= tail_blocks <= self.backbone.n_blocks:
-            raise ValueError(f"train.fine_tune_encoder={tail_blocks}: {name} has {self.backbone.n_blocks} blocks; "
+            raise UserError(f"train.fine_tune_encoder={tail_blocks}: {name} has {self.backbone.n_blocks} blocks; "
                              f"give how many of the last ones train, from 0 (frozen) to {self.backbone.n_blocks}")
         self.tail_blocks = tail_blocks
         mean, std = normalisation(name)
@@ -56,11 +57,11 @@ class EncoderCNN(nn.Module):
 
     def _load_local(self, path: str) -> None:
         if not os.path.isfile(path):
-            raise ValueError(f"model.encoder_weights={path}: no such file; give a state dict of a torchvision {self.name}, or imagenet, or none")
+            raise UserError(f"model.encoder_weights={path}: no such file; give a state dict of a torchvision {self.name}, or imagenet, or none")
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise ValueError(f"{path}: not a loadable state dict ({str(e).splitlines()[0][:100]})") from None
+            raise UserError(f"{path}: not a loadable state dict ({str(e).splitlines()[0][:100]})") from None
         target = self.backbone.net if self.name == "efficientnet_lite2" else self.backbone
         # A torchvision state dict names layers "layer4.0..."; our Sequential numbers them "7.0...".
         if self.name != "efficientnet_lite2":
@@ -71,7 +72,7 @@ class EncoderCNN(nn.Module):
             state = {k: v for k, v in state.items() if not k.startswith("_fc.")}
         result = target.load_state_dict(state, strict=False)
         if result.missing_keys:
-            raise ValueError(f"{path}: not a {self.name} state dict (missing {result.missing_keys[0]} and {len(result.missing_keys) - 1} more)")
+            raise UserError(f"{path}: not a {self.name} state dict (missing {result.missing_keys[0]} and {len(result.missing_keys) - 1} more)")
 
     def tail_parameters(self) -> list[nn.Parameter]:
         return [p for m in self.backbone.tail_modules(self.tail_blocks) for p in m.parameters()]
@@ -123,13 +124,18 @@ class EncoderCNN(nn.Module):
 
     def tail(self, stored: torch.Tensor) -> torch.Tensor:
         """What trunk() gives (from the cache, often fp16) -> the grid [B,P,C]: the fine-tuned blocks run here."""
-        if not self.tail_blocks:
+        return self.tail_from(stored, self.tail_blocks)
+
+    def tail_from(self, stored: torch.Tensor, blocks: int) -> torch.Tensor:
+        """The map entering the last `blocks` blocks (at least tail_blocks; a model of an ensemble whose trunk is cut
+        earlier runs the frozen blocks between) -> the grid [B,P,C]."""
+        if not blocks:
             return stored
         x = stored.float()
         if x.device.type == "cpu":
             self._to_channels_last()
             x = x.contiguous(memory_format=torch.channels_last)
-        return _grid(self.backbone.tail(x, self.tail_blocks))
+        return _grid(self.backbone.tail(x, blocks))
 
     def extract(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 images [B,3,S,S] -> the grid [B,P,C] that every decoder reads."""

@@ -97,6 +97,7 @@ def run_script(main, args, capsys):
     line and exit code 2, a refused file operation exit code 1) but in this process, without the seconds a
     new interpreter spends importing torch. Returns .returncode, .stdout and .stderr like subprocess.run."""
     import types
+
     from utils import run_main
     capsys.readouterr()
     code = 0

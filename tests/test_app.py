@@ -175,3 +175,12 @@ def test_uploads_caption_good_images_and_report_bad_ones(tiny_checkpoints, monke
     image = app.read_image(good, "red.png")
     expected = app.caption(captioner_for(checkpoint), image, at.slider[0].value, at.slider[1].value, at.slider[2].value)
     assert [h.value for h in at.subheader] == [expected["caption"] or "(empty caption)"]
+
+
+def test_the_file_watcher_is_off_and_uploads_take_what_the_command_line_reads():
+    """A virtual environment inside the repository (as the README makes one) overflowed the watcher's inotify
+    queue; and the uploader refused BMP and GIF, which inference_visualize.py reads."""
+    with open(os.path.join(app.ROOT, ".streamlit", "config.toml"), encoding="utf-8") as f:
+        assert 'fileWatcherType = "none"' in f.read()
+    from data.images import IMAGE_EXTENSIONS
+    assert sorted("." + t for t in app.UPLOAD_TYPES) == sorted(IMAGE_EXTENSIONS) and "bmp" in app.UPLOAD_TYPES

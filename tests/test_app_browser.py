@@ -16,11 +16,10 @@ import pytest
 
 pytest.importorskip("streamlit")
 webdriver = pytest.importorskip("selenium.webdriver")
+import torch  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support import expected_conditions as EC  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
-
-import torch  # noqa: E402
 
 from models.checkpoint import load_checkpoint, load_model  # noqa: E402
 

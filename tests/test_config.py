@@ -21,7 +21,7 @@ def test_yaml_file_then_set(tmp_path):
 
 
 @pytest.mark.parametrize("pairs, message", [
-    (["train.lrr=1"], "unknown config key 'train.lrr'"),
+    (["train.lrr=1"], "unknown key train.lrr; did you mean train.lr\\?"),
     (["train.epochs=ten"], "train.epochs must be a int"),
     (["epochs"], "expected KEY=VALUE"),
 ])
@@ -58,3 +58,18 @@ def test_values_out_of_range_name_the_range(pair, expected):
 
 def test_yaml_booleans_for_a_word_key_are_words():
     assert load_config(None, ["train.cache_on_device=true"])["train"]["cache_on_device"] == "true"
+
+
+def test_an_unknown_key_far_from_every_key_points_to_the_full_list_in_help(capsys):
+    with pytest.raises(ValueError, match=r"^--set: unknown key train\.wibble; python train\.py --help lists every key$"):
+        load_config(None, ["train.wibble=1"])
+    import train
+    with pytest.raises(SystemExit):
+        train.main(["--help"])
+    assert "  train.epochs = 10\n" in capsys.readouterr().out
+
+
+def test_fine_tune_encoder_counts_blocks_and_true_still_means_the_last_one():
+    assert load_config(None, ["train.fine_tune_encoder=6"])["train"]["fine_tune_encoder"] == 6
+    assert load_config(None, ["train.fine_tune_encoder=true"])["train"]["fine_tune_encoder"] == 1
+    assert load_config(None, ["train.fine_tune_encoder=false"])["train"]["fine_tune_encoder"] == 0

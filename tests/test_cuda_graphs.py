@@ -6,10 +6,10 @@ the same step runs uncaptured on the CPU.
 import pytest
 import torch
 
-from training import step
 from config import load_config
-from training.cuda_graphs import LENGTH_STEP, GraphedStep, graphs_apply
 from models import build_model
+from training import step
+from training.cuda_graphs import LENGTH_STEP, GraphedStep, graphs_apply
 
 CUDA = torch.device("cuda")     # only compared with, never used
 CPU = torch.device("cpu")

@@ -3,8 +3,8 @@ state reordering, decoding.py integration, input errors, overfit."""
 import pytest
 import torch
 
-from models.decoding import beam_search, greedy_decode
 from models.decoder_transformer import TransformerDecoder
+from models.decoding import beam_search, greedy_decode
 from tests.conftest import assert_padding_does_not_change_valid_logits, random_caption_batch
 
 C, P, V, START, END = 16, 9, 12, 1, 2   # a 3x3 grid

@@ -4,8 +4,8 @@ import torch
 import torch.nn as nn
 
 from data.vocab import Vocabulary
-from models.decoding import ban_repeated_ngrams, beam_search, generate, greedy_decode, sample_captions
 from models.decoder_lstm import DecoderRNN
+from models.decoding import ban_repeated_ngrams, beam_search, generate, greedy_decode, sample_captions
 
 
 class TableDecoder(nn.Module):

@@ -11,9 +11,8 @@ import pytest
 import torch
 
 import train
-from tests.conftest import ROOT
 from models.checkpoint import load_checkpoint
-
+from tests.conftest import ROOT
 
 TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
 TORCHRUN = TORCHRUN if os.path.exists(TORCHRUN) else shutil.which("torchrun")

@@ -40,3 +40,17 @@ def test_empty_split_and_missing_images(tiny_checkpoints, tiny_data, tmp_path):
     with pytest.raises(ValueError, match="lists no images"):
         evaluate.main(["--checkpoint", tiny_checkpoints["lstm"], "--captions", captions, "--images", images,
                        "--split-file", str(split)])
+
+
+def test_without_flags_it_decodes_as_the_checkpoint_says_and_prints_how(tiny_checkpoints, tiny_data, tmp_path, capsys):
+    """The README's tables, inference and the app decode as the checkpoint's decode section says: so does
+    evaluate.py when no flag says otherwise (it used to decode greedily)."""
+    captions, images = tiny_data
+    split = tmp_path / "split.txt"
+    split.write_text("shape_0001.png\nshape_0002.png\n")
+    evaluate.main(["--checkpoint", tiny_checkpoints["attention"], "--captions", captions, "--images", images,
+                   "--split-file", str(split), "--num-workers", "0"])
+    captured = capsys.readouterr()
+    printed = json.loads(captured.out.strip().splitlines()[-1])
+    assert (printed["beam_size"], printed["no_repeat_ngram"], printed["length_penalty"], printed["max_len"]) == (3, 2, 1.0, 12)
+    assert "decoding: beam search (beam 3, length penalty 1), no 2-gram said twice, at most 12 words" in captured.err

@@ -5,10 +5,10 @@ import threading
 import pytest
 import torch
 
-from data.images import ImageFiles
 from data import features as feature_cache
 from data.cache_key import cache_key
 from data.features import CUDA_BATCH, extract_features, wait_for_cache_writes
+from data.images import ImageFiles
 from models.encoder import EncoderCNN
 
 CPU = torch.device("cpu")
@@ -229,3 +229,48 @@ def test_a_cache_on_a_full_disk_warns_and_the_features_are_still_there(tiny_data
     err = capsys.readouterr().err
     assert "could not write 6 images' features to the feature cache" in err and "No space left on device" in err
     assert "Traceback" not in err
+
+
+def test_a_bug_while_reading_the_cache_deletes_no_shard(tiny_data, tmp_path, monkeypatch):
+    """Only a damaged shard is deleted: an error of ours (or Ctrl-C) while reading leaves the cache whole."""
+    enc, cache = encoder(), str(tmp_path / "c")
+    extract_features(enc, paths(tiny_data, 2), 32, cache, CPU, num_workers=0)
+    folder = os.path.join(cache, cache_key(enc, 32))
+    shards = sorted(os.listdir(folder))
+
+    def buggy_load(*args, **kwargs):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(torch, "load", buggy_load)
+    with pytest.raises(ZeroDivisionError):
+        extract_features(enc, paths(tiny_data, 2), 32, cache, CPU, num_workers=0)
+    monkeypatch.setattr(torch, "load", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        extract_features(enc, paths(tiny_data, 2), 32, cache, CPU, num_workers=0)
+    assert sorted(os.listdir(folder)) == shards
+
+
+def test_a_trunk_cache_is_keyed_by_its_cut_and_mirroring_and_reused(tiny_data, tmp_path):
+    torch.manual_seed(0)
+    frozen = EncoderCNN("resnet18", "none", 16, spatial=True)
+    tuned = EncoderCNN("resnet18", "none", 16, spatial=True, tail_blocks=2)
+    deeper = EncoderCNN("resnet18", "none", 16, spatial=True, tail_blocks=3)
+    tuned.load_state_dict(frozen.state_dict())
+    deeper.load_state_dict(frozen.state_dict())
+    keys = {cache_key(e, 32, mirrored) for e in (frozen, tuned, deeper) for mirrored in (False, True)}
+    assert len(keys) == 6
+    key = cache_key(tuned, 32)
+    with torch.no_grad():                     # the tail's weights change in training: the key never holds them
+        tuned.tail_parameters()[0].add_(1.0)
+    assert cache_key(tuned, 32) == key
+    cache = str(tmp_path / "c")
+    files = paths(tiny_data, 4)
+    stored, _ = extract_features(tuned, files, 32, cache, CPU, num_workers=0)
+    mirrored, _ = extract_features(tuned, files, 32, cache, CPU, num_workers=0, mirrored=True)
+    images = torch.stack([ImageFiles(files, 32)[i][0] for i in range(4)])
+    with torch.no_grad():
+        assert torch.allclose(stored[:].float(), tuned.trunk(images), atol=1e-2)
+        assert torch.allclose(mirrored[:].float(), tuned.trunk(images.flip(-1)), atol=1e-2)
+    tuned.trunk = None                         # read back from the cache, not computed again
+    again, ok = extract_features(tuned, files, 32, cache, CPU, num_workers=0)
+    assert all(ok) and torch.equal(again[:], stored[:]) and tuple(again.shape[1:]) == (256, 2, 2)   # layer3's output enters layer4

@@ -79,3 +79,15 @@ def test_names_that_are_not_utf8_are_skipped_and_counted(tmp_path, tiny_data):
                             cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.strip() == "1"
     assert "skipped 1 file whose name is not valid UTF-8 (e.g." in result.stderr and "caf\\xe9.png" in result.stderr
+
+
+def test_a_folders_other_files_are_counted_and_named(tmp_path, tiny_data, capsys):
+    import shutil
+    shutil.copy(os.path.join(tiny_data[1], "shape_0000.png"), tmp_path)
+    for name in ("notes.txt", "b.pdf", "c.doc", "d.zip"):
+        (tmp_path / name).write_text("x")
+    (tmp_path / ".DS_Store").write_text("x")                 # hidden files are not the user's
+    (tmp_path / "sub").mkdir()
+    assert list_images([str(tmp_path)]) == [str(tmp_path / "shape_0000.png")]
+    assert capsys.readouterr().err == (f"warning: {tmp_path}: skipped 4 files that are not images by their extension "
+                                       f"(b.pdf, c.doc, d.zip, ...); images are .jpg, .jpeg, .png, .webp, .bmp, .gif\n")

@@ -93,3 +93,24 @@ def test_outputs_on_a_full_disk_are_one_line(tiny_checkpoints, tiny_data, small_
     assert result.returncode == 1 and "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: {disk / 'out'}") and "No space left on device" in last
+
+
+def test_no_image_among_the_inputs_is_an_error_not_an_empty_gallery(tiny_checkpoints, tmp_path, capsys):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not an image")
+    out = tmp_path / "out"
+    result = run_script(inference_visualize.main, ["--checkpoint", tiny_checkpoints["lstm"], "--images", notes,
+                                                   "--out", out], capsys)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: no image found among the 1 file given ({notes}): none could be read as an image; give JPEG, PNG, "
+        f"WebP, BMP or GIF files or folders of them")
+    assert not (out / "captions_result.html").exists()
+
+
+def test_the_decoding_used_is_printed_in_one_line(tiny_checkpoints, tiny_data, tmp_path, capsys):
+    result = run_script(inference_visualize.main, ["--checkpoint", tiny_checkpoints["attention"], "--images",
+                                                   os.path.join(tiny_data[1], "shape_0000.png"), "--out", tmp_path],
+                        capsys)
+    assert result.returncode == 0
+    assert "decoding: beam search (beam 3, length penalty 1), no 2-gram said twice, at most 12 words" in result.stderr

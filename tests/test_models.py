@@ -112,3 +112,25 @@ def test_build_model_loss_backward(decoder):
     assert loss.item() > 0 and model.decoder.fc.weight.grad is not None
     with pytest.raises(ValueError, match="model.decoder"):
         build_model(load_config(None, ["model.decoder=gru"]), 20)
+
+
+@pytest.mark.parametrize("name, tail", [("resnet18", 3), ("efficientnet_lite2", 6)])
+def test_tail_of_trunk_is_the_whole_cnn_and_only_the_tail_gets_gradients(name, tail):
+    torch.manual_seed(0)
+    frozen = EncoderCNN(name, "none", embed_size=16, spatial=True).eval()
+    tuned = EncoderCNN(name, "none", embed_size=16, spatial=True, tail_blocks=tail).eval()
+    tuned.load_state_dict(frozen.state_dict())
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    with torch.no_grad():
+        whole = frozen.extract(images)
+        stored = tuned.trunk(images)
+    assert stored.dim() == 4 and whole.dim() == 3                      # a map [B,C,H,W] enters the tail; grids leave
+    assert torch.allclose(tuned.tail(stored), whole, atol=1e-4)
+    assert torch.allclose(tuned.tail(stored.half()), whole, atol=0.05 * whole.abs().max().item())   # the fp16 cache
+    tuned.train()
+    tuned.tail(stored.half()).square().mean().backward()
+    tail = {id(p) for p in tuned.tail_parameters()}
+    assert tail and all(p.grad is not None and p.grad.abs().sum() > 0 for p in tuned.tail_parameters())
+    assert all(p.grad is None for p in tuned.backbone.parameters() if id(p) not in tail)
+    assert set(tuned.trunk_state()) | tuned.tail_keys() == set(tuned.backbone.state_dict())
+    assert tuned.weights_fingerprint() != frozen.weights_fingerprint()    # the trunk's hash: fewer weights

@@ -8,11 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
+import inference_visualize
 from data.demo import demo_words
 from models import checkpoint as checkpoints
 from models.checkpoint import PRETRAINED, load_model, load_shipped
 from models.decoding import generate
-import inference_visualize
 from tests.conftest import run_script
 
 FLICKR8K = os.environ.get("FLICKR8K_DIR", "")

@@ -6,7 +6,6 @@ import subprocess
 import sys
 import time
 
-
 import train
 from models.checkpoint import load_checkpoint
 from tests.conftest import ROOT, run_script

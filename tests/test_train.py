@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import train
-from training import step
 from models.checkpoint import load_checkpoint
+from training import step
 
 
 def run(overrides, *extra):
@@ -140,3 +140,32 @@ def test_streamed_and_held_features_train_the_same(tiny_overrides, tmp_path):
         assert torch.equal(a[key], b[key]), key
     logs = [(tmp_path / mode / "loss_log.txt").read_text().splitlines() for mode in ("false", "true")]
     assert [r.split("\t")[3] for r in logs[0]] == [r.split("\t")[3] for r in logs[1]]      # the same losses
+
+
+def test_a_fine_tuned_run_with_mirrors_and_a_weight_average_resumes_as_if_never_stopped(tiny_overrides, tmp_path,
+                                                                                        monkeypatch, capsys):
+    settings = [o for o in tiny_overrides if not o.startswith("train.out_dir")] + [
+        "model.decoder=attention", "train.fine_tune_encoder=2", "train.hflip=true", "train.ema_decay=0.9",
+        "train.batch_size=4"]                                     # 4 images a step: 5 steps per epoch over 18
+    run(settings + [f"train.out_dir={tmp_path / 'a'}"])
+    assert "last 2 CNN blocks trained | mirrored images | weight average 0.9" in capsys.readouterr().err
+    real_batch_loss, calls = step.batch_loss, {"n": 0}
+
+    def ctrl_c_at_step_7(*args, **kwargs):      # epoch 2, its second step
+        if torch.is_grad_enabled():
+            calls["n"] += 1
+            if calls["n"] == 7:
+                raise KeyboardInterrupt
+        return real_batch_loss(*args, **kwargs)
+
+    monkeypatch.setattr(step, "batch_loss", ctrl_c_at_step_7)
+    with pytest.raises(SystemExit):
+        run(settings + [f"train.out_dir={tmp_path / 'b'}"])
+    assert load_checkpoint(str(tmp_path / "b" / "checkpoint_last.pth"))["progress"]["step"] == 6
+    monkeypatch.setattr(step, "batch_loss", real_batch_loss)
+    train.main(["--resume", str(tmp_path / "b")])
+    a, b = (load_checkpoint(str(tmp_path / run_dir / "checkpoint_last.pth")) for run_dir in ("a", "b"))
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for x, y in zip(a["weight_average"]["trained"], b["weight_average"]["trained"]):
+        assert torch.equal(x, y)

@@ -5,8 +5,8 @@ import threading
 import pytest
 import torch
 
-from utils import atomic_link, atomic_save, pick_device
 from tests.test_checkpoint import make_checkpoint
+from utils import UserError, atomic_link, atomic_save, pick_device, run_main
 
 
 def test_pick_device():
@@ -48,3 +48,24 @@ def test_a_full_disk_is_an_oserror_naming_the_file_and_the_old_file_stays(small_
     assert error.value.filename == path and error.value.errno == 28
     assert torch.load(path, weights_only=True) == {"epoch": 1}
     assert sorted(os.listdir(disk)) == ["c.pth", "filler"]                      # no temp file left behind
+
+
+def test_run_main_tells_a_users_mistake_in_one_line_and_keeps_a_bugs_traceback(capsys):
+    def users_mistake():
+        raise UserError("captions.csv: no such file; pass --captions")
+
+    with pytest.raises(SystemExit) as stopped:
+        run_main(users_mistake)
+    assert stopped.value.code == 2 and capsys.readouterr().err == "error: captions.csv: no such file; pass --captions\n"
+
+    def our_bug():                              # torch's own ValueError, raised by a bug of ours
+        torch.zeros(2, 3).view(4, 4)
+
+    with pytest.raises(RuntimeError):
+        run_main(our_bug)
+
+    def our_value_bug():
+        int("twelve")
+
+    with pytest.raises(ValueError, match="invalid literal"):
+        run_main(our_value_bug)

@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 import visualize_loss
+from tests.conftest import run_script
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "visualize_loss.py")
@@ -37,10 +38,7 @@ def write_log(run_dir, with_bleu=True, resumed=True):
 
 def run_cli(capsys, *args):
     """visualize_loss.main(args) in this process (no new interpreter importing torch): .returncode, .stdout, .stderr."""
-    capsys.readouterr()
-    code = visualize_loss.main(list(args))
-    out, err = capsys.readouterr()
-    return subprocess.CompletedProcess(args, code, out, err)
+    return run_script(visualize_loss.main, args, capsys)
 
 
 def assert_sane_png(path):
@@ -121,3 +119,10 @@ def test_malformed_row_names_the_line(tmp_path):
         f.write("50\t3\ttra")  # run killed mid-write
     with pytest.raises(ValueError, match=r"line \d+ is malformed"):
         visualize_loss.read_loss_log(path)
+
+
+def test_a_users_mistake_goes_through_run_main_like_every_script(tmp_path):
+    """main raises the one-line UserError that utils.run_main prints (exit 2); it does not print and return."""
+    from utils import UserError
+    with pytest.raises(UserError, match="no such loss log"):
+        visualize_loss.main(["--log", str(tmp_path / "missing" / "loss_log.txt")])

@@ -13,7 +13,7 @@ import torch
 
 from config import DEFAULTS, merge, parse_overrides
 from models.checkpoint import CHECKPOINT_FORMAT, is_inference, load_checkpoint, load_model
-from utils import atomic_link, atomic_save, disk_error, warn
+from utils import UserError, atomic_link, atomic_save, disk_error, warn
 
 BACKBONE = "encoder.backbone."
 
@@ -24,7 +24,7 @@ def resume_config(path: str, overrides: list[str]) -> tuple[dict, dict]:
     run folder trains on in the copy, not where it was made."""
     checkpoint = load_checkpoint(path)
     if is_inference(checkpoint):
-        raise ValueError(f"--resume {path}: an exported checkpoint has no optimizer state to resume; "
+        raise UserError(f"--resume {path}: an exported checkpoint has no optimizer state to resume; "
                          f"start a new run from its weights with --set train.init_from={path}")
     recorded = merge(DEFAULTS, checkpoint["config"], path)
     config = merge(recorded, parse_overrides(overrides), "--set")
@@ -32,7 +32,7 @@ def resume_config(path: str, overrides: list[str]) -> tuple[dict, dict]:
     for key in [f"model.{k}" for k in DEFAULTS["model"]] + [f"data.{k}" for k in DEFAULTS["data"]] + kept:
         section, name = key.split(".")
         if config[section][name] != recorded[section][name]:
-            raise ValueError(f"--resume: the run was trained with {key}={recorded[section][name]!r}; "
+            raise UserError(f"--resume: the run was trained with {key}={recorded[section][name]!r}; "
                              f"a resumed run keeps it: start a new run to change it")
     config["train"]["out_dir"] = path if os.path.isdir(path) else os.path.dirname(path) or "."
     return config, checkpoint
@@ -42,10 +42,10 @@ def starting_point(config, checkpoint):
     """(model, vocab) of train.init_from for a new run, checked against this run's config; else None."""
     path = config["train"]["init_from"]
     if config["train"]["scst"] and not (path or checkpoint):
-        raise ValueError("train.scst=true starts from a trained model: set train.init_from=CHECKPOINT (a "
+        raise UserError("train.scst=true starts from a trained model: set train.init_from=CHECKPOINT (a "
                          "cross-entropy run's checkpoint_best.pth)")
     if config["train"]["scst"] and config["train"]["hflip"]:
-        raise ValueError("train.hflip mirrors images for cross-entropy training, whose captions it can mirror too; "
+        raise UserError("train.hflip mirrors images for cross-entropy training, whose captions it can mirror too; "
                          "set train.hflip=false for self-critical training")
     if checkpoint or not path:
         return None
@@ -54,7 +54,7 @@ def starting_point(config, checkpoint):
     for key in [f"model.{k}" for k in DEFAULTS["model"] if k != "encoder_weights"] + ["data.image_size"]:
         section, name = key.split(".")
         if theirs[section][name] != config[section][name]:
-            raise ValueError(f"train.init_from={path} was trained with {key}={theirs[section][name]!r}, this run "
+            raise UserError(f"train.init_from={path} was trained with {key}={theirs[section][name]!r}, this run "
                              f"has {config[section][name]!r}: a new run from its weights keeps its model settings")
     model, vocab, _ = load_model(start, path)
     return model, vocab

@@ -8,6 +8,8 @@ longer runs is a stale lock.
 import os
 import sys
 
+from utils import UserError
+
 try:
     import fcntl
 except ImportError:          # Windows
@@ -24,11 +26,11 @@ class RunFolder:
     def lock(self) -> None:
         """Make the folder and take its lock, or ValueError naming the process that holds it."""
         if os.path.exists(self.out_dir) and not os.path.isdir(self.out_dir):
-            raise ValueError(f"train.out_dir={self.out_dir} is a file, not a folder; set train.out_dir to a folder")
+            raise UserError(f"train.out_dir={self.out_dir} is a file, not a folder; set train.out_dir to a folder")
         try:
             os.makedirs(self.out_dir, exist_ok=True)
         except (FileExistsError, NotADirectoryError):
-            raise ValueError(f"train.out_dir={self.out_dir}: a part of that path is a file, not a folder; "
+            raise UserError(f"train.out_dir={self.out_dir}: a part of that path is a file, not a folder; "
                              f"set train.out_dir to a folder") from None
         path = os.path.join(self.out_dir, LOCK_NAME)
         self.lock_file = open(path, "a+", encoding="utf-8")
@@ -40,13 +42,13 @@ class RunFolder:
                 owner = self.lock_file.read().strip() or "another process"
                 self.lock_file.close()
                 self.lock_file = None
-                raise ValueError(f"{self.out_dir} is in use: process {owner} is training in it; wait for it to "
+                raise UserError(f"{self.out_dir} is in use: process {owner} is training in it; wait for it to "
                                  f"finish, or train into another folder with --set train.out_dir=runs/NEW_NAME") from None
         else:
             self.lock_file.seek(0)
             owner = self.lock_file.read().strip()
             if owner.isdigit() and int(owner) != os.getpid() and _running(int(owner)):
-                raise ValueError(f"{self.out_dir} is in use: process {owner} is training in it; wait for it to "
+                raise UserError(f"{self.out_dir} is in use: process {owner} is training in it; wait for it to "
                                  f"finish, or train into another folder with --set train.out_dir=runs/NEW_NAME")
         self.lock_file.seek(0)
         self.lock_file.truncate()
@@ -57,7 +59,7 @@ class RunFolder:
         """A folder that holds a run is never trained over: a finished run is reported and kept."""
         progress = checkpoint["progress"]
         if not (progress.get("finished") or progress["epoch"] >= checkpoint["config"]["train"]["epochs"]):
-            raise ValueError(f"{self.out_dir} holds an unfinished run (epoch {progress['epoch']}); continue it with "
+            raise UserError(f"{self.out_dir} holds an unfinished run (epoch {progress['epoch']}); continue it with "
                              f"--resume {self.out_dir}, or start a new one with --set train.out_dir=runs/NEW_NAME")
         print(f"{self.out_dir} already holds a finished run ({progress['epoch']} epochs, best validation "
               f"{checkpoint['config']['train']['select_metric']} {progress['best']}); kept it as it is. To train "

@@ -1,0 +1,50 @@
+"""The README's speed table, from the bench.py --out files it cites: a table shows its files' numbers.
+
+    python -m benchmarks.readme_table       # prints the table's rows (README.md's labels)
+"""
+import json
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CPU_REPORT = "docs/bench_cpu_quick.json"      # python bench.py --quick --device cpu --out ...
+GPU_REPORT = "docs/bench_h200_8396218.json"   # python bench.py --out ... (one H200)
+ROWS = [("feature extraction, JPEG decode included (images/s)", "extraction_images_per_s"),
+        ("decoder training (captions/s)", "train_captions_per_s"),
+        ("one LSTM epoch of 30,000 captions (s)", "epoch_30k_captions_s"),
+        ("end to end, JPEGs to checkpoint, per epoch (s)", "end_to_end_per_epoch_s"),
+        ("captioning JPEG files, greedy (images/s)", "infer_greedy"),
+        ("peak GPU memory", "peak_memory_bytes")]
+
+
+def number(x: float) -> str:
+    """Three or four significant digits, thousands separated: 0.154, 1.05, 11.0, 484, 9,261."""
+    if x >= 100:
+        return f"{x:,.0f}"
+    return f"{x:.1f}" if x >= 10 else f"{x:.2f}" if x >= 1 else f"{x:.3f}"
+
+
+def cells(report: dict, key: str, gpu: bool) -> list[str]:
+    """(ours, naive) of one row for one report."""
+    figures = report["figures"]
+    if key == "peak_memory_bytes":
+        return [f"{figures[key][side] / 1e9:.2f} GB" for side in ("ours", "naive")] if gpu else ["", ""]
+    if key == "infer_greedy":      # at the largest batch the report measured
+        batch = max(size for size, _ in report["inference_batches"])
+        figure = figures[f"infer_greedy_bs{batch}_images_per_s"]
+        return [f"{number(figure['ours'])} (batch {batch})", number(figure["naive"])]
+    return [number(figures[key]["ours"]), number(figures[key]["naive"])]
+
+
+def table_rows() -> list[list[str]]:
+    """[label, CPU ours, CPU naive, GPU ours, GPU naive] per row."""
+    with open(os.path.join(ROOT, CPU_REPORT), encoding="utf-8") as f:
+        cpu = json.load(f)
+    with open(os.path.join(ROOT, GPU_REPORT), encoding="utf-8") as f:
+        gpu = json.load(f)
+    return [[label, *cells(cpu, key, False), *cells(gpu, key, True)] for label, key in ROWS]
+
+
+if __name__ == "__main__":
+    print("| figure | 2-core CPU: ours | naive | one H200: ours | naive |\n|---|---|---|---|---|")
+    for row in table_rows():
+        print("| " + " | ".join(row) + " |")

@@ -1,0 +1,26 @@
+"""training/validation.py: the decoding that picks checkpoint_best.pth is the one that is reported."""
+import torch
+
+from config import load_config
+from data.prepare import prepare_splits
+from data.vocab import Vocabulary
+from models import build_model
+from training import validation
+from training.validation import describe_validation, validate
+
+
+def test_validation_decodes_as_the_decode_section_says(tiny_overrides, monkeypatch):
+    config = load_config(None, [*tiny_overrides, "model.decoder=attention", "train.fine_tune_encoder=2",
+                                "decode.beam_size=2", "decode.no_repeat_ngram=3", "decode.length_penalty=0.5"])
+    vocab = Vocabulary.build(["a red circle", "a blue square"], 1)
+    model = build_model(config, len(vocab))
+    val = prepare_splits(config, vocab, model.encoder, torch.device("cpu"))["val"]
+    calls = []
+    real = validation.generate
+    monkeypatch.setattr(validation, "generate", lambda *a, **k: calls.append((a[3:], k)) or real(*a, **k))
+    from data.feature_store import FeatureFeed
+    loss, scores = validate(model, val, FeatureFeed(val["inputs"], torch.device("cpu"), False), config, vocab,
+                            torch.autocast("cpu", enabled=False))
+    assert calls and all(args == (2, 12, 0.5, 3) for args, _ in calls)      # beam, max_len, length penalty, n-gram
+    assert loss > 0 and 0 <= scores["CIDEr"]
+    assert "beam search (beam 2, length penalty 0.5), no 3-gram said twice" in describe_validation(config, 6)

@@ -1,0 +1,44 @@
+"""training/weight_average.py: the average, swapped in and out, and resumed."""
+import torch
+
+from training.weight_average import WARMUP, WeightAverage
+
+
+def test_the_average_follows_the_weights_and_swaps_in_and_out():
+    model = torch.nn.Linear(2, 1)
+    frozen = torch.nn.Parameter(torch.ones(1), requires_grad=False)
+    model.register_parameter("frozen", frozen)
+    start = model.weight.detach().clone()
+    average = WeightAverage(model, decay=0.5)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    average.update()                                # decay min(0.5, 2 / (WARMUP + 1)) = 2/11
+    decay = min(0.5, 2 / (WARMUP + 1))
+    expected = decay * start + (1 - decay) * (start + 1)
+    assert torch.allclose(average.average[0], expected)
+    with average.swapped_in():
+        assert torch.allclose(model.weight, expected)
+        with average.swapped_in():                  # nested: still the average
+            assert torch.allclose(model.weight, expected)
+            assert torch.equal(average.state_dict()["trained"][0], start + 1)   # the weights training goes on from
+        assert torch.allclose(model.weight, expected)
+    assert torch.equal(model.weight, start + 1) and len(average.params) == 2    # weight and bias, not the frozen one
+
+
+def test_a_resumed_average_goes_on_from_the_checkpoints_two_sets_of_weights():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    average = WeightAverage(model, decay=0.9)
+    for _ in range(3):
+        with torch.no_grad():
+            model.weight.mul_(1.5)
+        average.update()
+    with average.swapped_in():
+        saved_model = {k: v.clone() for k, v in model.state_dict().items()}      # what a checkpoint's "model" holds
+        saved = average.state_dict()
+    again = torch.nn.Linear(3, 2)
+    again.load_state_dict(saved_model)
+    resumed = WeightAverage(again, decay=0.9)
+    resumed.load_state_dict(saved)
+    assert resumed.updates == 3 and torch.equal(again.weight, model.weight)
+    assert torch.equal(resumed.average[0], average.average[0])
