@@ -22,17 +22,16 @@ import torch
 from PIL import Image
 
 from data.demo import knows_only_shapes
-from data.images import IMAGE_EXTENSIONS, input_size, load_image, resize_image
-from evaluation.gallery import attention_overlay
+from data.images.reading import IMAGE_EXTENSIONS, input_size, load_image, resize_image
 from models.checkpoint import PRETRAINED, load_checkpoint, load_model
 from models.decoding import decode_settings, describe_decoding, generate
-from utils import UserError, pick_device
+from reports.gallery import attention_overlay
+from utils import REPO_ROOT, UserError, pick_device
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
 ANY_CHECKPOINT = "CAPTION_APP_ANY_CHECKPOINT"   # set to 1 by the operator: the path box opens any file
 UPLOAD_TYPES = [extension.lstrip(".") for extension in IMAGE_EXTENSIONS]   # what the command line reads too
-EXAMPLES_DIR = os.path.join(ROOT, "examples")          # photos, for a model trained on photos
-DEMO_EXAMPLES_DIR = os.path.join(ROOT, "demo_images")   # generated shapes, for a model trained on them
+EXAMPLES_DIR = os.path.join(REPO_ROOT, "examples")          # photos, for a model trained on photos
+DEMO_EXAMPLES_DIR = os.path.join(REPO_ROOT, "demo_images")   # generated shapes, for a model trained on them
 N_EXAMPLES = 4
 MAX_HEATMAPS = 20                   # words shown with an attention map
 
@@ -76,8 +75,8 @@ def read_image(data: bytes, name: str) -> Image.Image:
 def caption(captioner, image: Image.Image, beam_size: int, max_len: int, no_repeat_ngram: int) -> dict:
     """One image -> decoding.generate's result plus `heatmaps`: [(word, overlay image)] when the model attends."""
     model, vocab, config, device = captioner
-    size = input_size(config["model"]["encoder"], config["data"]["image_size"])
-    decode = decode_settings(config["decode"], beam_size=beam_size, max_len=max_len, no_repeat_ngram=no_repeat_ngram)
+    size = input_size(config.model.encoder, config.data.image_size)
+    decode = decode_settings(config.decode, beam_size=beam_size, max_len=max_len, no_repeat_ngram=no_repeat_ngram)
     with torch.inference_mode():
         features = model.encoder.extract(resize_image(image, size).unsqueeze(0).to(device))   # [1,3,S,S] -> [1,P,C]
         result = generate(model, features, vocab, **decode)[0]
@@ -106,14 +105,14 @@ def show_result(name: str, image: Image.Image, result: dict) -> None:
 
 
 def runs_dir() -> str:
-    return os.environ.get("CAPTION_APP_RUNS_DIR", os.path.join(ROOT, "runs"))
+    return os.environ.get("CAPTION_APP_RUNS_DIR", os.path.join(REPO_ROOT, "runs"))
 
 
 def offered_checkpoints() -> list[str]:
     """The shipped model first (when this copy has it), then the runs' checkpoints; the operator's
     CAPTION_APP_CHECKPOINT, if set, first of all."""
     found = ([PRETRAINED] if os.path.isfile(PRETRAINED) else []) + find_checkpoints(runs_dir())
-    options = [os.path.relpath(p, ROOT) if p.startswith(ROOT + os.sep) else p for p in found]
+    options = [os.path.relpath(p, REPO_ROOT) if p.startswith(REPO_ROOT + os.sep) else p for p in found]
     preset = os.environ.get("CAPTION_APP_CHECKPOINT")
     return [preset] + [o for o in options if o != preset] if preset else options
 
@@ -122,7 +121,7 @@ def allowed(path: str) -> bool:
     """Whether a typed path lies inside pretrained/ or the runs folder (after links are followed)."""
     if os.environ.get(ANY_CHECKPOINT) == "1":
         return True
-    real = os.path.realpath(os.path.join(ROOT, path))
+    real = os.path.realpath(os.path.join(REPO_ROOT, path))
     return any(real.startswith(os.path.realpath(folder) + os.sep)
                for folder in (os.path.dirname(PRETRAINED), runs_dir()))
 
@@ -169,7 +168,7 @@ def main() -> None:
                  "`git checkout -- pretrained/`) and nothing under runs/. Train one with `python train.py` "
                  "(it writes runs/<name>/checkpoint_best.pth).")
         st.stop()
-    full = os.path.realpath(os.path.join(ROOT, path))      # one cache entry per file, however it was named
+    full = os.path.realpath(os.path.join(REPO_ROOT, path))      # one cache entry per file, however it was named
     try:
         captioner = load_captioner(full, os.path.getmtime(full) if os.path.exists(full) else 0.0)
     except (UserError, OSError) as e:
@@ -177,11 +176,11 @@ def main() -> None:
         st.stop()
     _, _, config, device = captioner
     st.sidebar.header("Decoding")
-    beam_size = st.sidebar.slider("Beam size", 1, 10, min(max(config["decode"]["beam_size"], 1), 10))
-    max_len = st.sidebar.slider("Max caption length (words)", 5, 60, min(max(config["decode"]["max_len"], 5), 60))
+    beam_size = st.sidebar.slider("Beam size", 1, 10, min(max(config.decode.beam_size, 1), 10))
+    max_len = st.sidebar.slider("Max caption length (words)", 5, 60, min(max(config.decode.max_len, 5), 60))
     no_repeat_ngram = st.sidebar.slider("Never repeat a phrase of this many words (0: off)", 0, 5,
-                                        min(config["decode"]["no_repeat_ngram"], 5))
-    decode = decode_settings(config["decode"], beam_size=beam_size, max_len=max_len, no_repeat_ngram=no_repeat_ngram)
+                                        min(config.decode.no_repeat_ngram, 5))
+    decode = decode_settings(config.decode, beam_size=beam_size, max_len=max_len, no_repeat_ngram=no_repeat_ngram)
     st.sidebar.caption(f"Decoding: {describe_decoding(decode)}.")
     st.sidebar.caption(f"{config['model']['encoder']} + {config['model']['decoder']} on {device.type}; "
                        f"images up to {Image.MAX_IMAGE_PIXELS:,} pixels")

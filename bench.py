@@ -5,7 +5,7 @@
     python bench.py --pretrained                               # the shipped model: cold start, photos/s
     python bench.py --scale [--quick] [--sizes 10000 40000]    # training on synthetic caches of 10k-120k images
 
-Ours is the project's own code: data.features.extract_features (on CUDA: JPEGs decoded on the
+Ours is the project's own code: data.features.cache.extract_features (on CUDA: JPEGs decoded on the
 GPU, bf16, channels_last), training.step's step on cached features kept on the device, a
 `python train.py` process for end to end (the time it reports from its start to its last
 checkpoint), and for inference extract_features then models.decoding.generate, as evaluate.py
@@ -35,21 +35,20 @@ from benchmarks import pretrained, scale
 from benchmarks.naive import NaiveCaptioner, naive_extract, naive_infer, naive_train, now
 from benchmarks.train_process import run_train_py
 from config import DEFAULTS, merge
-from data.captions import read_captions, read_split_file
-from data.features import CUDA_BATCH, extract_features
+from data.features.cache import CUDA_BATCH, extract_features
 from data.prepare import encode_captions
-from data.vocab import Vocabulary
-from models import build_model
+from data.text.captions import read_captions, read_split_file
+from data.text.vocab import Vocabulary
+from models.caption_model import build_model
 from models.checkpoint import load_checkpoint, load_model
 from models.decoding import generate
 from training.cuda_graphs import graphed_step
 from training.step import epoch_order, make_amp, training_step
-from utils import UserError, atomic_write_text, int_at_least, pick_device, run_main
+from utils import REPO_ROOT, UserError, atomic_write_text, int_at_least, pick_device, run_main
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
-FLICKR8K = os.path.join(ROOT, "data", "flickr8k")
+FLICKR8K = os.path.join(REPO_ROOT, "data", "flickr8k")
 EPOCH_CAPTIONS = 30_000       # Flickr8k's train split: 6,000 images x 5 captions
-MAX_LEN = DEFAULTS["decode"]["max_len"]
+MAX_LEN = DEFAULTS.decode.max_len
 
 
 def reset_peak(device):
@@ -137,16 +136,16 @@ def ours_train_rate(model, feats, rows, config, device, budget_s):
     On one GPU the steps are CUDA graphs, as in train.py (train.cuda_graphs)."""
     tokens, lengths, image_index = rows
     inputs, tokens, image_index = feats.to(device), tokens.to(device), image_index.to(device)
-    bs = config["train"]["batch_size"]
-    amp, scaler = make_amp(device, config["train"]["amp"])
+    bs = config.train.batch_size
+    amp, scaler = make_amp(device, config.train.amp)
     params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("encoder.backbone")]
-    optimizer = torch.optim.AdamW(params, lr=config["train"]["lr"], fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(params, lr=config.train.lr, fused=device.type == "cuda")
     graphed = graphed_step(model, params, inputs, image_index, tokens, lengths, config, 1, scaler)
     # Warm-up: 3 steps, or with CUDA graphs a pass over the captions, which captures the graphs of its lengths
     # (train.py captures them in its first epoch: later epochs replay them)
     warmup = max(3, len(tokens) // bs) if graphed else 3
     passes = math.ceil((EPOCH_CAPTIONS + warmup * bs) / len(tokens))
-    order = torch.cat([epoch_order(lengths, bs, seed, config["train"]["batch_by_length"]) for seed in range(passes)])
+    order = torch.cat([epoch_order(lengths, bs, seed, config.train.batch_by_length) for seed in range(passes)])
     order_on_device = order.to(device)
     model.train()
     done, step, start, running = 0, 0, None, 0.0
@@ -213,7 +212,7 @@ def measure(args, device, tmp):
             f.read()
     captions, min_freq = read_captions(captions_path), 5 if len(names) >= 1000 else 1
     vocab = Vocabulary.build((c for n in names for c in captions[n]), min_freq)
-    rows = encode_captions(names, captions, vocab, DEFAULTS["data"]["max_caption_len"])
+    rows = encode_captions(names, captions, vocab, DEFAULTS.data.max_caption_len)
     n = len(paths)
     batches = (((1, 2), (min(bs, n), min(bs, n))) if quick else ((1, 32), (64, min(256, n))) if cpu
                else ((1, 32), (64, min(256, n)), (256, n)))
@@ -237,7 +236,7 @@ def measure(args, device, tmp):
     ours_rate, ours_full_epoch = ours_train_rate(model, feats, rows, config, device, 5 if quick else 30)
     del model, feats
     ours_e2e, ours_e2e_process, train_peak = run_train(config, tmp, device)
-    model, vocab, _ = load_model(load_checkpoint(os.path.join(config["train"]["out_dir"], "checkpoint_best.pth")))
+    model, vocab, _ = load_model(load_checkpoint(os.path.join(config.train.out_dir, "checkpoint_best.pth")))
     ours_infer_rates = infer_rates(ours_infer, model.to(device), vocab, paths, size, batches, device)
     ours_peak = max(peak_memory(device), train_peak)
     model.cpu()

@@ -23,10 +23,10 @@ import sys
 import torch
 from tqdm import tqdm
 
-from data import karpathy
-from data.captions import collect, load_splits, read_captions, read_split_file
-from data.features import extract_features
-from data.vocab import tokenize
+from data.features.cache import extract_features
+from data.text import karpathy
+from data.text.captions import collect, load_splits, read_captions, read_split_file
+from data.text.vocab import tokenize
 from evaluation.metrics import score_captions
 from models.checkpoint import load_checkpoint, load_model
 from models.decoding import decode_settings, describe_decoding, generate
@@ -40,8 +40,8 @@ def write_json(obj, path: str) -> None:
 def images_to_score(args, config):
     """(references: image -> captions, names to caption) from the flags, or the checkpoint's own split."""
     if args.split in ("train", "val") and not args.captions:
-        references, train_names, val_names = load_splits(config["data"])
-        args.captions, args.images = config["data"]["captions"], config["data"]["images"]
+        references, train_names, val_names = load_splits(config.data)
+        args.captions, args.images = config.data.captions, config.data.images
         return references, train_names if args.split == "train" else val_names
     if not (args.captions and args.images):
         raise UserError("give --captions and --images (and --split-file, or --split with a Karpathy JSON), "
@@ -98,12 +98,12 @@ def main(argv=None):
     captions_path = os.path.splitext(args.out)[0] + "_captions.json" if args.out else None
     produced = []
     paths = [os.path.join(args.images, n) for n in names]
-    decode = decode_settings(config["decode"], beam_size=args.beam_size, max_len=args.max_len,
+    decode = decode_settings(config.decode, beam_size=args.beam_size, max_len=args.max_len,
                              length_penalty=args.length_penalty, no_repeat_ngram=args.no_repeat_ngram)
     print(f"decoding: {describe_decoding(decode)}", file=sys.stderr)
     # The CNN trunk's output comes from the training cache when it is there (same key, same weights).
-    cache_dir = None if args.no_cache else config["train"]["cache_dir"]
-    features, ok = extract_features(model.encoder, paths, config["data"]["image_size"], cache_dir, device,
+    cache_dir = None if args.no_cache else config.train.cache_dir
+    features, ok = extract_features(model.encoder, paths, config.data.image_size, cache_dir, device,
                                     args.batch_size, args.num_workers)
     readable = [n for n, good in zip(names, ok) if good]
     for start in tqdm(range(0, len(readable), args.batch_size), desc=f"captioning (beam {decode['beam_size']})",

@@ -36,9 +36,9 @@ import sys
 import torch
 from tqdm import tqdm
 
-from data.captions import read_split_file
-from data.features import extract_features
-from data.images import list_images
+from data.features.cache import extract_features
+from data.images.reading import list_images
+from data.text.captions import read_split_file
 from models.checkpoint import (
     MAX_SHIPPED_BYTES,
     MAX_SHIPPED_ENSEMBLE_BYTES,
@@ -56,8 +56,8 @@ def captions_of(models, paths, config, device, decode, batch_size=64) -> list[di
     """{image name: caption} of each model on the image files, on the trunk's output computed (or read from the
     cache) once for all: the models share their frozen trunk."""
     vocab = models[0][1]
-    features, ok = extract_features(models[0][0].encoder, paths, config["data"]["image_size"],
-                                    config["train"]["cache_dir"], device, batch_size, num_workers=0,
+    features, ok = extract_features(models[0][0].encoder, paths, config.data.image_size,
+                                    config.train.cache_dir, device, batch_size, num_workers=0,
                                     desc="verify: features")
     names = [os.path.basename(p) for p, good in zip(paths, ok) if good]
     captions = [{} for _ in models]

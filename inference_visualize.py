@@ -21,12 +21,12 @@ import sys
 import torch
 from tqdm import tqdm
 
-from data.captions import load_splits
 from data.demo import knows_only_shapes
-from data.images import image_loader, input_size, list_images, load_image
-from evaluation.gallery import attention_overlay, caption_image, image_to_data_uri, write_gallery
+from data.images.reading import image_loader, input_size, list_images, load_image
+from data.text.captions import load_splits
 from models.checkpoint import PRETRAINED, load_checkpoint, load_model, load_shipped
 from models.decoding import decode_settings, describe_decoding, generate
+from reports.gallery import attention_overlay, caption_image, image_to_data_uri, write_gallery
 from utils import UserError, atomic_write, int_at_least, pick_device, run_main, warn
 
 
@@ -68,17 +68,17 @@ def main(argv=None):
     checkpoint = load_checkpoint(args.checkpoint) if args.checkpoint else load_shipped()
     model, vocab, config = load_model(checkpoint, checkpoint_path)
     model.to(device)
-    decode = decode_settings(config["decode"], beam_size=args.beam_size, max_len=args.max_len)
+    decode = decode_settings(config.decode, beam_size=args.beam_size, max_len=args.max_len)
     print(f"decoding: {describe_decoding(decode)}", file=sys.stderr)
     references = {}
     if args.split:
-        captions, train_names, val_names = load_splits(config["data"])
+        captions, train_names, val_names = load_splits(config.data)
         names = train_names if args.split == "train" else val_names
-        paths = [os.path.join(config["data"]["images"], n) for n in names]
+        paths = [os.path.join(config.data.images, n) for n in names]
         references = {p: captions[n] for p, n in zip(paths, names)}
     else:
         paths = list_images(args.images)
-        demo_folder = os.path.abspath(config["data"]["images"])
+        demo_folder = os.path.abspath(config.data.images)
         if knows_only_shapes(vocab.itos) and any(os.path.dirname(os.path.abspath(p)) != demo_folder for p in paths):
             warn(f"{checkpoint_path} was trained on the generated shapes demo: it knows coloured shapes only. For "
                  f"photos, leave out --checkpoint: the shipped Flickr8k model ({os.path.relpath(PRETRAINED)}) is the default")
@@ -88,7 +88,7 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
 
     rows, lines, taken, skipped = [], [], set(), 0
-    size = input_size(config["model"]["encoder"], config["data"]["image_size"])
+    size = input_size(config.model.encoder, config.data.image_size)
     csv_path = os.path.join(args.out, "captions.csv")
     loader = image_loader(paths, size, args.batch_size, num_workers=min(2, len(paths) // args.batch_size))
     for images, good, bad in tqdm(loader, desc="captioning", unit="batch", file=sys.stderr, dynamic_ncols=True):

@@ -17,7 +17,6 @@ checkpoint_best.pth, loss_log.txt, config.yaml, vocab.json. Ctrl-C (or SIGTERM) 
 checkpoint_last.pth; --resume continues from it.
 """
 import argparse
-import contextlib
 import gc
 import math
 import os
@@ -25,22 +24,24 @@ import shlex
 import signal
 import sys
 import time
+from dataclasses import asdict
 
 import torch
 import yaml
 from tqdm import tqdm
 
 from config import describe_keys, load_config
-from data.captions import load_splits
-from data.feature_store import FeatureFeed, fits_on_device
-from data.features import wait_for_cache_writes
-from data.mirror import Mirroring
+from data.features.cache import wait_for_cache_writes
+from data.features.store import FeatureFeed
 from data.prepare import prepare_splits
-from data.vocab import Vocabulary
-from models import build_model
+from data.text.captions import load_splits
+from data.text.vocab import Vocabulary
+from evaluation.metrics import SCORE_NAMES
+from models.caption_model import build_model
 from models.checkpoint import load_checkpoint, load_weights
 from training.checkpoints import (
     CheckpointWriter,
+    Progress,
     checkpoint_state,
     frozen_weights,
     restore,
@@ -48,228 +49,208 @@ from training.checkpoints import (
     rng_state,
     starting_point,
 )
-from training.cuda_graphs import graphed_step
 from training.distributed import broadcast_flag, setup_distributed, shutdown, wrap
+from training.epochs import CrossEntropySteps, SelfCriticalSteps
 from training.run_folder import RunFolder
-from training.scst import SelfCritical
-from training.step import captions_of_images, epoch_order, make_amp, make_optimizer, optimizer_step, training_step
+from training.step import make_optimization
 from training.validation import describe_validation, validate
-from training.weight_average import WeightAverage
 from utils import UserError, atomic_write_text, run_main, seed_everything, warn
 
 
 def train(config, run: RunFolder, checkpoint=None, command="", begun=None):
     """Train from scratch, from train.init_from's weights, or on from a resumed `checkpoint`. begun: when the
     command started (time.time()), for the time the last line reports."""
-    t = config["train"]
+    t = config.train
     rank, world, device = setup_distributed(config)
     main_process = rank == 0
-    seed_everything(t["seed"])
+    seed_everything(t.seed)
     gc.freeze()    # what exists now outlives the run: full collections, set off by parsing captions, skip it
-    captions, train_names, val_names = loaded = load_splits(config["data"])
+    model, vocab, start, frozen_cnn, (train_set, val_set) = model_and_data(config, checkpoint, run, device, main_process)
+    step_model = wrap(model, device, world)
+    step_model = torch.compile(step_model) if t.compile else step_model
+    optimization = make_optimization(model, config, device)
+    steps = (SelfCriticalSteps if t.scst else CrossEntropySteps)(model, step_model, train_set, vocab, config,
+                                                                 optimization, device, rank, world)
+    optimization.schedule(t, t.epochs * steps.per_epoch)
+    progress = Progress()
+    # Reading images draws from the global RNG only on a cache miss; re-seed so dropout never depends on the cache.
+    torch.manual_seed(t.seed + 1 + rank)
+    if checkpoint:        # the resumed run's optimizer, schedule, progress and random state, as they were
+        restore(checkpoint, optimization, progress)
+    keeper = Keeper(run, model, vocab, config, val_set, steps, optimization, progress, frozen_cnn, command, main_process)
+    keeper.announce(steps, device)
+    model.train()
+    stop = False
+    try:
+        if start and not progress.step and val_set:   # the starting point is the first candidate for best
+            stop = keeper.check(final=False)
+        while progress.epoch < t.epochs and not stop:
+            steps.start_epoch(progress.epoch)
+            bar = tqdm(range(progress.batch, steps.per_epoch), desc=f"epoch {progress.epoch + 1}/{t.epochs}",
+                       unit="step", dynamic_ncols=True, initial=progress.batch, total=steps.per_epoch,
+                       disable=not main_process)
+            for b in bar:
+                loss, reward = steps.run(b)
+                optimization.stepped()
+                progress.step, progress.batch = progress.step + 1, b + 1
+                keeper.add(loss, reward)
+                if main_process and (progress.step % t.log_every == 0 or b + 1 == steps.per_epoch):
+                    keeper.log_training(bar)
+                if t.val_every and progress.step % t.val_every == 0 and b + 1 < steps.per_epoch:
+                    if stop := keeper.check(final=False):
+                        break
+            bar.close()
+            if not stop:
+                progress.epoch, progress.batch = progress.epoch + 1, 0
+                stop = keeper.check(final=progress.epoch == t.epochs)
+        failed = keeper.writer.finish()
+    except KeyboardInterrupt:
+        keeper.interrupted()
+        sys.exit(130)
+    finally:
+        gc.unfreeze()
+        keeper.close()
+        steps.close()
+        wait_for_cache_writes()     # the feature cache's last shards, written while training went on
+        shutdown(world)
+    keeper.done(failed, begun, device)
+    return run.out_dir
+
+
+def model_and_data(config, checkpoint, run: RunFolder, device, main_process: bool):
+    """(model on the device with its starting weights, vocabulary, train.init_from's (model, vocab) or None, the
+    frozen CNN's weights copied to the host once (for every checkpoint), (train split, validation split or None) as
+    data.prepare makes them). Writes vocab.json and config.yaml."""
+    captions, train_names, val_names = loaded = load_splits(config.data)
     start = starting_point(config, checkpoint)        # train.init_from's (model, vocab), or None
     vocab = (Vocabulary(checkpoint["vocab"]) if checkpoint else start[1] if start
-             else Vocabulary.build((c for n in train_names for c in captions[n]), config["data"]["min_word_freq"]))
+             else Vocabulary.build((c for n in train_names for c in captions[n]), config.data.min_word_freq))
     with torch.device(device):              # built where it trains: no copy from the host
         model = build_model(config, len(vocab))
     if checkpoint:
         load_weights(model, checkpoint["model"], run.out_dir, checkpoint["config"])
     elif start:
         model.load_state_dict(start[0].state_dict())
-    frozen_cnn = frozen_weights(model) if main_process else {}
+    frozen_cnn = frozen_weights(model) if main_process else {}     # it also primes the cache key's hash of them
     if main_process:
         vocab.save(os.path.join(run.out_dir, "vocab.json"))
-        atomic_write_text(os.path.join(run.out_dir, "config.yaml"), yaml.safe_dump(config, sort_keys=False))
+        atomic_write_text(os.path.join(run.out_dir, "config.yaml"), yaml.safe_dump(config.to_dict(), sort_keys=False))
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)   # a scheduler's preemption stops like Ctrl-C
     try:
-        data = prepare_splits(config, vocab, model.encoder, device, loaded=loaded)
+        splits = prepare_splits(config, vocab, model.encoder, device, loaded=loaded)
     except KeyboardInterrupt:
         if main_process:
             print("\ninterrupted during feature extraction: the features computed so far are cached; run the "
                   "same command again to continue", file=sys.stderr)
         sys.exit(130)
-    train_set, val_set = data["train"], data["val"]
-    on_device = fits_on_device(train_set["inputs"].nbytes, device, t["cache_on_device"])
-    feed = FeatureFeed(train_set["inputs"], device, on_device)
-    val_feed = FeatureFeed(val_set["inputs"], device, on_device) if val_set else None
-    tokens, lengths = train_set["tokens"].to(device), train_set["lengths"]
-    image_index, host_index = train_set["image_index"].to(device), train_set["image_index"]
-    n_images = len(train_set["names"])
-    image_row = torch.arange(n_images)          # each image's row of the inputs (mirrored ones: N + i)
-    first_caption = torch.searchsorted(host_index, image_row)     # an image's captions are consecutive rows
-    caption_count = torch.bincount(host_index, minlength=n_images)
-    mirror = Mirroring(vocab, train_set["tokens"], host_index, n_images, t["seed"]) if t["hflip"] else None
-    # An epoch is over captions (cross-entropy), or over images (self-critical, or cross-entropy through a
-    # fine-tuned CNN, whose blocks then run once per image). A last batch with under 2 rows per process is
-    # left out, reshuffled into the next epoch: BatchNorm cannot train on one row.
-    by_image = t["scst"] or model.encoder.tail_blocks > 0
-    n_rows, bs = (n_images if by_image else len(tokens)), t["batch_size"]
-    steps_per_epoch = n_rows // bs + (n_rows % bs >= 2 * world)
-    if not steps_per_epoch:
-        raise UserError(f"{n_rows} training rows are too few for {world} process(es) at train.batch_size={bs}: "
-                         f"each needs at least 2 per batch; add images or lower the process count")
-    scst = SelfCritical({n: captions[n] for n in train_set["names"]}, vocab, config) if t["scst"] else None
+    return model, vocab, start, frozen_cnn, (splits["train"], splits["val"])
 
-    decoder_params, optimizer, scheduler = make_optimizer(model, config, t["epochs"] * steps_per_epoch, device)
-    amp, scaler = make_amp(device, t["amp"])
-    average = WeightAverage(model, t["ema_decay"]) if t["ema_decay"] else None
-    averaged = average.swapped_in if average else contextlib.nullcontext
-    progress = {"epoch": 0, "batch": 0, "step": 0, "best": None, "stale_epochs": 0, "elapsed": 0.0, "finished": False}
-    # Reading images draws from the global RNG only on a cache miss; re-seed so dropout never depends on the cache.
-    torch.manual_seed(t["seed"] + 1 + rank)
-    if checkpoint:        # the resumed run's optimizer, schedule, progress and random state, as they were
-        restore(checkpoint, optimizer, scheduler, scaler, progress, average)
-    step_model = wrap(model, device, world)
-    if t["compile"]:
-        step_model = torch.compile(step_model)
-    graphed = None if t["scst"] else graphed_step(model, decoder_params, feed.inputs, image_index if on_device else None,
-                                                  tokens, lengths, config, world, scaler)
-    writer = CheckpointWriter(run.out_dir)
 
-    def save(name, *same_as, last=False):
+class Keeper:
+    """What a run keeps of itself, on the main process: validations, checkpoints (written by a background
+    thread), loss_log.txt and the lines it prints. Other ranks only hear whether to stop early."""
+
+    def __init__(self, run, model, vocab, config, val_set, steps, optimization, progress, frozen_cnn, command, main):
+        self.run, self.model, self.vocab, self.config, self.val_set = run, model, vocab, config, val_set
+        self.optimization, self.progress, self.frozen_cnn, self.command = optimization, progress, frozen_cnn, command
+        self.world, self.main = steps.world, main
+        self.val_feed = FeatureFeed(val_set["inputs"], steps.device, steps.on_device) if val_set else None
+        self.writer = CheckpointWriter(run.out_dir)
+        self.started = time.time() - progress.elapsed
+        self.running, self.rewards, self.count = 0.0, 0.0, 0
+
+    def announce(self, steps, device) -> None:
+        if not self.main:
+            return
+        self.run.open_log()
+        tail, average = self.model.encoder.tail_blocks, self.optimization.average
+        print(f"device {device} x{self.world}{steps.describe()} | {len(self.val_set['names']) if self.val_set else 0} "
+              f"val images | vocab {len(self.vocab)} | {steps.per_epoch} steps/epoch"
+              f"{' | self-critical' if self.config.train.scst else ''}"
+              f"{f' | last {tail} CNN blocks trained' if tail else ''}{' | mirrored images' if self.config.train.hflip else ''}"
+              f"{f' | weight average {average.decay}' if average else ''}", file=sys.stderr)
+        if self.val_set:
+            print(describe_validation(self.config, len(self.val_set["names"])), file=sys.stderr)
+
+    def add(self, loss, reward: float) -> None:
+        """One step's loss (summed on the device: no wait for it) and reward, towards the next train row."""
+        self.running, self.rewards, self.count = self.running + loss.detach() * self.world, self.rewards + reward, self.count + 1
+
+    def log_training(self, bar) -> None:
+        p, lr, mean_loss = self.progress, self.optimization.lr, float(self.running) / self.count
+        if not math.isfinite(mean_loss):
+            raise UserError(f"the training loss became {mean_loss} at step {p.step}; the last good checkpoint in "
+                            f"{self.run.out_dir} is kept; lower train.lr and start again")
+        mean_reward = self.rewards / self.count
+        self.run.log.write(p.step, p.epoch + 1, "train", mean_loss, lr, time.time() - self.started, reward=mean_reward)
+        bar.set_postfix(loss=f"{mean_loss:.3f}", **({"reward": f"{mean_reward:.3f}"} if math.isfinite(mean_reward) else {}),
+                        lr=f"{lr:.1e}")
+        self.running, self.rewards, self.count = 0.0, 0.0, 0
+
+    def save(self, name: str, *same_as: str, last: bool = False) -> None:
         """Snapshot the run now; write checkpoint `name` (the names in same_as become links to it) in the
         background. last: the run ends after this one."""
-        if main_process:
-            with averaged():
-                state = checkpoint_state(model, vocab, config, frozen_cnn, optimizer=optimizer.state_dict(),
-                                         scheduler=scheduler.state_dict(), scaler=scaler.state_dict() if scaler else None,
-                                         progress=dict(progress), rng=rng_state(), command=command,
-                                         weight_average=average.state_dict() if average else None)
-            writer.submit(state, name, *same_as, last=last)
+        if self.main:
+            with self.optimization.averaged():
+                state = checkpoint_state(self.model, self.vocab, self.config, self.frozen_cnn, **self.optimization.state(),
+                                         progress=asdict(self.progress), rng=rng_state(), command=self.command)
+            self.writer.submit(state, name, *same_as, last=last)
 
-    def check(final: bool) -> bool:
-        """Validate, log, and write checkpoints; True when early stopping says stop."""
+    def check(self, final: bool) -> bool:
+        """Validate, log, write checkpoint_last.pth (and checkpoint_best.pth when the metric improved); True when
+        early stopping says stop."""
+        self.progress.elapsed = time.time() - self.started
         stop = False
-        if main_process:
-            with averaged():
-                stop = end_of_validation(model, val_set, val_feed, config, vocab, amp, progress, run, optimizer,
-                                         started, save, final)
-        return broadcast_flag(stop, world)
+        if self.main:
+            with self.optimization.averaged():
+                stop = self._validate_and_save(final)
+        return broadcast_flag(stop, self.world)
 
-    if main_process:
-        run.open_log()
-        print(f"device {device} x{world}{' (CUDA graphs)' if graphed else ''}"
-              f"{'' if on_device else ' (features streamed)'} | {len(train_set['names'])} train images, "
-              f"{len(tokens)} captions | {len(val_set['names']) if val_set else 0} val images | vocab {len(vocab)} | "
-              f"{steps_per_epoch} steps/epoch{' | self-critical' if scst else ''}"
-              f"{f' | last {model.encoder.tail_blocks} CNN blocks trained' if model.encoder.tail_blocks else ''}"
-              f"{' | mirrored images' if mirror else ''}{f' | weight average {average.decay}' if average else ''}",
-              file=sys.stderr)
-        if val_set:
-            print(describe_validation(config, len(val_set["names"])), file=sys.stderr)
-    started = time.time() - progress["elapsed"]
-    model.train()
-    stop = False
-    try:
-        if start and not progress["step"] and val_set:   # the starting point is the first candidate for best
-            stop = check(final=False)
-        while progress["epoch"] < t["epochs"] and not stop:
-            epoch = progress["epoch"]
-            order = (torch.randperm(n_rows, generator=torch.Generator().manual_seed(t["seed"] * 1000 + epoch))
-                     if by_image else epoch_order(lengths, bs, t["seed"] * 1000 + epoch, t["batch_by_length"]))
-            order_on_device = order.to(device)
-            if mirror:        # this epoch's mirrored images; tokens and image_index change in place (CUDA graphs)
-                epoch_tokens, host_index, image_row = mirror.epoch(epoch)
-                tokens.copy_(epoch_tokens)
-                image_index.copy_(host_index)
-            bar = tqdm(range(progress["batch"], steps_per_epoch), desc=f"epoch {epoch + 1}/{t['epochs']}", unit="step",
-                       dynamic_ncols=True, initial=progress["batch"], total=steps_per_epoch, disable=not main_process)
-            running, rewards, running_n = 0.0, 0.0, 0
-            for b in bar:
-                share = slice(rank, None, world)               # this rank's rows of the global batch
-                rows, next_rows = order[b * bs:(b + 1) * bs], order[(b + 1) * bs:(b + 2) * bs]
-                if scst:
-                    names = [train_set["names"][i] for i in rows[share].tolist()]
-                    loss, reward = scst.loss(model, step_model, feed.batch(rows[share], next_rows[share]), names,
-                                             len(rows) * scst.k / world, amp)
-                    optimizer_step(optimizer, scaler, loss, t["grad_clip"])
-                    rewards += reward
-                elif by_image:      # all captions of each image: the fine-tuned blocks run once per image
-                    images, next_images = rows[share], next_rows[share]
-                    caption_rows, image_of_row = captions_of_images(first_caption, caption_count, images)
-                    normalizer = (lengths[captions_of_images(first_caption, caption_count, rows)[0]] - 1).sum().item() / world
-                    loss = training_step(step_model, optimizer, scaler, None, caption_rows, lengths[caption_rows],
-                                         feed.batch(image_row[images], image_row[next_images]), None, tokens,
-                                         config, amp, normalizer, image_of_row.to(device))
-                else:
-                    # Each rank divides its loss sum by the global token count (times world, as DDP averages).
-                    normalizer = (lengths[rows] - 1).sum().item() / world
-                    captions_on_device = order_on_device[b * bs:(b + 1) * bs][share]
-                    inputs = feed.inputs if on_device else feed.batch(host_index[rows[share]], host_index[next_rows[share]])
-                    loss = training_step(step_model, optimizer, scaler, graphed, captions_on_device,
-                                         lengths[rows[share]], inputs, image_index if on_device else None, tokens,
-                                         config, amp, normalizer)
-                scheduler.step()
-                if average:
-                    average.update()
-                progress.update(step=progress["step"] + 1, batch=b + 1)
-                running, running_n = running + loss.detach() * world, running_n + 1   # summed on the device: no sync
-                if main_process and (progress["step"] % t["log_every"] == 0 or b + 1 == steps_per_epoch):
-                    lr, mean_loss = optimizer.param_groups[0]["lr"], float(running) / running_n
-                    if not math.isfinite(mean_loss):
-                        raise UserError(f"the training loss became {mean_loss} at step {progress['step']}; the last "
-                                         f"good checkpoint in {run.out_dir} is kept; lower train.lr and start again")
-                    mean_reward = rewards / running_n if scst else float("nan")
-                    run.write_row(progress["step"], epoch + 1, "train", mean_loss, lr, time.time() - started,
-                                  reward=mean_reward)
-                    bar.set_postfix(loss=f"{mean_loss:.3f}", **({"reward": f"{mean_reward:.3f}"} if scst else {}),
-                                    lr=f"{lr:.1e}")
-                    running, rewards, running_n = 0.0, 0.0, 0
-                if t["val_every"] and progress["step"] % t["val_every"] == 0 and b + 1 < steps_per_epoch:
-                    progress["elapsed"] = time.time() - started
-                    if stop := check(final=False):
-                        break
-            bar.close()
-            if not stop:
-                progress.update(epoch=epoch + 1, batch=0, elapsed=time.time() - started)
-                stop = check(final=progress["epoch"] == t["epochs"])
-        failed = writer.finish()
-    except KeyboardInterrupt:
-        progress["elapsed"] = time.time() - started
-        save("checkpoint_last.pth", last=True)
-        writer.finish()
-        if main_process:
-            print(f"\ninterrupted: saved {run.out_dir}/checkpoint_last.pth; continue with --resume {run.out_dir}",
+    def _validate_and_save(self, final: bool) -> bool:
+        t, p, improved, metric = self.config.train, self.progress, True, None
+        if self.val_set:
+            val_loss, scores = validate(self.model, self.val_set, self.val_feed, self.config, self.vocab,
+                                        self.optimization.amp)
+            self.run.log.write(p.step, p.epoch, "val", val_loss, self.optimization.lr, time.time() - self.started, scores)
+            by_score = t.select_metric != "loss" and t.val_bleu_images > 0
+            metric = scores[SCORE_NAMES[t.select_metric]] if by_score else val_loss
+            improved = p.best is None or (metric > p.best if by_score else metric < p.best)
+            print(f"epoch {p.epoch} step {p.step}: val loss {val_loss:.4f} (perplexity {math.exp(min(val_loss, 50)):.2f}), "
+                  f"BLEU-4 {scores['BLEU-4']:.4f}, CIDEr {scores['CIDEr']:.4f}{' *best*' if improved else ''}",
                   file=sys.stderr)
-        sys.exit(130)
-    finally:
-        gc.unfreeze()
-        writer.close()
-        feed.close()
-        wait_for_cache_writes()     # the feature cache's last shards, written while training went on
-        shutdown(world)
-    if main_process and failed:
-        raise OSError(28, f"the last {' and '.join(failed)} could not be written (see the warnings above); "
-                      f"the earlier ones are kept", run.out_dir)
-    if main_process:
+        p.stale_epochs = 0 if improved else p.stale_epochs + 1   # counts validations
+        if improved:
+            p.best = metric
+        stop = bool(t.early_stop_patience and p.stale_epochs >= t.early_stop_patience)
+        if stop:
+            print(f"early stop: no improvement in {p.stale_epochs} validations", file=sys.stderr)
+        p.finished = stop or final
+        self.save("checkpoint_last.pth", *(["checkpoint_best.pth"] if improved else []), last=p.finished)
+        return stop
+
+    def interrupted(self) -> None:
+        """Ctrl-C or SIGTERM: checkpoint_last.pth now, and how to go on."""
+        self.progress.elapsed = time.time() - self.started
+        self.save("checkpoint_last.pth", last=True)
+        self.writer.finish()
+        if self.main:
+            print(f"\ninterrupted: saved {self.run.out_dir}/checkpoint_last.pth; continue with --resume "
+                  f"{self.run.out_dir}", file=sys.stderr)
+
+    def done(self, failed: list, begun, device) -> None:
+        if not self.main:
+            return
+        if failed:
+            raise OSError(28, f"the last {' and '.join(failed)} could not be written (see the warnings above); "
+                          f"the earlier ones are kept", self.run.out_dir)
         gpu = f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB" if device.type == "cuda" else ""
-        print(f"done: {run.out_dir}/checkpoint_best.pth ({time.time() - (begun or started):.2f} s{gpu})", file=sys.stderr)
-    return run.out_dir
+        print(f"done: {self.run.out_dir}/checkpoint_best.pth ({time.time() - (begun or self.started):.2f} s{gpu})",
+              file=sys.stderr)
 
-
-def end_of_validation(model, val_set, feed, config, vocab, amp, progress, run, optimizer, started, save, final):
-    """Validate, log, write checkpoint_last.pth (and checkpoint_best.pth when the metric improved); returns
-    True when early stopping says stop."""
-    t, improved, metric = config["train"], True, None
-    if val_set:
-        val_loss, scores = validate(model, val_set, feed, config, vocab, amp)
-        run.write_row(progress["step"], progress["epoch"], "val", val_loss, optimizer.param_groups[0]["lr"],
-                      time.time() - started, scores["BLEU-4"], scores["CIDEr"])
-        by_score = t["select_metric"] != "loss" and t["val_bleu_images"] > 0
-        metric = scores["BLEU-4" if t["select_metric"] == "bleu4" else "CIDEr"] if by_score else val_loss
-        improved = progress["best"] is None or (metric > progress["best"] if by_score else metric < progress["best"])
-        print(f"epoch {progress['epoch']} step {progress['step']}: val loss {val_loss:.4f} (perplexity "
-              f"{math.exp(min(val_loss, 50)):.2f}), BLEU-4 {scores['BLEU-4']:.4f}, CIDEr {scores['CIDEr']:.4f}"
-              f"{' *best*' if improved else ''}", file=sys.stderr)
-    progress["stale_epochs"] = 0 if improved else progress["stale_epochs"] + 1   # counts validations
-    if improved:
-        progress["best"] = metric
-    stop = bool(t["early_stop_patience"] and progress["stale_epochs"] >= t["early_stop_patience"])
-    if stop:
-        print(f"early stop: no improvement in {progress['stale_epochs']} validations", file=sys.stderr)
-    progress["finished"] = stop or final
-    save("checkpoint_last.pth", *(["checkpoint_best.pth"] if improved else []), last=progress["finished"])
-    return stop
+    def close(self) -> None:
+        self.writer.close()
+        if self.val_feed:
+            self.val_feed.close()
 
 
 def _raise_keyboard_interrupt(signum, frame):
@@ -293,14 +274,14 @@ def main(argv=None):
         command = checkpoint.get("command") or command
     else:
         config = load_config(args.config, args.set)
-    run = RunFolder(config["train"]["out_dir"])
+    run = RunFolder(config.train.out_dir)
     if int(os.environ.get("RANK", "0")) == 0:
         run.lock()
     try:
         if not checkpoint and os.path.exists(last := os.path.join(run.out_dir, "checkpoint_last.pth")):
             return run.report_existing(load_checkpoint(last))
-        if checkpoint and checkpoint["progress"]["epoch"] >= config["train"]["epochs"]:
-            warn(f"{run.out_dir}: the run has trained all {config['train']['epochs']} epochs; nothing to do "
+        if checkpoint and checkpoint["progress"]["epoch"] >= config.train.epochs:
+            warn(f"{run.out_dir}: the run has trained all {config.train.epochs} epochs; nothing to do "
                  f"(add epochs with --set train.epochs=N)")
             return run.out_dir
         return train(config, run, checkpoint, command, begun)

@@ -15,6 +15,7 @@ import threading
 import torch
 
 TEMP_PREFIX = ".tmp-"  # atomic_write's files before their rename: a folder's readers skip them
+REPO_ROOT = os.path.dirname(os.path.abspath(__file__))     # the repository: utils.py lies at its top
 
 
 class UserError(ValueError):
@@ -51,15 +52,15 @@ def atomic_write(path: str, write, binary: bool = True, durable: bool = True) ->
         return True
     except RuntimeError as e:
         # torch.save reports a failed write of its file as RuntimeError, the OSError (a full disk) behind it
-        _remove(tmp)
+        remove_if_present(tmp)
         if isinstance(e.__context__, OSError):
             raise _named(e.__context__, path) from None
         raise
     except OSError as e:
-        _remove(tmp)
+        remove_if_present(tmp)
         raise _named(e, path) from None
     except BaseException:
-        _remove(tmp)
+        remove_if_present(tmp)
         raise
 
 
@@ -87,7 +88,8 @@ def _named(error: OSError, path: str) -> OSError:
     return OSError(error.errno, error.strerror or str(error), path)
 
 
-def _remove(path: str) -> None:
+def remove_if_present(path: str) -> None:
+    """os.remove, where the file may be gone already (another process removed it first)."""
     try:
         os.remove(path)
     except FileNotFoundError:
@@ -112,17 +114,17 @@ def atomic_link(src: str, dst: str) -> None:
     """Make dst a hard link to src (a copy where the file system has none), atomically: one write, two names."""
     tmp = os.path.join(os.path.dirname(os.path.abspath(dst)), f"{TEMP_PREFIX}link-{os.getpid()}-{os.path.basename(dst)}")
     try:
-        _remove(tmp)
+        remove_if_present(tmp)
         try:
             os.link(src, tmp)
         except OSError:
             shutil.copyfile(src, tmp)
         os.replace(tmp, dst)
     except OSError as e:
-        _remove(tmp)
+        remove_if_present(tmp)
         raise _named(e, dst) from None
     except BaseException:
-        _remove(tmp)
+        remove_if_present(tmp)
         raise
 
 

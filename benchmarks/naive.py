@@ -14,11 +14,11 @@ import torchvision
 from PIL import Image
 
 from config import DEFAULTS
-from data.images import IMAGENET_MEAN, IMAGENET_STD
+from data.images.reading import IMAGENET_MEAN, IMAGENET_STD
 from models.decoder_lstm import DecoderRNN
 from models.decoding import generate
 
-MAX_LEN = DEFAULTS["decode"]["max_len"]
+MAX_LEN = DEFAULTS.decode.max_len
 
 
 def now(device) -> float:

@@ -20,12 +20,12 @@ import time
 import torch
 from PIL import Image
 
-from data.captions import read_split_file
-from data.images import image_loader, input_size
+from data.images.reading import image_loader, input_size
+from data.text.captions import read_split_file
 from models.checkpoint import PRETRAINED, load_model, load_shipped
 from models.decoding import generate
+from utils import REPO_ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PHOTOS = 64
 BATCH = 16
 
@@ -44,8 +44,8 @@ def photos(folder: str | None, tmp: str) -> tuple[list[str], str]:
 
 def command(args: list[str], out: str) -> float:
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, os.path.join(ROOT, "inference_visualize.py"), *args, "--out", out],
-                          cwd=ROOT, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "inference_visualize.py"), *args, "--out", out],
+                          cwd=REPO_ROOT, capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"inference_visualize.py failed: {done.stderr.strip().splitlines()[-1:]}")
     return time.perf_counter() - start
@@ -65,8 +65,8 @@ def run(device, data: str | None) -> dict:
         model, vocab, config = load_model(load_shipped(), PRETRAINED)
         model.to(device)
         load_s = time.perf_counter() - start
-        size = input_size(config["model"]["encoder"], config["data"]["image_size"])
-        decode = config["decode"]                  # what inference_visualize.py and the web demo use
+        size = input_size(config.model.encoder, config.data.image_size)
+        decode = config.decode                  # what inference_visualize.py and the web demo use
         beam = decode["beam_size"]
 
         def caption_all(files):
@@ -77,7 +77,7 @@ def run(device, data: str | None) -> dict:
         start = time.perf_counter()
         caption_all(paths)
         rate = len(paths) / (time.perf_counter() - start)
-    return {"benchmark": "pretrained", "device": str(device), "model": os.path.relpath(PRETRAINED, ROOT),
+    return {"benchmark": "pretrained", "device": str(device), "model": os.path.relpath(PRETRAINED, REPO_ROOT),
             "photos": len(paths), "source": source, "beam_size": beam, "batch_size": BATCH,
             "threads": torch.get_num_threads(), "cold_start_s": round(cold, 2), "load_s": round(load_s, 2),
             "photos_per_s": round(rate, 2), "command_photos_per_s": round(len(paths) / whole, 2)}

@@ -28,9 +28,10 @@ import torchvision
 
 from benchmarks.train_process import run_train_py
 from config import DEFAULTS, merge
-from data.cache_key import cache_key
-from data.features import extract_features
+from data.features.cache import extract_features
+from data.features.key import cache_key
 from models.encoder import EncoderCNN
+from training.loss_log import last_elapsed
 from utils import atomic_save
 
 SIZES = (10_000, 40_000, 120_000)
@@ -86,9 +87,7 @@ def train_one_epoch(folder: str, cache_dir: str, s: dict, encoder_path: str, dec
                   "device": str(device), "num_workers": 0, "log_every": 10 ** 9, "batch_by_length": True}},
         "bench.py --scale")
     done = run_train_py(config, os.path.join(folder, f"config_{decoder}_{mode}.yaml"))
-    log = open(os.path.join(config["train"]["out_dir"], "loss_log.txt"), encoding="utf-8").read().splitlines()
-    rows = [dict(zip(log[0].split("\t"), line.split("\t"))) for line in log[1:]]
-    epoch_s = max(float(r["elapsed"]) for r in rows if r["split"] == "train")
+    epoch_s = last_elapsed(os.path.join(config.train.out_dir, "loss_log.txt"))
     peaks = done["peaks"]
     return {"epoch_s": round(epoch_s, 2), "peak_rss_bytes": peaks.get("VmHWM"), "peak_anon_bytes": peaks.get("RssAnon"),
             "peak_gpu_bytes": done["peak_gpu_bytes"], "streamed": "(features streamed)" in done["stderr"]}

@@ -11,18 +11,17 @@ import time
 import yaml
 
 from benchmarks.memory import watch_memory
+from utils import REPO_ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-def run_train_py(config: dict, config_path: str) -> dict:
+def run_train_py(config, config_path: str) -> dict:
     """Writes config to config_path and trains with it. Returns the time train.py reports on its "done:" line
     (start to last checkpoint), the process's wall time, its peak memory (benchmarks.memory), the peak GPU
     memory the done line reports (None without it) and its stderr."""
     with open(config_path, "w", encoding="utf-8") as f:
-        yaml.safe_dump(config, f)
+        yaml.safe_dump(config.to_dict(), f)
     start = time.perf_counter()
-    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), "--config", config_path], cwd=ROOT,
+    process = subprocess.Popen([sys.executable, os.path.join(REPO_ROOT, "train.py"), "--config", config_path], cwd=REPO_ROOT,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     with watch_memory(process.pid) as peaks:
         _, err = process.communicate()

@@ -10,9 +10,9 @@ import os
 import torch
 import torch.distributed as dist
 
-from data.captions import load_splits
-from data.feature_store import FeatureStore
-from data.features import extract_features
+from data.features.cache import extract_features
+from data.features.store import FeatureStore
+from data.text.captions import load_splits
 from utils import UserError
 
 
@@ -34,17 +34,17 @@ def encode_captions(names, captions, vocab, max_words):
 def load_inputs(encoder, config, paths, device, desc, mirrored=False):
     """(FeatureStore over the readable images, ok per path): encoder.trunk's output for each image, from the
     cache (train.cache_features) or computed in this run."""
-    data, train = config["data"], config["train"]
-    cache_dir = train["cache_dir"] if train["cache_features"] else None
+    data, train = config.data, config.train
+    cache_dir = train.cache_dir if train.cache_features else None
     if cache_dir and dist.is_initialized() and dist.get_world_size() > 1:
         rank, world = dist.get_rank(), dist.get_world_size()
-        extract_features(encoder, paths[rank::world], data["image_size"], cache_dir, device,
-                         num_workers=train["num_workers"], desc=f"{desc} (rank {rank} share)", mirrored=mirrored)
+        extract_features(encoder, paths[rank::world], data.image_size, cache_dir, device,
+                         num_workers=train.num_workers, desc=f"{desc} (rank {rank} share)", mirrored=mirrored)
         dist.barrier()
     # On a GPU, training starts while the new cache shards are still being written (train.py waits for them at
     # its end): the host's cores are idle. On a CPU the writing thread takes cores from training and costs more
     # than it hides (docs/speed.md), so there extraction waits for it.
-    return extract_features(encoder, paths, data["image_size"], cache_dir, device, num_workers=train["num_workers"],
+    return extract_features(encoder, paths, data.image_size, cache_dir, device, num_workers=train.num_workers,
                             desc=desc, wait_for_cache=device.type != "cuda", mirrored=mirrored)
 
 
@@ -54,10 +54,10 @@ def prepare_splits(config, vocab, encoder, device, loaded=None):
 
     loaded: load_splits' (captions, train names, val names) when the caller has them already.
     """
-    captions, train_names, val_names = loaded or load_splits(config["data"])
+    captions, train_names, val_names = loaded or load_splits(config.data)
     # Both splits' images in one pass: one pipeline and one cache lookup, and no small batch of its own for val.
     both = list(dict.fromkeys(train_names + val_names))
-    inputs, ok = load_inputs(encoder, config, [os.path.join(config["data"]["images"], n) for n in both], device,
+    inputs, ok = load_inputs(encoder, config, [os.path.join(config.data.images, n) for n in both], device,
                              "features")
     row_of = {n: row for row, n in enumerate(n for n, good in zip(both, ok) if good)}
     splits = {}
@@ -70,12 +70,12 @@ def prepare_splits(config, vocab, encoder, device, loaded=None):
             splits[split] = None
             continue
         split_inputs = inputs.subset([row_of[n] for n in names])
-        tokens, lengths, image_index = encode_captions(names, captions, vocab, config["data"]["max_caption_len"])
+        tokens, lengths, image_index = encode_captions(names, captions, vocab, config.data.max_caption_len)
         splits[split] = {"inputs": split_inputs, "tokens": tokens, "lengths": lengths, "image_index": image_index,
                          "names": names, "references": {n: captions[n] for n in names}}
-    if config["train"]["hflip"]:
+    if config.train.hflip:
         names = splits["train"]["names"]
-        mirrored, ok = load_inputs(encoder, config, [os.path.join(config["data"]["images"], n) for n in names],
+        mirrored, ok = load_inputs(encoder, config, [os.path.join(config.data.images, n) for n in names],
                                    device, "features, mirrored", mirrored=True)
         if not all(ok):
             raise UserError(f"{ok.count(False)} train images could be read once but not mirrored (e.g. "

@@ -27,6 +27,9 @@ from pycocoevalcap.tokenizer import ptbtokenizer
 from evaluation.ptb_tokenizer import PUNCTUATIONS, tokenize_ptb
 from utils import UserError
 
+# The scores validation computes, by the names the config (train.select_metric) and the loss log give them,
+# and their coco-caption names, which score dicts and evaluate.py's JSON use: the one place both are spelled.
+SCORE_NAMES = {"bleu4": "BLEU-4", "cider": "CIDEr"}
 TOKENIZER_JAR = os.path.join(os.path.dirname(ptbtokenizer.__file__), ptbtokenizer.STANFORD_CORENLP_3_4_1_JAR)
 TOKENIZER_TIMEOUT_S = 300
 METEOR_TIMEOUT_S = 600

@@ -16,13 +16,13 @@ import zipfile
 import torch
 
 from config import DEFAULTS, merge
-from data.vocab import Vocabulary
-from models import build_model
+from data.text.vocab import Vocabulary
+from models.caption_model import build_model
 from models.ensemble import CaptionEnsemble
-from utils import UserError
+from utils import REPO_ROOT, UserError
 
 CHECKPOINT_FORMAT = 1
-PRETRAINED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pretrained",
+PRETRAINED = os.path.join(REPO_ROOT, "pretrained",
                           "flickr8k_attention_lite2.pth")    # the shipped model
 INFERENCE = "inference"
 MAX_SHIPPED_BYTES = 20 * 2**20    # the repository's limit for the shipped model
@@ -136,7 +136,7 @@ def _load_one(checkpoint: dict, path: str):
         backbone = {f"encoder.backbone.{k}": v for k, v in model.encoder.backbone.state_dict().items()}
         state = {**backbone, **state}
     else:
-        config["model"]["encoder_weights"] = "none"   # the checkpoint holds the encoder's weights
+        config = merge(config, {"model.encoder_weights": "none"}, path)   # the checkpoint holds the CNN's weights
         model = build_model(config, len(vocab))
     own = model.state_dict()
     state = {k: v.to(own[k].dtype) if k in own and v.is_floating_point() else v for k, v in state.items()}
@@ -168,13 +168,14 @@ def portable_path(key: str, path: str) -> str:
     if key == "train.out_dir":
         return f"runs/{name}"
     if key == "train.cache_dir":
-        return DEFAULTS["train"]["cache_dir"]
+        return DEFAULTS.train.cache_dir
     return f"{'runs' if key == 'train.init_from' else 'data'}/{folder}/{name}"
 
 
-def portable_config(config: dict) -> dict:
+def portable_config(config) -> dict:
+    """config (a Config) as a dict whose paths read on any machine (portable_path)."""
     paths = [f"data.{k}" for k in DATA_KEYS] + ["train.out_dir", "train.cache_dir", "train.init_from"]
-    config = {section: dict(values) for section, values in config.items()}
+    config = config.to_dict()
     for key in paths:
         section, name = key.split(".")
         if config[section][name]:
@@ -210,7 +211,7 @@ def _exported_model(checkpoint: dict, model) -> dict:
     """{"model": trained weights in half precision, without a packaged CNN's trunk; "config"; "encoder_hash"
     of that trunk, when a package supplies it}."""
     config = merge(DEFAULTS, checkpoint["config"], "checkpoint")
-    from_package = config["model"]["encoder_weights"] == "imagenet"
+    from_package = config.model.encoder_weights == "imagenet"
     trunk = {"encoder.backbone." + k for k in model.encoder.trunk_state()} if from_package else set()
     weights = {k: v.half() if v.is_floating_point() else v for k, v in checkpoint["model"].items() if k not in trunk}
     exported = {"model": weights, "config": portable_config(config)}

@@ -12,7 +12,15 @@ Shares the decoder interface used by decoding.py:
 import torch
 import torch.nn as nn
 
-from models import check_teacher_forcing
+from models.teacher_forcing import check_teacher_forcing
+
+READS_GRID = True
+
+
+def build(m: dict, feature_dim: int, vocab_size: int):
+    """The decoder of a config's model section."""
+    return AttentionDecoder(feature_dim, vocab_size, m.embed_size, m.hidden_size, m.attention_size,
+                            m.dropout, m.alpha_c)
 
 
 class AttentionDecoder(nn.Module):

@@ -6,7 +6,14 @@ Then the caption's words follow, from <start>, each predicting the next one.
 import torch
 import torch.nn as nn
 
-from models import check_teacher_forcing
+from models.teacher_forcing import check_teacher_forcing
+
+READS_GRID = False      # it reads the grid mean-pooled and embedded (EncoderCNN.project)
+
+
+def build(m: dict, feature_dim: int, vocab_size: int):
+    """The decoder of a config's model section."""
+    return DecoderRNN(m.embed_size, vocab_size, m.hidden_size, m.dropout)
 
 
 class DecoderRNN(nn.Module):

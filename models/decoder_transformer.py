@@ -18,7 +18,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models import check_teacher_forcing
+from models.teacher_forcing import check_teacher_forcing
+
+READS_GRID = True
+
+
+def build(m: dict, feature_dim: int, vocab_size: int):
+    """The decoder of a config's model section."""
+    return TransformerDecoder(feature_dim, vocab_size, m.embed_size, m.num_layers, m.num_heads, m.dropout)
 
 
 class DecoderBlock(nn.Module):

@@ -9,7 +9,7 @@ repeat it for several captions per image.
 import torch
 import torch.nn.functional as F
 
-from data.vocab import Vocabulary
+from data.text.vocab import Vocabulary
 from utils import UserError
 
 

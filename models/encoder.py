@@ -15,8 +15,8 @@ import threading
 import torch
 import torch.nn as nn
 
-from data.cache_key import weights_hash
-from data.images import normalisation
+from data.features.key import weights_hash
+from data.images.reading import normalisation
 from models.backbones import build_backbone
 from utils import UserError
 
@@ -147,7 +147,7 @@ class EncoderCNN(nn.Module):
         return grid if self.spatial else self.embed(grid.mean(dim=1))
 
     def weights_fingerprint(self, host_copy: dict | None = None) -> str:
-        """data.cache_key.weights_hash of the trunk's weights (the whole backbone's when frozen): they never change
+        """data.features.key.weights_hash of the trunk's weights (the whole backbone's when frozen): they never change
         while a model trains, and they are what a package supplies at load time. Remembered until a tensor is
         replaced or written to in place (which bumps its version counter). host_copy: trunk_state() already
         copied to the CPU (train.py keeps one for its checkpoints), hashed instead of copying again."""

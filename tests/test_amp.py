@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from config import load_config
-from models import build_model
+from models.caption_model import build_model
 
 
 @pytest.mark.parametrize("decoder", ["lstm", "attention", "transformer"])

@@ -12,6 +12,7 @@ from streamlit.testing.v1 import AppTest  # noqa: E402
 
 import app  # noqa: E402
 from models.checkpoint import PRETRAINED, load_checkpoint, load_model  # noqa: E402
+from utils import REPO_ROOT  # noqa: E402
 
 APP = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "app.py")
 EXAMPLES = sorted(os.listdir(app.DEMO_EXAMPLES_DIR)) if os.path.isdir(app.DEMO_EXAMPLES_DIR) else []   # tiny demo models
@@ -93,8 +94,8 @@ def test_opens_with_the_shipped_model_selected_and_photo_examples(monkeypatch, t
         pytest.fail(f"{PRETRAINED} is missing: the repository ships it")
     at = start(monkeypatch, tmp_path)
     assert not at.exception and not at.error
-    assert at.selectbox[0].options[0] == os.path.relpath(PRETRAINED, app.ROOT)
-    assert at.selectbox[0].value == os.path.relpath(PRETRAINED, app.ROOT)
+    assert at.selectbox[0].options[0] == os.path.relpath(PRETRAINED, REPO_ROOT)
+    assert at.selectbox[0].value == os.path.relpath(PRETRAINED, REPO_ROOT)
     photo = sorted(n for n in os.listdir(app.EXAMPLES_DIR) if n.endswith(".jpg"))[0]   # the photos, not the shapes
     at.button(key=f"example_{photo}").click().run()
     assert not at.exception and not at.error and at.subheader[0].value
@@ -143,7 +144,7 @@ def test_checkpoints_under_runs_are_listed(tiny_checkpoints, monkeypatch, tmp_pa
     monkeypatch.delenv("CAPTION_APP_CHECKPOINT", raising=False)
     at = AppTest.from_file(APP, default_timeout=60).run()
     assert not at.exception and not at.error
-    shipped = [os.path.relpath(PRETRAINED, app.ROOT)] if os.path.isfile(PRETRAINED) else []
+    shipped = [os.path.relpath(PRETRAINED, REPO_ROOT)] if os.path.isfile(PRETRAINED) else []
     assert at.selectbox[0].options == shipped + [str(runs / "checkpoint_best.pth")]
 
 
@@ -157,7 +158,7 @@ def test_read_image_refuses_non_images_and_too_many_pixels(monkeypatch):
 
 
 def test_the_upload_limit_is_streamlits_own_setting():
-    with open(os.path.join(app.ROOT, ".streamlit", "config.toml"), encoding="utf-8") as f:
+    with open(os.path.join(REPO_ROOT, ".streamlit", "config.toml"), encoding="utf-8") as f:
         assert "maxUploadSize = 10" in f.read()
     with open(APP, encoding="utf-8") as f:
         assert " MB" not in f.read()                 # stated once, by Streamlit's uploader, not again by the app
@@ -180,7 +181,7 @@ def test_uploads_caption_good_images_and_report_bad_ones(tiny_checkpoints, monke
 def test_the_file_watcher_is_off_and_uploads_take_what_the_command_line_reads():
     """A virtual environment inside the repository (as the README makes one) overflowed the watcher's inotify
     queue; and the uploader refused BMP and GIF, which inference_visualize.py reads."""
-    with open(os.path.join(app.ROOT, ".streamlit", "config.toml"), encoding="utf-8") as f:
+    with open(os.path.join(REPO_ROOT, ".streamlit", "config.toml"), encoding="utf-8") as f:
         assert 'fileWatcherType = "none"' in f.read()
-    from data.images import IMAGE_EXTENSIONS
+    from data.images.reading import IMAGE_EXTENSIONS
     assert sorted("." + t for t in app.UPLOAD_TYPES) == sorted(IMAGE_EXTENSIONS) and "bmp" in app.UPLOAD_TYPES

@@ -1,8 +1,8 @@
-"""data/captions.py: captions files parsed as CSV, splits by image, missing images, wordless captions."""
+"""data/text/captions.py: captions files parsed as CSV, splits by image, missing images, wordless captions."""
 import pytest
 
 from config import DEFAULTS, merge
-from data.captions import load_splits, read_captions, split_images
+from data.text.captions import load_splits, read_captions, split_images
 
 
 def write(path, text, encoding="utf-8"):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from config import load_config
-from models import build_model
+from models.caption_model import build_model
 from training import step
 from training.cuda_graphs import LENGTH_STEP, GraphedStep, graphs_apply
 

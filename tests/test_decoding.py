@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from data.vocab import Vocabulary
+from data.text.vocab import Vocabulary
 from models.decoder_lstm import DecoderRNN
 from models.decoding import ban_repeated_ngrams, beam_search, generate, greedy_decode, sample_captions
 
@@ -134,7 +134,7 @@ def test_sampling_with_a_seed_repeats_and_a_cold_temperature_gives_the_greedy_ca
 @pytest.mark.parametrize("decoder", ["lstm", "attention", "transformer"])
 def test_every_decoder_samples_through_its_step_interface(decoder):
     from config import load_config
-    from models import build_model
+    from models.caption_model import build_model
     torch.manual_seed(0)
     config = load_config(None, ["model.encoder=resnet18", "model.encoder_weights=none", f"model.decoder={decoder}",
                                 "model.embed_size=16", "model.hidden_size=16", "model.attention_size=8",

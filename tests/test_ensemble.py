@@ -6,7 +6,7 @@ import torch.nn.functional as F
 import export
 import train
 from config import load_config
-from models import build_model
+from models.caption_model import build_model
 from models.checkpoint import load_checkpoint, load_model
 from models.decoding import beam_search, generate
 from models.ensemble import CaptionEnsemble

@@ -5,10 +5,10 @@ import threading
 import pytest
 import torch
 
-from data import features as feature_cache
-from data.cache_key import cache_key
-from data.features import CUDA_BATCH, extract_features, wait_for_cache_writes
-from data.images import ImageFiles
+from data.features.cache import CUDA_BATCH, extract_features, wait_for_cache_writes
+from data.features.cache import cache as feature_cache
+from data.features.key import cache_key
+from data.images.reading import ImageFiles
 from models.encoder import EncoderCNN
 
 CPU = torch.device("cpu")

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from evaluation import gallery
+from reports import gallery
 
 
 def make_image(width=200, height=100):

@@ -1,4 +1,4 @@
-"""data/gpu_jpeg.py: the CUDA JPEG path, run on the CPU: PIL's pixels, bad files rejected, EXIF left to PIL."""
+"""data/images/gpu_jpeg.py: the CUDA JPEG path, run on the CPU: PIL's pixels, bad files rejected, EXIF left to PIL."""
 import os
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from data import features, gpu_jpeg
-from data.images import ImageFiles
+from data.images.reading import ImageFiles
 from models.encoder import EncoderCNN
 
 CPU = torch.device("cpu")

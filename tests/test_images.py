@@ -1,4 +1,4 @@
-"""data/images.py: reading images as viewers show them, bad files skipped, folders listed."""
+"""data/images/reading.py: reading images as viewers show them, bad files skipped, folders listed."""
 import os
 import subprocess
 import sys
@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 from config import DEFAULTS, merge
-from data.captions import load_splits
-from data.images import ImageFiles, collate_images, list_images, load_image
+from data.images.reading import ImageFiles, collate_images, list_images, load_image
+from data.text.captions import load_splits
 from tests.conftest import ROOT
 
 
@@ -74,7 +74,7 @@ def test_names_that_are_not_utf8_are_skipped_and_counted(tmp_path, tiny_data):
     files = list_images([os.fsdecode(folder)])
     assert [os.path.basename(f) for f in files] == ["ok.png"]
     # As a user runs it: the other image is captioned, and the one-line warning names the file as bytes allow.
-    result = subprocess.run([sys.executable, "-c", "from data.images import list_images; import sys; "
+    result = subprocess.run([sys.executable, "-c", "from data.images.reading import list_images; import sys; "
                              "print(len(list_images(sys.argv[1:])))", os.fsdecode(folder)],
                             cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.strip() == "1"

@@ -1,4 +1,4 @@
-"""data/karpathy.py: Karpathy's split JSON for Flickr8k, Flickr30k and COCO, its splits, and what is wrong in one."""
+"""data/text/karpathy.py: Karpathy's split JSON for Flickr8k, Flickr30k and COCO, its splits, and what is wrong in one."""
 import json
 import os
 import shutil
@@ -6,8 +6,8 @@ import shutil
 import pytest
 
 from config import DEFAULTS, merge
-from data import karpathy
-from data.captions import load_splits, read_captions
+from data.text import karpathy
+from data.text.captions import load_splits, read_captions
 
 
 def write(path, document):
@@ -73,7 +73,7 @@ def test_flickr8k_as_json_gives_the_vocabulary_splits_and_results_of_the_csv(tmp
     """A slice of Flickr8k converted to Karpathy's form trains and scores exactly as the CSV with split files."""
     import evaluate
     import train
-    from data.vocab import Vocabulary
+    from data.text.vocab import Vocabulary
     lines = lambda name, n: open(os.path.join(FLICKR8K, name)).read().split()[:n]   # noqa: E731
     train_names, dev_names = lines("Flickr_8k.trainImages.txt", 24), lines("Flickr_8k.devImages.txt", 6)
     captions = read_captions(os.path.join(FLICKR8K, "captions.txt"))

@@ -2,7 +2,7 @@
 import torch
 
 from data.mirror import Mirroring
-from data.vocab import Vocabulary
+from data.text.vocab import Vocabulary
 
 
 def test_mirrored_images_use_the_second_rows_and_swap_left_and_right():

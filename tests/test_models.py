@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from config import load_config
-from models import build_model
+from models.caption_model import build_model
 from models.decoder_lstm import DecoderRNN
 from models.encoder import EncoderCNN
 

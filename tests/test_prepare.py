@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from config import DEFAULTS, merge
-from data.captions import read_captions
-from data.features import extract_features
+from data.features.cache import extract_features
 from data.prepare import encode_captions, prepare_splits
-from data.vocab import Vocabulary
+from data.text.captions import read_captions
+from data.text.vocab import Vocabulary
 from models.encoder import EncoderCNN
 
 CPU = torch.device("cpu")

@@ -24,7 +24,7 @@ def test_the_shipped_model_loads_and_captions_a_generated_image():
     assert checkpoint["scores"]["CIDEr"] > 0 and checkpoint["command"].startswith("python train.py")
     model, vocab, config = load_model(checkpoint, PRETRAINED)
     image = Image.new("RGB", (320, 240), (90, 140, 60))
-    from data.images import input_size, resize_image
+    from data.images.reading import input_size, resize_image
     pixels = resize_image(image, input_size(config["model"]["encoder"], config["data"]["image_size"]))
     with torch.no_grad():
         result = generate(model, model.encoder.extract(pixels.unsqueeze(0)), vocab, beam_size=3)[0]

@@ -7,8 +7,8 @@ import torch
 
 import train
 from config import load_config
-from data.vocab import Vocabulary
-from models import build_model
+from data.text.vocab import Vocabulary
+from models.caption_model import build_model
 from models.checkpoint import load_checkpoint
 from training.scst import SelfCritical, leave_one_out_baseline
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from config import load_config
-from data.vocab import Vocabulary
-from models import build_model
+from data.text.vocab import Vocabulary
+from models.caption_model import build_model
 from models.checkpoint import load_checkpoint, load_model
 from training import checkpoints
 from training.checkpoints import CheckpointWriter, checkpoint_state

@@ -3,8 +3,8 @@ import torch
 
 from config import load_config
 from data.prepare import prepare_splits
-from data.vocab import Vocabulary
-from models import build_model
+from data.text.vocab import Vocabulary
+from models.caption_model import build_model
 from training import validation
 from training.validation import describe_validation, validate
 
@@ -18,9 +18,11 @@ def test_validation_decodes_as_the_decode_section_says(tiny_overrides, monkeypat
     calls = []
     real = validation.generate
     monkeypatch.setattr(validation, "generate", lambda *a, **k: calls.append((a[3:], k)) or real(*a, **k))
-    from data.feature_store import FeatureFeed
+    from data.features.store import FeatureFeed
     loss, scores = validate(model, val, FeatureFeed(val["inputs"], torch.device("cpu"), False), config, vocab,
                             torch.autocast("cpu", enabled=False))
-    assert calls and all(args == (2, 12, 0.5, 3) for args, _ in calls)      # beam, max_len, length penalty, n-gram
+    assert calls and all({**dict(zip(("beam_size", "max_len", "length_penalty", "no_repeat_ngram"), args)), **kwargs}
+                         == {"beam_size": 2, "max_len": 12, "length_penalty": 0.5, "no_repeat_ngram": 3}
+                         for args, kwargs in calls)
     assert loss > 0 and 0 <= scores["CIDEr"]
     assert "beam search (beam 2, length penalty 0.5), no 3-gram said twice" in describe_validation(config, 6)

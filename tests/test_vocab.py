@@ -1,6 +1,6 @@
 import pytest
 
-from data.vocab import SPECIALS, Vocabulary, tokenize
+from data.text.vocab import SPECIALS, Vocabulary, tokenize
 
 
 def test_tokenize_needs_no_data_files_and_drops_punctuation():

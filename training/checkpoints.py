@@ -8,10 +8,11 @@ import os
 import random
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 
-from config import DEFAULTS, merge, parse_overrides
+from config import DEFAULTS, KEYS, merge, parse_overrides
 from models.checkpoint import CHECKPOINT_FORMAT, is_inference, load_checkpoint, load_model
 from utils import UserError, atomic_link, atomic_save, disk_error, warn
 
@@ -29,29 +30,29 @@ def resume_config(path: str, overrides: list[str]) -> tuple[dict, dict]:
     recorded = merge(DEFAULTS, checkpoint["config"], path)
     config = merge(recorded, parse_overrides(overrides), "--set")
     kept = ["train.scst", "train.fine_tune_encoder", "train.ema_decay"]
-    for key in [f"model.{k}" for k in DEFAULTS["model"]] + [f"data.{k}" for k in DEFAULTS["data"]] + kept:
+    for key in [k for k in KEYS if k.startswith(("model.", "data."))] + kept:
         section, name = key.split(".")
         if config[section][name] != recorded[section][name]:
             raise UserError(f"--resume: the run was trained with {key}={recorded[section][name]!r}; "
                              f"a resumed run keeps it: start a new run to change it")
-    config["train"]["out_dir"] = path if os.path.isdir(path) else os.path.dirname(path) or "."
+    config = merge(config, {"train.out_dir": path if os.path.isdir(path) else os.path.dirname(path) or "."}, "--resume")
     return config, checkpoint
 
 
 def starting_point(config, checkpoint):
     """(model, vocab) of train.init_from for a new run, checked against this run's config; else None."""
-    path = config["train"]["init_from"]
-    if config["train"]["scst"] and not (path or checkpoint):
+    path = config.train.init_from
+    if config.train.scst and not (path or checkpoint):
         raise UserError("train.scst=true starts from a trained model: set train.init_from=CHECKPOINT (a "
                          "cross-entropy run's checkpoint_best.pth)")
-    if config["train"]["scst"] and config["train"]["hflip"]:
+    if config.train.scst and config.train.hflip:
         raise UserError("train.hflip mirrors images for cross-entropy training, whose captions it can mirror too; "
                          "set train.hflip=false for self-critical training")
     if checkpoint or not path:
         return None
     start = load_checkpoint(path)
     theirs = merge(DEFAULTS, start["config"], path)
-    for key in [f"model.{k}" for k in DEFAULTS["model"] if k != "encoder_weights"] + ["data.image_size"]:
+    for key in [k for k in KEYS if k.startswith("model.") and k != "model.encoder_weights"] + ["data.image_size"]:
         section, name = key.split(".")
         if theirs[section][name] != config[section][name]:
             raise UserError(f"train.init_from={path} was trained with {key}={theirs[section][name]!r}, this run "
@@ -76,7 +77,7 @@ def checkpoint_state(model, vocab, config: dict, unchanging=None, **state) -> di
     unchanging = unchanging or {}
     weights = {k: unchanging[k] if k in unchanging else _cpu_copy(v) for k, v in model.state_dict().items()}
     return {"format": CHECKPOINT_FORMAT, "model": weights,
-            **_cpu_copy({"vocab": vocab.itos, "config": config, **state})}
+            **_cpu_copy({"vocab": vocab.itos, "config": config.to_dict(), **state})}
 
 
 def rng_state() -> dict:
@@ -84,16 +85,24 @@ def rng_state() -> dict:
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
-def restore(checkpoint: dict, optimizer, scheduler, scaler, progress: dict, average=None) -> None:
-    """A resumed run's optimizer, schedule, loss scale, progress, weight average and random state, as the
+@dataclass
+class Progress:
+    """Where a run stands: saved in every checkpoint ("progress"), and where --resume goes on from."""
+    epoch: int = 0              # epochs finished
+    batch: int = 0              # steps of the current epoch done
+    step: int = 0
+    best: float | None = None   # the best validation metric so far
+    stale_epochs: int = 0       # validations since it last improved
+    elapsed: float = 0.0        # seconds trained before this process started
+    finished: bool = False
+
+
+def restore(checkpoint: dict, optimization, progress: Progress) -> None:
+    """A resumed run's optimizer, schedule, loss scale, weight average, progress and random state, as the
     checkpoint has them."""
-    if average is not None and checkpoint.get("weight_average"):
-        average.load_state_dict(checkpoint["weight_average"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    scheduler.load_state_dict(checkpoint["scheduler"])
-    if scaler and checkpoint.get("scaler"):
-        scaler.load_state_dict(checkpoint["scaler"])
-    progress.update(checkpoint["progress"])
+    optimization.restore(checkpoint)
+    for name, value in checkpoint["progress"].items():
+        setattr(progress, name, value)
     rng = checkpoint["rng"]
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])

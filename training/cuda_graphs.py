@@ -24,9 +24,9 @@ def graphs_apply(config, device, world: int, scaler, streamed: bool = False) -> 
     """Whether train.cuda_graphs captures this run's steps: one CUDA process, no torch.compile, a frozen CNN
     whose features are all on the GPU (not streamed), and bf16 or fp32 (fp16's GradScaler reads values back
     from the GPU, which a graph cannot)."""
-    t = config["train"]
-    return (t["cuda_graphs"] and device.type == "cuda" and world == 1 and not t["compile"]
-            and not t["fine_tune_encoder"] and scaler is None and not streamed)
+    t = config.train
+    return (t.cuda_graphs and device.type == "cuda" and world == 1 and not t.compile
+            and not t.fine_tune_encoder and scaler is None and not streamed)
 
 
 def graphed_step(model, params, inputs, image_index, tokens, lengths, config, world: int, scaler):
@@ -52,7 +52,7 @@ class GraphedStep:
         self.grads = [torch.zeros_like(p) for p in params]
         # As training.step.make_amp: bf16 on CUDA (fp16 is excluded), none elsewhere. A graph cannot keep autocast's cache.
         self.amp = torch.autocast(tokens.device.type, dtype=torch.bfloat16,
-                                  enabled=config["train"]["amp"] and tokens.is_cuda, cache_enabled=False)
+                                  enabled=config.train.amp and tokens.is_cuda, cache_enabled=False)
         self.graphs = {}                               # padded length -> (graph, its rows [B], its loss [])
         self.failed = False
 
@@ -65,9 +65,9 @@ class GraphedStep:
         torch._foreach_zero_(self.grads)
         with self.amp:
             loss, extra = self.model(self.inputs[self.image_index[rows]], self.tokens[rows, :length],
-                                     self.lengths[rows], self.config["train"]["label_smoothing"])
+                                     self.lengths[rows], self.config.train.label_smoothing)
         (loss + extra).backward()
-        torch.nn.utils.clip_grad_norm_(self.params, self.config["train"]["grad_clip"])
+        torch.nn.utils.clip_grad_norm_(self.params, self.config.train.grad_clip)
         return loss.detach()
 
     def __call__(self, rows, longest: int):

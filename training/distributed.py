@@ -14,8 +14,8 @@ from utils import pick_device
 def setup_distributed(config):
     """(rank, world size, device). One process: (0, 1, train.device)."""
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return 0, 1, pick_device(config["train"]["device"])
-    use_cuda = torch.cuda.is_available() and config["train"]["device"] in ("auto", "cuda")
+        return 0, 1, pick_device(config.train.device)
+    use_cuda = torch.cuda.is_available() and config.train.device in ("auto", "cuda")
     if use_cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if use_cuda else "gloo")

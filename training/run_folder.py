@@ -8,6 +8,7 @@ longer runs is a stale lock.
 import os
 import sys
 
+from training.loss_log import LossLog
 from utils import UserError
 
 try:
@@ -16,7 +17,6 @@ except ImportError:          # Windows
     fcntl = None
 
 LOCK_NAME = ".lock"
-LOG_HEADER = "step\tepoch\tsplit\tloss\tlr\telapsed\tbleu4\tcider\treward\n"
 
 
 class RunFolder:
@@ -66,21 +66,10 @@ class RunFolder:
               f"another, add --set train.out_dir=runs/NEW_NAME", file=sys.stderr)
         return self.out_dir
 
-    def open_log(self):
-        """loss_log.txt for appending; its header is written once, by the run that creates it."""
-        path = os.path.join(self.out_dir, "loss_log.txt")
-        new = not os.path.exists(path) or os.path.getsize(path) == 0
-        self.log = open(path, "a", encoding="utf-8")
-        if new:
-            self.log.write(LOG_HEADER)
-            self.log.flush()
-        return self
-
-    def write_row(self, step, epoch, split, loss, lr, elapsed, bleu4=float("nan"), cider=float("nan"),
-                  reward=float("nan")) -> None:
-        self.log.write(f"{step}\t{epoch}\t{split}\t{loss:.5f}\t{lr:.3e}\t{elapsed:.1f}\t{bleu4:.5f}\t{cider:.5f}\t"
-                       f"{reward:.5f}\n")
-        self.log.flush()
+    def open_log(self) -> LossLog:
+        """The run's loss_log.txt, for appending rows (training.loss_log)."""
+        self.log = LossLog(os.path.join(self.out_dir, "loss_log.txt"))
+        return self.log
 
     def close(self) -> None:
         if self.log:

@@ -26,8 +26,8 @@ def leave_one_out_baseline(rewards: np.ndarray, samples_per_image: int) -> np.nd
 class SelfCritical:
     def __init__(self, references: dict[str, list[str]], vocab, config: dict):
         self.reward = CiderD(references)      # n-gram document frequencies: computed once, here
-        self.vocab, self.k = vocab, config["train"]["scst_samples"]
-        self.max_len = config["decode"]["max_len"]
+        self.vocab, self.k = vocab, config.train.scst_samples
+        self.max_len = config.decode.max_len
 
     def loss(self, model, step_model, features, names: list[str], normalizer: float, amp):
         """features of images `names` (what the feature cache holds: grids [B,P,C], or the maps that enter a

@@ -7,9 +7,13 @@ schedule and each epoch's order of captions.
 On one GPU a full batch replays a CUDA graph of the step (training.cuda_graphs); everywhere else it
 runs eagerly. Both compute the same loss and update.
 """
+import contextlib
 import math
+from dataclasses import dataclass
 
 import torch
+
+from training.weight_average import WeightAverage
 
 BUCKET_BATCHES = 50   # train.batch_by_length sorts runs of this many batches: longer runs, more even lengths
 
@@ -27,7 +31,7 @@ def batch_loss(model, inputs, tokens, lengths, config, amp, normalizer=None, lab
     """Teacher-forced loss of one batch -> (loss, extra loss); tokens are cut to the batch's longest caption.
     image_of_row: the row of inputs each caption describes (CaptionModel.forward)."""
     if label_smoothing is None:
-        label_smoothing = config["train"]["label_smoothing"]
+        label_smoothing = config.train.label_smoothing
     with amp:
         return model(inputs, tokens[:, :int(lengths.max())], lengths, label_smoothing, normalizer, image_of_row)
 
@@ -55,7 +59,7 @@ def training_step(model, optimizer, scaler, graphed, rows, lengths, inputs, imag
     inputs is the image features [N_images, ...] indexed by image_index[rows], or the batch's own [B, ...]
     when image_index is None (streamed from the feature cache), or the batch's images' own [b, ...] that
     image_of_row [B] indexes (a fine-tuned tail runs once per image)."""
-    if graphed is not None and len(rows) == config["train"]["batch_size"]:
+    if graphed is not None and len(rows) == config.train.batch_size:
         loss = graphed(rows, int(lengths.max()))
         if loss is not None:
             optimizer.step()
@@ -63,7 +67,7 @@ def training_step(model, optimizer, scaler, graphed, rows, lengths, inputs, imag
     batch_inputs = inputs if image_index is None else inputs[image_index[rows]]
     loss, extra = batch_loss(model, batch_inputs, tokens[rows], lengths, config, amp, normalizer,
                              image_of_row=image_of_row)
-    optimizer_step(optimizer, scaler, loss + extra, config["train"]["grad_clip"])
+    optimizer_step(optimizer, scaler, loss + extra, config.train.grad_clip)
     return loss
 
 
@@ -77,26 +81,74 @@ def captions_of_images(first_caption, caption_count, images):
     return caption_rows, image_of_row
 
 
-def make_optimizer(model, config, total_steps: int, device):
-    """(trained parameters apart from the CNN's, AdamW over them and the fine-tuned CNN blocks, its schedule)."""
-    t = config["train"]
+@dataclass
+class Optimization:
+    """What an update needs besides its loss: AdamW over the decoder (and the fine-tuned CNN blocks, at their own
+    learning rate), its schedule, autocast and the fp16 loss scale, and the weight average (train.ema_decay)."""
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR | None      # set by schedule(), once the run's length is known
+    amp: torch.autocast
+    scaler: torch.amp.GradScaler | None
+    average: WeightAverage | None
+    decoder_params: list
+    grad_clip: float
+
+    def schedule(self, t, total_steps: int) -> None:
+        """The learning rate's schedule over a run of total_steps steps (train section t)."""
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(t, total_steps))
+
+    def step(self, loss) -> None:
+        optimizer_step(self.optimizer, self.scaler, loss, self.grad_clip)
+
+    def stepped(self) -> None:
+        """After each update, however it was made: the schedule's step and the average's."""
+        self.scheduler.step()
+        if self.average:
+            self.average.update()
+
+    def averaged(self):
+        """A context in which the model holds the averaged weights (or its own, without an average)."""
+        return self.average.swapped_in() if self.average else contextlib.nullcontext()
+
+    def state(self) -> dict:
+        """What a checkpoint keeps of it, for --resume."""
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler else None,
+                "weight_average": self.average.state_dict() if self.average else None}
+
+    def restore(self, checkpoint: dict) -> None:
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        if self.scaler and checkpoint.get("scaler"):
+            self.scaler.load_state_dict(checkpoint["scaler"])
+        if self.average and checkpoint.get("weight_average"):
+            self.average.load_state_dict(checkpoint["weight_average"])
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+
+def make_optimization(model, config, device) -> Optimization:
+    t = config.train
     decoder_params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("encoder.backbone")]
-    groups = [{"params": decoder_params, "lr": t["lr"]}]
+    groups = [{"params": decoder_params, "lr": t.lr}]
     if model.encoder.tail_blocks:
-        groups.append({"params": model.encoder.tail_parameters(), "lr": t["encoder_lr"]})
-    optimizer = torch.optim.AdamW(groups, weight_decay=t["weight_decay"], fused=device.type == "cuda")
-    return decoder_params, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, total_steps))
+        groups.append({"params": model.encoder.tail_parameters(), "lr": t.encoder_lr})
+    optimizer = torch.optim.AdamW(groups, weight_decay=t.weight_decay, fused=device.type == "cuda")
+    amp, scaler = make_amp(device, t.amp)
+    return Optimization(optimizer, None, amp, scaler, WeightAverage(model, t.ema_decay) if t.ema_decay else None,
+                        decoder_params, t.grad_clip)
 
 
-def lr_lambda(config, total_steps):
-    """The learning rate's factor at each step: linear warm-up, then cosine decay to 0 or constant."""
-    t = config["train"]
+def lr_lambda(t, total_steps):
+    """The learning rate's factor at each step of a train section: linear warm-up, then cosine decay to 0 or constant."""
 
     def factor(step):
-        if step < t["warmup_steps"]:
-            return (step + 1) / t["warmup_steps"]
-        if t["lr_schedule"] == "cosine":
-            progress = (step - t["warmup_steps"]) / max(1, total_steps - t["warmup_steps"])
+        if step < t.warmup_steps:
+            return (step + 1) / t.warmup_steps
+        if t.lr_schedule == "cosine":
+            progress = (step - t.warmup_steps) / max(1, total_steps - t.warmup_steps)
             return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
         return 1.0
     return factor

@@ -5,7 +5,7 @@ reported), scored with BLEU-4 and CIDEr-D (no Java, so it is fast).
 import torch
 
 from evaluation.metrics import quick_scores
-from models.decoding import describe_decoding, generate
+from models.decoding import decode_settings, describe_decoding, generate
 from training.step import batch_loss
 
 DECODE_BATCH = 256
@@ -14,7 +14,7 @@ LOSS_BATCH = 512          # captions per teacher-forced validation batch: no gra
 
 def describe_validation(config, n_val_images: int) -> str:
     """One line: what validation decodes and scores."""
-    n = min(config["train"]["val_bleu_images"], n_val_images)
+    n = min(config.train.val_bleu_images, n_val_images)
     if not n:
         return f"validation: loss on {n_val_images} images (train.val_bleu_images=0: no captions decoded)"
     return f"validation: loss on {n_val_images} images; BLEU-4 and CIDEr-D of {n} decoded with {describe_decoding(config['decode'])}"
@@ -23,7 +23,7 @@ def describe_validation(config, n_val_images: int) -> str:
 @torch.no_grad()
 def validate(model, val: dict, feed, config, vocab, amp) -> tuple[float, dict]:
     """(validation loss, {"BLEU-4", "CIDEr"} of the decoded captions; nan where train.val_bleu_images is 0).
-    feed: a data.feature_store.FeatureFeed over the validation images."""
+    feed: a data.features.store.FeatureFeed over the validation images."""
     model.eval()
     total, count, bs = 0.0, 0, LOSS_BATCH
     for start in range(0, len(val["tokens"]), bs):
@@ -37,14 +37,13 @@ def validate(model, val: dict, feed, config, vocab, amp) -> tuple[float, dict]:
                              image_of_row=(image_index - first).to(inputs.device))
         total, count = total + loss.item(), count + int((lengths - 1).sum())
     scores = {"BLEU-4": float("nan"), "CIDEr": float("nan")}
-    n = min(config["train"]["val_bleu_images"], len(val["names"]))
+    n = min(config.train.val_bleu_images, len(val["names"]))
     if n:
-        hypotheses, decode = {}, config["decode"]
+        hypotheses, decode = {}, decode_settings(config.decode)
         for start in range(0, n, DECODE_BATCH):
             inputs = feed.batch(torch.arange(start, min(start + DECODE_BATCH, n)))
             with amp:
-                results = generate(model, model.encoder.tail(inputs), vocab, decode["beam_size"], decode["max_len"],
-                                   decode["length_penalty"], decode["no_repeat_ngram"])
+                results = generate(model, model.encoder.tail(inputs), vocab, **decode)
             hypotheses.update({val["names"][start + j]: r["caption"] for j, r in enumerate(results)})
         scores = quick_scores(hypotheses, {name: val["references"][name] for name in hypotheses})
     model.train()

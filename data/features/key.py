@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from data.images import transform_id
+from data.images.reading import transform_id
 
 HASH_THREADS = 8   # tensors are hashed on this many threads: hashlib lets go of the GIL
 

@@ -20,7 +20,7 @@ def is_karpathy(path: str) -> bool:
 
 
 def read(path: str) -> tuple[list, dict[str, list[str]]]:
-    """(rows, splits): rows (where, image name, caption) in file order, for data.captions.collect; splits:
+    """(rows, splits): rows (where, image name, caption) in file order, for data.text.captions.collect; splits:
     split name -> image names in file order. ValueError names the entry that is wrong."""
     try:
         stamp = os.stat(path)

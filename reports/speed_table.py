@@ -1,11 +1,12 @@
 """The README's speed table, from the bench.py --out files it cites: a table shows its files' numbers.
 
-    python -m benchmarks.readme_table       # prints the table's rows (README.md's labels)
+    python -m reports.speed_table       # prints the table's rows (README.md's labels)
 """
 import json
 import os
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from utils import REPO_ROOT
+
 CPU_REPORT = "docs/bench_cpu_quick.json"      # python bench.py --quick --device cpu --out ...
 GPU_REPORT = "docs/bench_h200_8396218.json"   # python bench.py --out ... (one H200)
 ROWS = [("feature extraction, JPEG decode included (images/s)", "extraction_images_per_s"),
@@ -37,9 +38,9 @@ def cells(report: dict, key: str, gpu: bool) -> list[str]:
 
 def table_rows() -> list[list[str]]:
     """[label, CPU ours, CPU naive, GPU ours, GPU naive] per row."""
-    with open(os.path.join(ROOT, CPU_REPORT), encoding="utf-8") as f:
+    with open(os.path.join(REPO_ROOT, CPU_REPORT), encoding="utf-8") as f:
         cpu = json.load(f)
-    with open(os.path.join(ROOT, GPU_REPORT), encoding="utf-8") as f:
+    with open(os.path.join(REPO_ROOT, GPU_REPORT), encoding="utf-8") as f:
         gpu = json.load(f)
     return [[label, *cells(cpu, key, False), *cells(gpu, key, True)] for label, key in ROWS]
 

@@ -1,16 +1,16 @@
 """Captions files and splits by image.
 
 Reads a CSV with header `image,caption` (Kaggle's Flickr8k captions.txt, the demo's captions.csv),
-Flickr8k.token.txt lines `IMAGE#N<TAB>caption`, and Karpathy's split JSON (data/karpathy.py).
+Flickr8k.token.txt lines `IMAGE#N<TAB>caption`, and Karpathy's split JSON (data/text/karpathy.py).
 """
 import csv
 import io
 import os
 import random
 
-from data import karpathy
-from data.images import IMAGE_EXTENSIONS
-from data.vocab import tokenize
+from data.images.reading import IMAGE_EXTENSIONS
+from data.text import karpathy
+from data.text.vocab import tokenize
 from utils import UserError, warn
 
 
@@ -109,22 +109,22 @@ def load_splits(data: dict) -> tuple[dict[str, list[str]], list[str], list[str]]
 
     Images named in the captions but missing from data.images are dropped with one warning.
     """
-    if not os.path.isdir(data["images"]):
+    if not os.path.isdir(data.images):
         raise UserError(f"data.images={data['images']}: no such folder; point it at the folder of images")
-    if karpathy.is_karpathy(data["captions"]):
-        rows, splits = karpathy.read(data["captions"])
-        captions = collect(data["captions"], rows)
-        train = karpathy.split_names(splits, data["train_split"] or karpathy.DEFAULT_TRAIN, data["captions"])
-        val = karpathy.split_names(splits, data["val_split"] or karpathy.DEFAULT_VAL, data["captions"])
+    if karpathy.is_karpathy(data.captions):
+        rows, splits = karpathy.read(data.captions)
+        captions = collect(data.captions, rows)
+        train = karpathy.split_names(splits, data.train_split or karpathy.DEFAULT_TRAIN, data.captions)
+        val = karpathy.split_names(splits, data.val_split or karpathy.DEFAULT_VAL, data.captions)
     else:
-        captions = read_captions(data["captions"])
-        if data["train_split"] or data["val_split"]:
-            if not (data["train_split"] and data["val_split"]):
+        captions = read_captions(data.captions)
+        if data.train_split or data.val_split:
+            if not (data.train_split and data.val_split):
                 raise UserError("set both data.train_split and data.val_split, or neither (for a seeded split)")
-            train, val = read_split_file(data["train_split"]), read_split_file(data["val_split"])
+            train, val = read_split_file(data.train_split), read_split_file(data.val_split)
         else:
-            train, val = split_images(list(captions), data["val_fraction"], data["seed"])
-    on_disk = files_in(data["images"], train + val)
+            train, val = split_images(list(captions), data.val_fraction, data.seed)
+    on_disk = files_in(data.images, train + val)
     if not any(name.lower().endswith(IMAGE_EXTENSIONS) for name in on_disk):
         raise UserError(f"{data['images']}: the folder has no images named in {data['captions']} "
                          f"({', '.join(IMAGE_EXTENSIONS)})")

@@ -2,7 +2,7 @@
 
 A few threads each read a batch of JPEGs, decode it on the GPU and resize it there, on a side stream,
 one batch ahead of the CNN. Other files, JPEGs the GPU cannot decode, and JPEGs turned by their EXIF
-orientation (which the GPU decoder ignores) take the PIL path, data.images.load_image. nvjpeg's pixels
+orientation (which the GPU decoder ignores) take the PIL path, data.images.reading.load_image. nvjpeg's pixels
 differ from PIL's by about one grey level on average, and the features hardly at all (docs/speed.md),
 so the feature cache does not name the decode path: a cache built on a GPU machine stays valid on a
 laptop, and the other way round.
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from data.images import image_loader
+from data.images.reading import image_loader
 from utils import warn
 
 JPEG_EXTENSIONS = (".jpg", ".jpeg")
@@ -87,7 +87,7 @@ def _decode_all(data: list, device) -> list:
 
 
 def _resize_all(images: list, size: int) -> list:
-    """Decoded images (or None) -> uint8 [3,S,S] (or None); the same squash resize as data.images.resize_image
+    """Decoded images (or None) -> uint8 [3,S,S] (or None); the same squash resize as data.images.reading.resize_image
     (bilinear, antialiased). Images of one size are resized together, RESIZE_PIXELS at a time."""
     out, by_shape = [None] * len(images), {}
     for j, image in enumerate(images):

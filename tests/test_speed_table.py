@@ -1,10 +1,10 @@
-"""benchmarks/readme_table.py: the README's speed table shows the numbers of the files it cites."""
+"""reports/speed_table.py: the README's speed table shows the numbers of the files it cites."""
 import os
 import re
 
 import pytest
 
-from benchmarks.readme_table import CPU_REPORT, GPU_REPORT, ROWS, table_rows
+from reports.speed_table import CPU_REPORT, GPU_REPORT, ROWS, table_rows
 from tests.conftest import ROOT
 
 

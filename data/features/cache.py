@@ -25,11 +25,11 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from tqdm import tqdm
 
-from data.cache_key import cache_key
-from data.feature_store import FeatureStore
-from data.gpu_jpeg import image_batches
-from data.images import input_size
-from utils import TEMP_PREFIX, UserError, atomic_save, disk_error, warn
+from data.features.key import cache_key
+from data.features.store import FeatureStore
+from data.images.gpu_jpeg import image_batches
+from data.images.reading import input_size
+from utils import TEMP_PREFIX, UserError, atomic_save, disk_error, remove_if_present, warn
 
 # What reading a truncated, corrupt or foreign shard raises (torch.load's zip reader, its memory map of a cut
 # file, its unpickler; a missing key, a value of the wrong type). Nothing else deletes a shard: a bug, or Ctrl-C,
@@ -60,12 +60,6 @@ def _is_current(stamp) -> bool:
         return False
 
 
-def _remove_if_there(path: str) -> None:
-    try:
-        os.remove(path)
-    except FileNotFoundError:                              # another DDP rank removed it first
-        pass
-
 
 def _is_abandoned(path: str) -> bool:
     try:
@@ -84,7 +78,7 @@ def _read_shards(folder: str) -> tuple[list, dict]:
         if name.startswith(TEMP_PREFIX) and name.endswith(".pt"):  # atomic_write's temp: another DDP rank may be writing it
             if _is_abandoned(path):
                 abandoned += 1
-                _remove_if_there(path)
+                remove_if_present(path)
             continue
         if not name.endswith(".pt") or name.startswith("."):
             continue
@@ -98,11 +92,11 @@ def _read_shards(folder: str) -> tuple[list, dict]:
             continue
         except DAMAGED_SHARD as e:
             warn(f"{path}: feature cache shard is damaged ({str(e).splitlines()[0][:60]}); deleting and recomputing it")
-            _remove_if_there(path)
+            remove_if_present(path)
             continue
         if not any(_is_current(f) for f in files):       # stops at the first current image: cheap when valid
             stale += 1
-            _remove_if_there(path)
+            remove_if_present(path)
             continue
         rows.update({tuple(f): (len(sources), i) for i, f in enumerate(files)})
         sources.append(features)
