@@ -26,6 +26,7 @@ import os
 import resource
 import sys
 import tempfile
+from types import SimpleNamespace
 
 import torch
 import torchvision
@@ -202,6 +203,49 @@ def run(args):
 
 
 def measure(args, device, tmp):
+    """Both sides on the same images, captions, model and device -> the report bench.py prints and writes."""
+    s = setting(args, device, tmp)
+    print(f"bench: {len(s.paths)} images from {s.source}, {len(s.rows[0])} captions, {device}; ours first", file=sys.stderr)
+    ours, model = measure_ours(s, device, tmp)
+    print("bench: naive", file=sys.stderr)
+    reset_peak(device)
+    naive_extract_rate = naive_extract(NaiveCaptioner(len(s.vocab)).to(device), s.extraction_paths, s.size, s.bs, device)
+    naive, naive_epochs, naive_e2e, naive_rate = naive_train(len(s.vocab), s.paths, s.rows, s.size, s.bs, device,
+                                                             s.epochs, 0 if s.quick else 90, tmp)
+    if args.decoder == "lstm":
+        naive.copy_from(model)
+    naive_infer_rates = infer_rates(naive_infer, naive, s.vocab, s.paths, s.size, s.batches, device)
+    name = {1: "greedy", 3: "beam3"}
+    figures = {
+        "extraction_images_per_s": figure(ours["extract"], naive_extract_rate),
+        "train_captions_per_s": figure(ours["rate"], naive_rate),
+        "epoch_30k_captions_s": figure(EPOCH_CAPTIONS / ours["rate"], EPOCH_CAPTIONS / naive_rate, False,
+                                       ours_extrapolated=not ours["full_epoch"], naive_extrapolated=True),
+        "end_to_end_per_epoch_s": figure(ours["e2e"] / s.epochs, naive_e2e / naive_epochs, False, ours_epochs=s.epochs,
+                                         naive_epochs=naive_epochs, ours_total_s=round(ours["e2e"], 3),
+                                         ours_process_s=round(ours["e2e_process"], 3), naive_total_s=round(naive_e2e, 3)),
+        **{f"infer_{name[k]}_bs{b}_images_per_s": figure(ours["infer"][b, k], naive_infer_rates[b, k])
+           for b, k in ours["infer"]},
+        "peak_memory_bytes": figure(ours["peak"], peak_memory(device), False,
+                                    kind="torch.cuda.max_memory_allocated" if not s.cpu
+                                    else "peak RSS of this process (reset per side), for ours also of its train.py "
+                                         "process, whichever is larger; DataLoader workers not counted"),
+    }
+    return {
+        "device": str(device), "device_name": "cpu" if s.cpu else torch.cuda.get_device_name(device),
+        "torch": torch.__version__, "torchvision": torchvision.__version__, "python": sys.version.split()[0],
+        "quick": s.quick, "data": s.source, "images": len(s.paths), "captions": len(s.rows[0]), "vocab": len(s.vocab),
+        "decoder": args.decoder, "batch_size": s.bs, "image_size": s.size,
+        "extraction_batch_size": s.extraction_batch, "extraction_images_read": len(s.extraction_paths),
+        "inference_batches": [list(b) for b in s.batches],
+        "figures": figures, "notes": notes(s, ours["full_epoch"], naive_epochs, args.decoder),
+        "extrapolated": ["epoch_30k_captions_s.naive"] + ([] if ours["full_epoch"] else ["epoch_30k_captions_s.ours"]),
+    }
+
+
+def setting(args, device, tmp) -> SimpleNamespace:
+    """What both sides measure on: the images (read once, so both find them in the page cache), their captions
+    and vocabulary, batch sizes, the inference batches, and train.py's config for the end-to-end figure."""
     quick, cpu = args.quick, device.type == "cpu"
     n_images, epochs = args.images or (12 if quick and cpu else 256 if quick else 1500), args.epochs or (2 if quick else 10)
     bs, size = args.batch_size or (16 if quick and cpu else 64 if cpu else 512), args.image_size
@@ -212,87 +256,58 @@ def measure(args, device, tmp):
             f.read()
     captions, min_freq = read_captions(captions_path), 5 if len(names) >= 1000 else 1
     vocab = Vocabulary.build((c for n in names for c in captions[n]), min_freq)
-    rows = encode_captions(names, captions, vocab, DEFAULTS.data.max_caption_len)
     n = len(paths)
-    batches = (((1, 2), (min(bs, n), min(bs, n))) if quick else ((1, 32), (64, min(256, n))) if cpu
-               else ((1, 32), (64, min(256, n)), (256, n)))
-    # Extraction reads Flickr8k's 7,000 files' worth on a GPU (these files cycled: a second pass is no
-    # cheaper, as every file is already in the page cache), so the figure is not a few batches' start-up.
-    extraction_paths = paths * math.ceil(7000 / n) if not cpu and not quick else paths
-    extraction_batch = bs if cpu else CUDA_BATCH
-    config = end_to_end_config(tmp, images_dir, captions_path, names, min_freq, size, args.decoder, epochs, bs, device)
-    print(f"bench: {len(paths)} images from {source}, {len(rows[0])} captions, {device}; ours first", file=sys.stderr)
+    return SimpleNamespace(
+        quick=quick, cpu=cpu, epochs=epochs, bs=bs, size=size, source=source, paths=paths, vocab=vocab,
+        rows=encode_captions(names, captions, vocab, DEFAULTS.data.max_caption_len),
+        batches=(((1, 2), (min(bs, n), min(bs, n))) if quick else ((1, 32), (64, min(256, n))) if cpu
+                 else ((1, 32), (64, min(256, n)), (256, n))),
+        # Extraction reads Flickr8k's 7,000 files' worth on a GPU (these files cycled: a second pass is no
+        # cheaper, as every file is already in the page cache), so the figure is not a few batches' start-up.
+        extraction_paths=paths * math.ceil(7000 / n) if not cpu and not quick else paths,
+        extraction_batch=bs if cpu else CUDA_BATCH,
+        config=end_to_end_config(tmp, images_dir, captions_path, names, min_freq, size, args.decoder, epochs, bs, device))
 
+
+def measure_ours(s, device, tmp) -> tuple[dict, torch.nn.Module]:
+    """This pipeline's figures, and the model its end-to-end run trained (the naive side captions with it)."""
     reset_peak(device)
-    model = build_model(config, len(vocab)).to(device)
-    warm_up = paths[:2] if cpu else (paths * CUDA_BATCH)[:CUDA_BATCH]      # the bf16 path at the measured batch
-    extract_features(model.encoder, warm_up, size, None, device, batch_size=extraction_batch, num_workers=0,
+    model = build_model(s.config, len(s.vocab)).to(device)
+    warm_up = s.paths[:2] if s.cpu else (s.paths * CUDA_BATCH)[:CUDA_BATCH]      # the bf16 path at the measured batch
+    extract_features(model.encoder, warm_up, s.size, None, device, batch_size=s.extraction_batch, num_workers=0,
                      desc="warm-up")
     start = now(device)
-    feats, _ = extract_features(model.encoder, extraction_paths, size, None, device, batch_size=extraction_batch,
-                                num_workers=2, desc="ours: features")
-    ours_extract = len(extraction_paths) / (now(device) - start)
-    feats = feats[:n]                                                      # [n, P, C] on the CPU
-    ours_rate, ours_full_epoch = ours_train_rate(model, feats, rows, config, device, 5 if quick else 30)
+    feats, _ = extract_features(model.encoder, s.extraction_paths, s.size, None, device,
+                                batch_size=s.extraction_batch, num_workers=2, desc="ours: features")
+    extract = len(s.extraction_paths) / (now(device) - start)
+    rate, full_epoch = ours_train_rate(model, feats[:len(s.paths)], s.rows, s.config, device, 5 if s.quick else 30)
     del model, feats
-    ours_e2e, ours_e2e_process, train_peak = run_train(config, tmp, device)
-    model, vocab, _ = load_model(load_checkpoint(os.path.join(config.train.out_dir, "checkpoint_best.pth")))
-    ours_infer_rates = infer_rates(ours_infer, model.to(device), vocab, paths, size, batches, device)
-    ours_peak = max(peak_memory(device), train_peak)
-    model.cpu()
+    e2e, e2e_process, train_peak = run_train(s.config, tmp, device)
+    model, vocab, _ = load_model(load_checkpoint(os.path.join(s.config.train.out_dir, "checkpoint_best.pth")))
+    infer = infer_rates(ours_infer, model.to(device), vocab, s.paths, s.size, s.batches, device)
+    peak = max(peak_memory(device), train_peak)
+    return ({"extract": extract, "rate": rate, "full_epoch": full_epoch, "e2e": e2e, "e2e_process": e2e_process,
+             "infer": infer, "peak": peak}, model.cpu())
 
-    print("bench: naive", file=sys.stderr)
-    reset_peak(device)
-    naive_extract_rate = naive_extract(NaiveCaptioner(len(vocab)).to(device), extraction_paths, size, bs, device)
-    naive, naive_epochs, naive_e2e, naive_rate = naive_train(len(vocab), paths, rows, size, bs, device, epochs,
-                                                             0 if quick else 90, tmp)
-    if args.decoder == "lstm":
-        naive.copy_from(model)
-    naive_infer_rates = infer_rates(naive_infer, naive, vocab, paths, size, batches, device)
-    naive_peak = peak_memory(device)
 
-    name = {1: "greedy", 3: "beam3"}
-    figures = {
-        "extraction_images_per_s": figure(ours_extract, naive_extract_rate),
-        "train_captions_per_s": figure(ours_rate, naive_rate),
-        "epoch_30k_captions_s": figure(EPOCH_CAPTIONS / ours_rate, EPOCH_CAPTIONS / naive_rate, False,
-                                       ours_extrapolated=not ours_full_epoch, naive_extrapolated=True),
-        "end_to_end_per_epoch_s": figure(ours_e2e / epochs, naive_e2e / naive_epochs, False, ours_epochs=epochs,
-                                         naive_epochs=naive_epochs, ours_total_s=round(ours_e2e, 3),
-                                         ours_process_s=round(ours_e2e_process, 3), naive_total_s=round(naive_e2e, 3)),
-        **{f"infer_{name[k]}_bs{b}_images_per_s": figure(ours_infer_rates[b, k], naive_infer_rates[b, k])
-           for b, k in ours_infer_rates},
-        "peak_memory_bytes": figure(ours_peak, naive_peak, False, kind="torch.cuda.max_memory_allocated" if not cpu
-                                    else "peak RSS of this process (reset per side), for ours also of its train.py "
-                                         "process, whichever is larger; DataLoader workers not counted"),
-    }
-    notes = [
+def notes(s, ours_full_epoch: bool, naive_epochs: int, decoder: str) -> list[str]:
+    return [
         "ratio = times better for ours: rates ours/naive, times and memory naive/ours",
         "train_captions_per_s: ours = train.py's step (train.training_step; on one GPU CUDA graphs) on cached "
         "features, captions and order on the device, after 3 warm-up steps (with CUDA graphs a warm-up pass over "
         "the captions, which captures the graphs); naive = the classic loop's steps after its first, in its first epoch",
-        f"extraction_images_per_s: both sides read {len(extraction_paths)} files"
-        + (f" ({n} files cycled, all in the page cache)" if len(extraction_paths) > n else ""),
+        f"extraction_images_per_s: both sides read {len(s.extraction_paths)} files"
+        + (f" ({len(s.paths)} files cycled, all in the page cache)" if len(s.extraction_paths) > len(s.paths) else ""),
         f"epoch_30k_captions_s: ours {'measured, captions cycled' if ours_full_epoch else 'extrapolated'}; "
         "naive extrapolated",
-        f"end_to_end_per_epoch_s: JPEGs to checkpoint; ours = a train.py process for {epochs} epochs (the time it "
+        f"end_to_end_per_epoch_s: JPEGs to checkpoint; ours = a train.py process for {s.epochs} epochs (the time it "
         "reports from its start; ours_process_s adds Python's start-up and imports), naive measured for "
-        f"{naive_epochs}; each side's wall time divided by its epochs" + (" (counts differ)" if naive_epochs != epochs else ""),
+        f"{naive_epochs}; each side's wall time divided by its epochs" + (" (counts differ)" if naive_epochs != s.epochs else ""),
         "infer: image file to caption; ours as evaluate.py: extract_features over the files, then decoding.generate "
         "in batches (batch 1: one file at a time); " +
-        ("both with ours' trained weights" if args.decoder == "lstm" else f"naive LSTM vs ours {args.decoder}"),
+        ("both with ours' trained weights" if decoder == "lstm" else f"naive LSTM vs ours {decoder}"),
         "encoder weights are random (ImageNet weights are a download): the speed is the same",
     ]
-    return {
-        "device": str(device), "device_name": "cpu" if cpu else torch.cuda.get_device_name(device),
-        "torch": torch.__version__, "torchvision": torchvision.__version__, "python": sys.version.split()[0],
-        "quick": quick, "data": source, "images": len(paths), "captions": len(rows[0]), "vocab": len(vocab),
-        "decoder": args.decoder, "batch_size": bs, "image_size": size,
-        "extraction_batch_size": extraction_batch, "extraction_images_read": len(extraction_paths),
-        "inference_batches": [list(b) for b in batches],
-        "figures": figures, "notes": notes,
-        "extrapolated": ["epoch_30k_captions_s.naive"] + ([] if ours_full_epoch else ["epoch_30k_captions_s.ours"]),
-    }
 
 
 def print_table(result):

@@ -56,7 +56,7 @@ def images_to_score(args, config):
     return references, read_split_file(args.split_file) if args.split_file else list(references)
 
 
-def main(argv=None):
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a checkpoint (train.py's or pretrained/*.pth)")
     parser.add_argument("--captions", help="captions file: image,caption CSV, Flickr8k.token.txt or Karpathy JSON")
@@ -77,12 +77,11 @@ def main(argv=None):
     parser.add_argument("--num-workers", type=int_at_least(0), default=2)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--no-cache", action="store_true", help="recompute CNN features instead of reading train.cache_dir")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
-    device = pick_device(args.device)
-    model, vocab, config = load_model(load_checkpoint(args.checkpoint), args.checkpoint)
-    model.to(device)
-    references, names = images_to_score(args, config)
+
+def present(names: list, references: dict, args) -> tuple[list, int]:
+    """(the names both captioned and on disk, how many others were skipped, each kind with a warning)."""
     not_captioned = [n for n in names if n not in references]
     missing = [n for n in names if n in references and not os.path.isfile(os.path.join(args.images, n))]
     if not_captioned:
@@ -90,22 +89,21 @@ def main(argv=None):
     if missing:
         warn(f"{len(missing)} images are not in {args.images} (e.g. {missing[0]}); skipped")
     absent = set(missing)
-    names = [n for n in names if n in references and n not in absent]
-    if not names:
+    kept = [n for n in names if n in references and n not in absent]
+    if not kept:
         raise UserError(f"nothing to evaluate: no image of {args.split_file or args.split or args.captions} is both "
-                         f"captioned in {args.captions} and present in {args.images}")
+                        f"captioned in {args.captions} and present in {args.images}")
+    return kept, len(not_captioned) + len(missing)
 
-    captions_path = os.path.splitext(args.out)[0] + "_captions.json" if args.out else None
-    produced = []
+
+def caption_all(model, vocab, config, names, references, decode, device, args, captions_path) -> list[dict]:
+    """[{image, caption, references}] for the readable images of names, written to captions_path as they come."""
     paths = [os.path.join(args.images, n) for n in names]
-    decode = decode_settings(config.decode, beam_size=args.beam_size, max_len=args.max_len,
-                             length_penalty=args.length_penalty, no_repeat_ngram=args.no_repeat_ngram)
-    print(f"decoding: {describe_decoding(decode)}", file=sys.stderr)
     # The CNN trunk's output comes from the training cache when it is there (same key, same weights).
     cache_dir = None if args.no_cache else config.train.cache_dir
     features, ok = extract_features(model.encoder, paths, config.data.image_size, cache_dir, device,
                                     args.batch_size, args.num_workers)
-    readable = [n for n, good in zip(names, ok) if good]
+    readable, produced = [n for n, good in zip(names, ok) if good], []
     for start in tqdm(range(0, len(readable), args.batch_size), desc=f"captioning (beam {decode['beam_size']})",
                       unit="batch", file=sys.stderr):
         with torch.no_grad():
@@ -115,6 +113,21 @@ def main(argv=None):
                      for name, r in zip(readable[start:], results)]
         if captions_path:
             write_json(produced, captions_path)
+    return produced
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    model, vocab, config = load_model(load_checkpoint(args.checkpoint), args.checkpoint)
+    model.to(device)
+    references, names = images_to_score(args, config)
+    names, skipped = present(names, references, args)
+    decode = decode_settings(config.decode, beam_size=args.beam_size, max_len=args.max_len,
+                             length_penalty=args.length_penalty, no_repeat_ngram=args.no_repeat_ngram)
+    print(f"decoding: {describe_decoding(decode)}", file=sys.stderr)
+    captions_path = os.path.splitext(args.out)[0] + "_captions.json" if args.out else None
+    produced = caption_all(model, vocab, config, names, references, decode, device, args, captions_path)
     empty = sum(1 for p in produced if not p["caption"])
     if empty:
         warn(f"{empty} generated captions are empty (the model said <end> first); they score 0")
@@ -125,8 +138,7 @@ def main(argv=None):
     result = {**{k: (round(v, 4) if v is not None else None) for k, v in metrics.items()}, "n_images": len(produced),
               "exact_match": round(sum(tokenize(p["caption"]) in [tokenize(r) for r in p["references"]]
                                        for p in produced) / len(produced), 4),
-              **decode, "n_empty_captions": empty,
-              "n_skipped": len(not_captioned) + len(missing) + len(names) - len(readable)}
+              **decode, "n_empty_captions": empty, "n_skipped": skipped + len(names) - len(produced)}
     if args.out:
         for p in produced:
             p["scores"] = per_image[p["image"]]

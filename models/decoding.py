@@ -124,21 +124,24 @@ def beam_search(model, features, beam_size: int, max_len: int, length_penalty: f
             done[b] = done[b] or len(finished[b]) >= k
         if all(done):
             break
-    results = []
-    for b in range(batch):
-        hyps = list(finished[b])
-        if not done[b]:                      # unfinished beams compete at max_len
-            for j in range(k):
-                if scores[b, j].isfinite():
-                    row = b * k + j
-                    hyps.append((scores[b, j].item() / history.size(1) ** length_penalty, history[row].tolist(),
-                                 None if attn_history is None else attn_history[row]))
-        hyps.sort(key=lambda h: -h[0])
-        best_score, best_tokens, best_attn = hyps[0]
-        results.append({"tokens": best_tokens, "score": best_score,
-                        "attention": None if best_attn is None else best_attn[:len(best_tokens)].cpu(),
-                        "beams": [(h[1], h[0]) for h in hyps[:k]]})
-    return results
+    return [_best(finished[b], None if done[b] else (scores[b], history[b * k:(b + 1) * k],
+                                                     None if attn_history is None else attn_history[b * k:(b + 1) * k]),
+                  k, length_penalty) for b in range(batch)]
+
+
+def _best(finished: list, alive, k: int, length_penalty: float) -> dict:
+    """One image's result from its finished hypotheses and, when fewer than k finished by max_len, its beams still
+    alive (scores [K], history [K, t], attention [K, t, P] or None), which then compete too."""
+    hyps = list(finished)
+    if alive is not None:
+        scores, history, attention = alive
+        hyps += [(scores[j].item() / history.size(1) ** length_penalty, history[j].tolist(),
+                  None if attention is None else attention[j]) for j in range(k) if scores[j].isfinite()]
+    hyps.sort(key=lambda h: -h[0])
+    best_score, best_tokens, best_attn = hyps[0]
+    return {"tokens": best_tokens, "score": best_score,
+            "attention": None if best_attn is None else best_attn[:len(best_tokens)].cpu(),
+            "beams": [(h[1], h[0]) for h in hyps[:k]]}
 
 
 @torch.no_grad()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from data.features.cache import CUDA_BATCH, extract_features, wait_for_cache_writes
-from data.features.cache import cache as feature_cache
+from data.features import cache as feature_cache
 from data.features.key import cache_key
 from data.images.reading import ImageFiles
 from models.encoder import EncoderCNN

@@ -5,7 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from data import features, gpu_jpeg
+from data.features import cache as features
+from data.images import gpu_jpeg
 from data.images.reading import ImageFiles
 from models.encoder import EncoderCNN
 

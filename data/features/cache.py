@@ -133,75 +133,97 @@ def extract_features(encoder, paths: list[str], image_size: int, cache_dir: str 
     where = {i: cached[s] for i, s in enumerate(stamps) if s is not None and s in cached}
     todo = [i for i in range(len(paths)) if i not in where]
     if todo:
-        if encoder.training:          # eval() walks every module, paid per call: only when needed
-            encoder.eval()
+        new_rows = _NewRows(folder, sources, where, stamps)
         size = input_size(encoder.name, image_size)
-        if device.type == "cuda":
-            batch_size = max(batch_size, CUDA_BATCH)
-        unsaved, bad, copying, finished = [], 0, None, False     # unsaved: (path indices, their host rows)
-        bar = tqdm(total=len(todo), desc=desc, unit="image", dynamic_ncols=True)
-
-        def new_source():
-            """The unsaved rows become a source of their own, and a cache shard written in the background."""
-            nonlocal unsaved
-            indices = [i for batch, _ in unsaved for i in batch]
-            features = torch.cat([rows for _, rows in unsaved]) if len(unsaved) > 1 else unsaved[0][1]
-            for row, i in enumerate(indices):
-                where[i] = (len(sources), row)
-            sources.append(features)
-            if folder:
-                check_memory_after_failed_writes(len(todo) - bar.n, features[:1].nbytes)
-                _submit_shard(folder, [list(stamps[i]) for i in indices], features, sources, len(sources) - 1)
-            unsaved = []
-
-        def keep(host, good, copied):
-            if copied is not None:
-                copied.synchronize()
-            unsaved.append(([todo[j] for j in good], host))
-            if sum(len(batch) for batch, _ in unsaved) >= SHARD_SIZE:
-                new_source()
-
-        try:
-            for images, good, rejected in image_batches([paths[i] for i in todo], size, batch_size, num_workers,
-                                                        device):
-                bad += len(rejected)
-                bar.update(len(good) + len(rejected))
-                if images is None or not len(images):
-                    continue
-                n, images = len(images), images.to(device, non_blocking=True)
-                bf16 = device.type == "cuda" and n >= AMP_MIN_BATCH
-                if bf16 and n < batch_size:
-                    # A batch size the CNN has not run makes cuDNN build a plan for each convolution, which costs
-                    # more than computing the padding: a short batch is padded to the size every other batch has.
-                    images = torch.cat([images, images.new_zeros((batch_size - n, *images.shape[1:]))])
-                if mirrored:
-                    images = images.flip(-1)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    feats = encoder.trunk(images)[:n]                           # [n, P, C] or [n, C, H, W]
-                # On CUDA the copy to pinned memory runs while the next batch is computed; its rows are kept then.
-                host = torch.empty(feats.shape, dtype=torch.float16, pin_memory=device.type == "cuda")
-                host.copy_(feats.half(), non_blocking=True)
-                copied = torch.cuda.Event() if device.type == "cuda" else None
-                if copied is not None:
-                    copied.record()
-                if copying:
-                    keep(*copying)
-                copying = (host, good, copied)
-            if copying:
-                keep(*copying)
-            finished = True
-        finally:                # also on Ctrl-C or an error: what was computed is cached, the next run starts there
-            bar.close()
-            if unsaved:
-                new_source()
-            if wait_for_cache or not finished:
-                wait_for_cache_writes()
+        batch_size = max(batch_size, CUDA_BATCH) if device.type == "cuda" else batch_size
+        bad = _compute(encoder, [paths[i] for i in todo], todo, size, device, batch_size, num_workers, desc, mirrored,
+                       new_rows, wait_for_cache)
         if bad:
             warn(f"{bad} of {len(paths)} images could not be read and were skipped")
     ok = [i in where for i in range(len(paths))]
     if not any(ok):
         raise UserError(f"none of the {len(paths)} images could be read")
     return FeatureStore(sources, torch.tensor([where[i] for i in range(len(paths)) if ok[i]], dtype=torch.long)), ok
+
+
+def _compute(encoder, paths, indices, size, device, batch_size, num_workers, desc, mirrored, new_rows,
+             wait_for_cache) -> int:
+    """Run the trunk over the files paths (indices: their positions in the caller's list) into new_rows; returns how
+    many could not be read. On CUDA a batch's copy to the host runs while the next batch is computed."""
+    if encoder.training:          # eval() walks every module, paid per call: only when needed
+        encoder.eval()
+    bad, copying, finished = 0, None, False
+    bar = tqdm(total=len(paths), desc=desc, unit="image", dynamic_ncols=True)
+    try:
+        for images, good, rejected in image_batches(paths, size, batch_size, num_workers, device):
+            bad += len(rejected)
+            bar.update(len(good) + len(rejected))
+            if images is None or not len(images):
+                continue
+            host, copied = _trunk_to_host(encoder, images, device, batch_size, mirrored)
+            if copying:
+                new_rows.keep(*copying, rows_to_come=len(paths) - bar.n)
+            copying = ([indices[j] for j in good], host, copied)
+        if copying:
+            new_rows.keep(*copying, rows_to_come=0)
+        finished = True
+    finally:                # also on Ctrl-C or an error: what was computed is cached, the next run starts there
+        bar.close()
+        new_rows.flush(rows_to_come=len(paths) - bar.n)
+        if wait_for_cache or not finished:
+            wait_for_cache_writes()
+    return bad
+
+
+def _trunk_to_host(encoder, images, device, batch_size: int, mirrored: bool):
+    """One batch through the trunk -> (fp16 rows on the host, the CUDA event after which they are there, or None)."""
+    n, images = len(images), images.to(device, non_blocking=True)
+    bf16 = device.type == "cuda" and n >= AMP_MIN_BATCH
+    if bf16 and n < batch_size:
+        # A batch size the CNN has not run makes cuDNN build a plan for each convolution, which costs more than
+        # computing the padding: a short batch is padded to the size every other batch has.
+        images = torch.cat([images, images.new_zeros((batch_size - n, *images.shape[1:]))])
+    if mirrored:
+        images = images.flip(-1)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        features = encoder.trunk(images)[:n]                           # [n, P, C] or [n, C, H, W]
+    host = torch.empty(features.shape, dtype=torch.float16, pin_memory=device.type == "cuda")
+    host.copy_(features.half(), non_blocking=True)
+    copied = torch.cuda.Event() if device.type == "cuda" else None
+    if copied is not None:
+        copied.record()
+    return host, copied
+
+
+class _NewRows:
+    """Rows computed in this run, gathered into shard-sized sources of the FeatureStore (where: path index ->
+    (source, row)), each also written to the cache folder (if any) by the background writer."""
+
+    def __init__(self, folder: str | None, sources: list, where: dict, stamps: list):
+        self.folder, self.sources, self.where, self.stamps = folder, sources, where, stamps
+        self.unsaved = []         # (path indices, their host rows)
+
+    def keep(self, indices: list, host: torch.Tensor, copied, rows_to_come: int) -> None:
+        if copied is not None:
+            copied.synchronize()
+        self.unsaved.append((indices, host))
+        if sum(len(batch) for batch, _ in self.unsaved) >= SHARD_SIZE:
+            self.flush(rows_to_come)
+
+    def flush(self, rows_to_come: int) -> None:
+        """The unsaved rows become a source of their own, and a cache shard written in the background."""
+        if not self.unsaved:
+            return
+        indices = [i for batch, _ in self.unsaved for i in batch]
+        features = torch.cat([rows for _, rows in self.unsaved]) if len(self.unsaved) > 1 else self.unsaved[0][1]
+        for row, i in enumerate(indices):
+            self.where[i] = (len(self.sources), row)
+        self.sources.append(features)
+        if self.folder:
+            check_memory_after_failed_writes(rows_to_come, features[:1].nbytes)
+            _submit_shard(self.folder, [list(self.stamps[i]) for i in indices], features, self.sources,
+                          len(self.sources) - 1)
+        self.unsaved = []
 
 
 def check_memory_after_failed_writes(rows_to_come: int, row_bytes: int) -> None:
