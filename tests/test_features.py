@@ -5,8 +5,8 @@ import threading
 import pytest
 import torch
 
-from data.features.cache import CUDA_BATCH, extract_features, wait_for_cache_writes
 from data.features import cache as feature_cache
+from data.features.cache import CUDA_BATCH, extract_features, wait_for_cache_writes
 from data.features.key import cache_key
 from data.images.reading import ImageFiles
 from models.encoder import EncoderCNN
