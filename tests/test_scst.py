@@ -127,3 +127,22 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(ce_run, tmp
     with pytest.raises(ValueError, match=r"the training loss became nan at step \d+; the last good checkpoint"):
         train.main(["--resume", str(tmp_path / "n"), "--set", "train.epochs=2"])
     assert (tmp_path / "n" / "checkpoint_last.pth").read_bytes() == good
+
+
+def test_self_critical_steps_reach_a_fine_tuned_cnn_tail():
+    """On a model whose CNN tail trains, the trunk's output comes in and the policy gradient reaches the tail's
+    blocks too (each image's tail runs once for its K samples)."""
+    references = {"a": ["a red circle"], "b": ["two blue squares"]}
+    vocab = Vocabulary.build([c for captions in references.values() for c in captions])
+    config = load_config(None, ["model.encoder=resnet18", "model.encoder_weights=none", "model.embed_size=16",
+                                "model.hidden_size=32", "model.attention_size=16", "model.decoder=attention",
+                                "model.dropout=0", "train.fine_tune_encoder=2", "decode.max_len=6"])
+    torch.manual_seed(0)
+    model = build_model(config, len(vocab))
+    stored = model.encoder.trunk(torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8))
+    assert stored.dim() == 4                                      # the map entering the tail, not a grid
+    scst = SelfCritical(references, vocab, config)
+    loss, reward = scst.loss(model, model, stored, ["a", "b"], 2 * scst.k, contextlib.nullcontext())
+    loss.backward()
+    assert reward >= 0 and all(p.grad is not None for p in model.encoder.tail_parameters())
+    assert all(p.grad is None for p in model.encoder.backbone.parameters() if not p.requires_grad)
