@@ -42,3 +42,16 @@ def test_a_resumed_average_goes_on_from_the_checkpoints_two_sets_of_weights():
     resumed.load_state_dict(saved)
     assert resumed.updates == 3 and torch.equal(again.weight, model.weight)
     assert torch.equal(resumed.average[0], average.average[0])
+
+
+def test_the_unaveraged_copy_of_a_checkpoint_holds_the_weights_training_went_on_from(tiny_overrides, tmp_path):
+    import train
+    from models.checkpoint import load_checkpoint
+    from training.weight_average import unaveraged
+    train.main(["--set", *tiny_overrides, "model.decoder=attention", "train.ema_decay=0.9", "train.epochs=1"])
+    checkpoint = load_checkpoint(str(tmp_path / "run" / "checkpoint_last.pth"))
+    plain = unaveraged(checkpoint)
+    trained = checkpoint["weight_average"]["trained"]
+    assert torch.equal(plain["model"]["decoder.fc.weight"], trained[-2])          # the last two: fc's weight and bias
+    assert not torch.equal(plain["model"]["decoder.fc.weight"], checkpoint["model"]["decoder.fc.weight"])
+    assert torch.equal(plain["model"]["encoder.backbone.0.weight"], checkpoint["model"]["encoder.backbone.0.weight"])

@@ -7,8 +7,11 @@ checkpoints hold.
         validate(...); save(...)
 
 A checkpoint's "model" is the average; its "weight_average" entry holds the weights training goes on
-from, so a resumed run continues both.
+from, so a resumed run continues both. To score those instead of the average:
+
+    python -m training.weight_average RUN/checkpoint_best.pth RUN/checkpoint_best_unaveraged.pth
 """
+import sys
 from contextlib import contextmanager
 
 import torch
@@ -62,3 +65,18 @@ class WeightAverage:
         for param, average, trained in zip(self.params, self.average, state["trained"]):
             average.copy_(param)
             param.copy_(trained)
+
+
+def unaveraged(checkpoint: dict) -> dict:
+    """A copy of a training checkpoint whose model holds the weights training went on from, not their average."""
+    from models.checkpoint import load_model  # the model's trained parameters, in the order they are kept
+    model = load_model(checkpoint)[0]
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    trained = dict(zip(names, checkpoint["weight_average"]["trained"]))
+    return {**checkpoint, "model": {k: trained.get(k, v) for k, v in checkpoint["model"].items()}, "weight_average": None}
+
+
+if __name__ == "__main__":
+    from models.checkpoint import load_checkpoint
+    from utils import atomic_save
+    atomic_save(unaveraged(load_checkpoint(sys.argv[1])), sys.argv[2])
