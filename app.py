@@ -32,7 +32,12 @@ ANY_CHECKPOINT = "CAPTION_APP_ANY_CHECKPOINT"   # set to 1 by the operator: the 
 UPLOAD_TYPES = [extension.lstrip(".") for extension in IMAGE_EXTENSIONS]   # what the command line reads too
 EXAMPLES_DIR = os.path.join(REPO_ROOT, "examples")          # photos, for a model trained on photos
 DEMO_EXAMPLES_DIR = os.path.join(REPO_ROOT, "demo_images")   # generated shapes, for a model trained on them
-N_EXAMPLES = 4
+N_EXAMPLES = 6
+# What a model knows, in one sentence under the title: what its training photos show, and what they never do.
+FLICKR8K_WORLD = ("This model learned from Flickr8k's 6,000 photos of people, children and dogs at play, sports, "
+                  "water, beaches and streets; cats, food, objects, indoor close-ups and space are rare or absent "
+                  "there, so it describes those as the nearest thing it has seen.")
+SHAPES_ONLY = "This model learned from the generated demo shapes: it knows coloured shapes, and nothing else."
 MAX_HEATMAPS = 20                   # words shown with an attention map
 
 
@@ -174,7 +179,8 @@ def main() -> None:
     except (UserError, OSError) as e:
         st.error(f"Cannot load the checkpoint: {e}. Train one with `python train.py`, or pick another in the sidebar.")
         st.stop()
-    _, _, config, device = captioner
+    _, vocab, config, device = captioner
+    st.caption(SHAPES_ONLY if knows_only_shapes(vocab.itos) else FLICKR8K_WORLD)
     st.sidebar.header("Decoding")
     beam_size = st.sidebar.slider("Beam size", 1, 10, min(max(config.decode.beam_size, 1), 10))
     max_len = st.sidebar.slider("Max caption length (words)", 5, 60, min(max(config.decode.max_len, 5), 60))

@@ -185,3 +185,10 @@ def test_the_file_watcher_is_off_and_uploads_take_what_the_command_line_reads():
         assert 'fileWatcherType = "none"' in f.read()
     from data.images.reading import IMAGE_EXTENSIONS
     assert sorted("." + t for t in app.UPLOAD_TYPES) == sorted(IMAGE_EXTENSIONS) and "bmp" in app.UPLOAD_TYPES
+
+
+def test_the_page_says_in_one_sentence_what_the_shipped_model_knows(monkeypatch, tmp_path):
+    at = start(monkeypatch, tmp_path)
+    assert not at.exception
+    assert any(c.value == app.FLICKR8K_WORLD for c in at.caption)
+    assert "cats, food" in app.FLICKR8K_WORLD
