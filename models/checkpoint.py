@@ -18,6 +18,7 @@ import torch
 from config import DEFAULTS, merge
 from data.text.vocab import Vocabulary
 from models.caption_model import build_model
+from models.encoder import EncoderCNN
 from models.ensemble import CaptionEnsemble
 from utils import REPO_ROOT, UserError
 
@@ -158,6 +159,18 @@ def load_weights(model, state: dict, path: str, config: dict) -> None:
     model.load_state_dict(state)
 
 
+def _check_trunk_is_packaged(model, config) -> None:
+    """The frozen trunk is left out of an exported file and taken from its package at load time, so it must be the
+    package's own: UserError when blocks before the fine-tuned tail were trained too (a run started from a model
+    fine-tuned deeper than its train.fine_tune_encoder)."""
+    packaged = EncoderCNN(config.model.encoder, "imagenet", config.model.embed_size, model.encoder.spatial,
+                          model.encoder.tail_blocks)
+    if packaged.weights_fingerprint() != model.encoder.weights_fingerprint():
+        raise UserError(f"the CNN's frozen part is not the {config.model.encoder} weights its package supplies: blocks "
+                        f"before the last {model.encoder.tail_blocks} were trained (its train.init_from was fine-tuned "
+                        f"deeper?); export a model whose train.fine_tune_encoder counts every block that was trained")
+
+
 def portable_path(key: str, path: str) -> str:
     """A config path as it reads on any machine: an absolute one of the training machine becomes
     data/<folder>/<file> (data keys), runs/<folder>/<file> (train.init_from), runs/<folder> (train.out_dir), or
@@ -212,6 +225,8 @@ def _exported_model(checkpoint: dict, model) -> dict:
     of that trunk, when a package supplies it}."""
     config = merge(DEFAULTS, checkpoint["config"], "checkpoint")
     from_package = config.model.encoder_weights == "imagenet"
+    if from_package:
+        _check_trunk_is_packaged(model, config)
     trunk = {"encoder.backbone." + k for k in model.encoder.trunk_state()} if from_package else set()
     weights = {k: v.half() if v.is_floating_point() else v for k, v in checkpoint["model"].items() if k not in trunk}
     exported = {"model": weights, "config": portable_config(config)}

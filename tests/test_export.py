@@ -69,3 +69,15 @@ def test_the_embedded_scores_must_be_the_exported_files_own(fine_tuned_lite2, ti
         export.main([checkpoint, str(tmp_path / "other.pth"), "--scores", str(tmp_path / "other.json"),
                      "--verify-images", images, "--device", "cpu", "--min-agreement", "0.6"])
     assert not os.path.exists(tmp_path / "other.pth")
+
+
+def test_a_frozen_part_that_was_trained_is_refused_with_the_reason(fine_tuned_lite2, tmp_path):
+    """A model whose frozen blocks differ from the package's (trained deeper than its train.fine_tune_encoder says)
+    cannot take them from the package at load time: export says why instead of writing a file that fails."""
+    checkpoint, _ = fine_tuned_lite2
+    trained = load_checkpoint(checkpoint)
+    trained["config"]["train"]["fine_tune_encoder"] = 0     # the tuned last block now counts as frozen
+    torch.save(trained, tmp_path / "as_frozen.pth")
+    with pytest.raises(ValueError, match="the CNN's frozen part is not the efficientnet_lite2 weights its package"):
+        export.main([str(tmp_path / "as_frozen.pth"), str(tmp_path / "out.pth")])
+    assert not os.path.exists(tmp_path / "out.pth")
