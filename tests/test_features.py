@@ -14,9 +14,9 @@ from models.encoder import EncoderCNN
 CPU = torch.device("cpu")
 
 
-def encoder(seed=0):
+def encoder(seed=0, tail=0):
     torch.manual_seed(seed)
-    return EncoderCNN("resnet18", "none", 16, spatial=True)
+    return EncoderCNN("resnet18", "none", 16, spatial=True, tail_blocks=tail)
 
 
 def paths(tiny_data, n=6):
@@ -132,8 +132,9 @@ def test_unreadable_image_is_skipped_and_counted(tiny_data, tmp_path, capsys):
     assert "1 of 4 images could not be read" in capsys.readouterr().err
 
 
-def test_interrupted_extraction_keeps_what_it_computed(tiny_data, tmp_path, monkeypatch):
-    enc, files, seen, interrupted = encoder(), paths(tiny_data, 24), [], []
+@pytest.mark.parametrize("tail", [0, 2])      # the grid of a frozen CNN, the map entering a fine-tuned tail
+def test_interrupted_extraction_keeps_what_it_computed(tiny_data, tmp_path, monkeypatch, tail):
+    enc, files, seen, interrupted = encoder(tail=tail), paths(tiny_data, 24), [], []
     real_extract = enc.trunk
 
     def ctrl_c_at_batch_4(images):
@@ -150,7 +151,7 @@ def test_interrupted_extraction_keeps_what_it_computed(tiny_data, tmp_path, monk
     seen.clear()
     resumed, ok = extract_features(enc, files, 32, str(tmp_path), CPU, batch_size=4, num_workers=0)
     assert sum(seen) == len(files) - 8 and all(ok)
-    fresh, _ = extract_features(encoder(), files, 32, None, CPU, batch_size=4, num_workers=0)
+    fresh, _ = extract_features(encoder(tail=tail), files, 32, None, CPU, batch_size=4, num_workers=0)
     assert torch.allclose(resumed[:].float(), fresh[:].float(), atol=1e-3)
 
 
