@@ -82,7 +82,7 @@ def find_data(args, tmp, n_images):
     images, captions_path = os.path.join(folder, "Images"), os.path.join(folder, "captions.txt")
     if not os.path.isdir(images) or not os.path.isfile(captions_path):
         raise UserError(f"--data {folder}: expected {captions_path} and the folder {images}; "
-                         f"or leave --data out to use generated images")
+                        f"or leave --data out to use generated images")
     captions, on_disk = read_captions(captions_path), set(os.listdir(images))
     split = os.path.join(folder, "Flickr_8k.trainImages.txt")
     names = read_split_file(split) if os.path.isfile(split) else sorted(captions)

@@ -45,13 +45,13 @@ def images_to_score(args, config):
         return references, train_names if args.split == "train" else val_names
     if not (args.captions and args.images):
         raise UserError("give --captions and --images (and --split-file, or --split with a Karpathy JSON), "
-                         "or --split val for the checkpoint's own validation split")
+                        "or --split val for the checkpoint's own validation split")
     if karpathy.is_karpathy(args.captions):
         rows, splits = karpathy.read(args.captions)
         return collect(args.captions, rows), karpathy.split_names(splits, args.split or "test", args.captions)
     if args.split:
         raise UserError(f"--split {args.split} with --captions needs a Karpathy JSON; for {args.captions} "
-                         f"pass --split-file with the image names")
+                        f"pass --split-file with the image names")
     references = read_captions(args.captions)
     return references, read_split_file(args.split_file) if args.split_file else list(references)
 

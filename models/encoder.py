@@ -41,7 +41,7 @@ class EncoderCNN(nn.Module):
         self.feature_dim = self.backbone.feature_dim
         if not 0 <= tail_blocks <= self.backbone.n_blocks:
             raise UserError(f"train.fine_tune_encoder={tail_blocks}: {name} has {self.backbone.n_blocks} blocks; "
-                             f"give how many of the last ones train, from 0 (frozen) to {self.backbone.n_blocks}")
+                            f"give how many of the last ones train, from 0 (frozen) to {self.backbone.n_blocks}")
         self.tail_blocks = tail_blocks
         mean, std = normalisation(name)
         if weights not in ("imagenet", "none"):

@@ -26,7 +26,7 @@ def resume_config(path: str, overrides: list[str]) -> tuple[dict, dict]:
     checkpoint = load_checkpoint(path)
     if is_inference(checkpoint):
         raise UserError(f"--resume {path}: an exported checkpoint has no optimizer state to resume; "
-                         f"start a new run from its weights with --set train.init_from={path}")
+                        f"start a new run from its weights with --set train.init_from={path}")
     recorded = merge(DEFAULTS, checkpoint["config"], path)
     config = merge(recorded, parse_overrides(overrides), "--set")
     kept = ["train.scst", "train.fine_tune_encoder", "train.ema_decay"]
@@ -34,7 +34,7 @@ def resume_config(path: str, overrides: list[str]) -> tuple[dict, dict]:
         section, name = key.split(".")
         if config[section][name] != recorded[section][name]:
             raise UserError(f"--resume: the run was trained with {key}={recorded[section][name]!r}; "
-                             f"a resumed run keeps it: start a new run to change it")
+                            f"a resumed run keeps it: start a new run to change it")
     config = merge(config, {"train.out_dir": path if os.path.isdir(path) else os.path.dirname(path) or "."}, "--resume")
     return config, checkpoint
 
@@ -44,10 +44,10 @@ def starting_point(config, checkpoint):
     path = config.train.init_from
     if config.train.scst and not (path or checkpoint):
         raise UserError("train.scst=true starts from a trained model: set train.init_from=CHECKPOINT (a "
-                         "cross-entropy run's checkpoint_best.pth)")
+                        "cross-entropy run's checkpoint_best.pth)")
     if config.train.scst and config.train.hflip:
         raise UserError("train.hflip mirrors images for cross-entropy training, whose captions it can mirror too; "
-                         "set train.hflip=false for self-critical training")
+                        "set train.hflip=false for self-critical training")
     if checkpoint or not path:
         return None
     start = load_checkpoint(path)
@@ -56,7 +56,7 @@ def starting_point(config, checkpoint):
         section, name = key.split(".")
         if theirs[section][name] != config[section][name]:
             raise UserError(f"train.init_from={path} was trained with {key}={theirs[section][name]!r}, this run "
-                             f"has {config[section][name]!r}: a new run from its weights keeps its model settings")
+                            f"has {config[section][name]!r}: a new run from its weights keeps its model settings")
     model, vocab, _ = load_model(start, path)
     return model, vocab
 

@@ -31,7 +31,7 @@ class RunFolder:
             os.makedirs(self.out_dir, exist_ok=True)
         except (FileExistsError, NotADirectoryError):
             raise UserError(f"train.out_dir={self.out_dir}: a part of that path is a file, not a folder; "
-                             f"set train.out_dir to a folder") from None
+                            f"set train.out_dir to a folder") from None
         path = os.path.join(self.out_dir, LOCK_NAME)
         self.lock_file = open(path, "a+", encoding="utf-8")
         if fcntl:
@@ -43,13 +43,13 @@ class RunFolder:
                 self.lock_file.close()
                 self.lock_file = None
                 raise UserError(f"{self.out_dir} is in use: process {owner} is training in it; wait for it to "
-                                 f"finish, or train into another folder with --set train.out_dir=runs/NEW_NAME") from None
+                                f"finish, or train into another folder with --set train.out_dir=runs/NEW_NAME") from None
         else:
             self.lock_file.seek(0)
             owner = self.lock_file.read().strip()
             if owner.isdigit() and int(owner) != os.getpid() and _running(int(owner)):
                 raise UserError(f"{self.out_dir} is in use: process {owner} is training in it; wait for it to "
-                                 f"finish, or train into another folder with --set train.out_dir=runs/NEW_NAME")
+                                f"finish, or train into another folder with --set train.out_dir=runs/NEW_NAME")
         self.lock_file.seek(0)
         self.lock_file.truncate()
         self.lock_file.write(str(os.getpid()))
@@ -60,7 +60,7 @@ class RunFolder:
         progress = checkpoint["progress"]
         if not (progress.get("finished") or progress["epoch"] >= checkpoint["config"]["train"]["epochs"]):
             raise UserError(f"{self.out_dir} holds an unfinished run (epoch {progress['epoch']}); continue it with "
-                             f"--resume {self.out_dir}, or start a new one with --set train.out_dir=runs/NEW_NAME")
+                            f"--resume {self.out_dir}, or start a new one with --set train.out_dir=runs/NEW_NAME")
         print(f"{self.out_dir} already holds a finished run ({progress['epoch']} epochs, best validation "
               f"{checkpoint['config']['train']['select_metric']} {progress['best']}); kept it as it is. To train "
               f"another, add --set train.out_dir=runs/NEW_NAME", file=sys.stderr)

@@ -236,8 +236,8 @@ def check_memory_after_failed_writes(rows_to_come: int, row_bytes: int) -> None:
     needed = rows_to_come * row_bytes
     if available is not None and needed > 0.8 * available:
         raise UserError(f"the feature cache's disk is full, and the features of the {rows_to_come:,} images to come "
-                         f"({needed / 2**30:.1f} GiB) do not fit in memory ({available / 2**30:.1f} GiB free): free "
-                         f"disk space, or set train.cache_dir to another disk")
+                        f"({needed / 2**30:.1f} GiB) do not fit in memory ({available / 2**30:.1f} GiB free): free "
+                        f"disk space, or set train.cache_dir to another disk")
 
 
 def wait_for_cache_writes() -> None:

@@ -48,7 +48,7 @@ def read_captions(path: str) -> dict[str, list[str]]:
         header = [h.strip().lower() for h in next(reader)]
         if header[:2] != ["image", "caption"]:
             raise UserError(f"{path}: line 1 is {first[:60]!r}; the header must be `image,caption` "
-                             f"(or use Flickr8k.token.txt lines `IMAGE#N<TAB>caption`, or Karpathy's JSON)")
+                            f"(or use Flickr8k.token.txt lines `IMAGE#N<TAB>caption`, or Karpathy's JSON)")
         rows = []
         try:
             line = reader.line_num + 1
@@ -127,7 +127,7 @@ def load_splits(data: dict) -> tuple[dict[str, list[str]], list[str], list[str]]
     on_disk = files_in(data.images, train + val)
     if not any(name.lower().endswith(IMAGE_EXTENSIONS) for name in on_disk):
         raise UserError(f"{data['images']}: the folder has no images named in {data['captions']} "
-                         f"({', '.join(IMAGE_EXTENSIONS)})")
+                        f"({', '.join(IMAGE_EXTENSIONS)})")
     kept = []
     for split, names in (("train", train), ("val", val)):
         no_caption = [n for n in names if n not in captions]

@@ -38,11 +38,11 @@ def _read(path: str, mtime_ns: int, size: int):
         raise UserError(f"{path}: not UTF-8; re-save the file as UTF-8") from None
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); "
-                         f"use Karpathy's dataset_*.json as published") from None
+                        f"use Karpathy's dataset_*.json as published") from None
     images = document.get("images") if isinstance(document, dict) else None
     if not isinstance(images, list):
         raise UserError(f"{path}: no 'images' list at the top; a Karpathy split file looks like "
-                         f'{{"images": [{{"filename": ..., "split": ..., "sentences": [{{"raw": ...}}]}}]}}')
+                        f'{{"images": [{{"filename": ..., "split": ..., "sentences": [{{"raw": ...}}]}}]}}')
     rows, splits = [], {}
     for i, entry in enumerate(images):
         where = f"images[{i}]"
