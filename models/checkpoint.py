@@ -171,6 +171,9 @@ def _check_trunk_is_packaged(model, config) -> None:
                         f"deeper?); export a model whose train.fine_tune_encoder counts every block that was trained")
 
 
+SHELL_OPERATORS = ("&&", "||", ";", "|")   # between the commands of a multi-stage recipe
+
+
 def portable_path(key: str, path: str) -> str:
     """A config path as it reads on any machine: an absolute one of the training machine becomes
     data/<folder>/<file> (data keys), runs/<folder>/<file> (train.init_from), runs/<folder> (train.out_dir), or
@@ -197,13 +200,14 @@ def portable_config(config) -> dict:
 
 
 def portable_command(command: str) -> str:
-    """The training command with each `--set KEY=/absolute/path` written as portable_path writes it."""
+    """The training command with each `--set KEY=/absolute/path` written as portable_path writes it. It stays
+    shell text: `cmd1 && cmd2` keeps its operators bare, and a word with spaces stays quoted."""
     words = shlex.split(command)
     for i, word in enumerate(words):
         key, sep, value = word.partition("=")
         if sep and os.path.isabs(value):
             words[i] = f"{key}={portable_path(key, value)}"
-    return shlex.join(words)
+    return " ".join(word if word in SHELL_OPERATORS else shlex.quote(word) for word in words)
 
 
 def inference_checkpoint(checkpoint: dict, model, scores: dict | None, command: str | None,

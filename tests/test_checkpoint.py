@@ -154,3 +154,12 @@ def test_resuming_an_exported_checkpoint_says_to_start_a_new_run(tmp_path):
     with pytest.raises(ValueError, match=r"an exported checkpoint has no optimizer state to resume; start a new run "
                                          r"from its weights with --set train.init_from="):
         train.main(["--resume", str(tmp_path / "small.pth")])
+
+
+def test_portable_command_keeps_a_multi_stage_recipe_runnable_shell_text():
+    from models.checkpoint import portable_command
+    command = ("python train.py --config configs/a.yaml && python train.py --config configs/b.yaml "
+               "--set train.init_from=/home/me/runs/a/checkpoint_best.pth 'data.captions=my captions.csv'")
+    assert portable_command(command) == (
+        "python train.py --config configs/a.yaml && python train.py --config configs/b.yaml "
+        "--set train.init_from=runs/a/checkpoint_best.pth 'data.captions=my captions.csv'")
