@@ -144,6 +144,14 @@ def sidebar_checkpoint() -> str | None:
     return typed or chosen
 
 
+def what_it_knows(vocab, config) -> str | None:
+    """The sentence under the title on what the model learned from: for the shapes demo and for Flickr8k,
+    whose worlds we know; a model trained on other data gets none rather than a wrong one."""
+    if knows_only_shapes(vocab.itos):
+        return SHAPES_ONLY
+    return FLICKR8K_WORLD if "flickr8k" in config.data.captions.lower() else None
+
+
 def examples_for(vocab) -> str:
     """The bundled examples a model can say something about: shapes for a demo model, photos for the others."""
     return DEMO_EXAMPLES_DIR if knows_only_shapes(vocab.itos) else EXAMPLES_DIR
@@ -180,7 +188,9 @@ def main() -> None:
         st.error(f"Cannot load the checkpoint: {e}. Train one with `python train.py`, or pick another in the sidebar.")
         st.stop()
     _, vocab, config, device = captioner
-    st.caption(SHAPES_ONLY if knows_only_shapes(vocab.itos) else FLICKR8K_WORLD)
+    known = what_it_knows(vocab, config)
+    if known:
+        st.caption(known)
     st.sidebar.header("Decoding")
     beam_size = st.sidebar.slider("Beam size", 1, 10, min(max(config.decode.beam_size, 1), 10))
     max_len = st.sidebar.slider("Max caption length (words)", 5, 60, min(max(config.decode.max_len, 5), 60))

@@ -93,7 +93,7 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, x0: int, y0: int, side: i
         draw.rectangle([a0, y0, a0 + arm - 1, y1], fill=fill)
         draw.rectangle([x0, b0, x1, b0 + arm - 1], fill=fill)
     else:
-        raise UserError(f"unknown shape {shape!r}; use one of {', '.join(SHAPES)}")
+        raise ValueError(f"unknown shape {shape!r}; use one of {', '.join(SHAPES)}")
 
 
 def render_image(colour: str, shape: str, background: str, size: str,

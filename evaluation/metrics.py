@@ -94,23 +94,23 @@ def _meteor(gts: dict, res: dict) -> tuple[float, list[float]]:
 def _check_inputs(hypotheses: dict, references: dict) -> list:
     """Image ids in hypothesis order; ValueError with a one-line fix for bad input."""
     if not isinstance(hypotheses, dict) or not isinstance(references, dict):
-        raise UserError("score_captions: hypotheses and references must be dicts keyed by image id")
+        raise ValueError("score_captions: hypotheses and references must be dicts keyed by image id")
     if not hypotheses:
         raise UserError("score_captions: no hypotheses to score; pass at least one image")
     if hypotheses.keys() != references.keys():
         only_hyp = [k for k in hypotheses if k not in references]
         only_ref = [k for k in references if k not in hypotheses]
-        raise UserError(f"score_captions: hypotheses and references must have the same image ids "
+        raise ValueError(f"score_captions: hypotheses and references must have the same image ids "
                         f"({len(only_hyp)} only in hypotheses, e.g. {only_hyp[:1]}; {len(only_ref)} only in "
                         f"references, e.g. {only_ref[:1]}); score the same set of images")
     for image_id, hyp in hypotheses.items():
         refs = references[image_id]
         if not isinstance(hyp, str):
-            raise UserError(f"score_captions: hypothesis for image {image_id!r} is {type(hyp).__name__}, "
+            raise ValueError(f"score_captions: hypothesis for image {image_id!r} is {type(hyp).__name__}, "
                             f"not a caption string")
         if isinstance(refs, str) or not isinstance(refs, (list, tuple)) or not refs \
                 or not all(isinstance(r, str) for r in refs):
-            raise UserError(f"score_captions: references for image {image_id!r} must be a non-empty list "
+            raise ValueError(f"score_captions: references for image {image_id!r} must be a non-empty list "
                             f"of caption strings")
     return list(hypotheses)
 

@@ -171,7 +171,7 @@ def _check_trunk_is_packaged(model, config) -> None:
                         f"deeper?); export a model whose train.fine_tune_encoder counts every block that was trained")
 
 
-SHELL_OPERATORS = ("&&", "||", ";", "|")   # between the commands of a multi-stage recipe
+PATH_KEYS = [f"data.{k}" for k in DATA_KEYS] + ["train.out_dir", "train.cache_dir", "train.init_from"]
 
 
 def portable_path(key: str, path: str) -> str:
@@ -185,14 +185,15 @@ def portable_path(key: str, path: str) -> str:
         return f"runs/{name}"
     if key == "train.cache_dir":
         return DEFAULTS.train.cache_dir
-    return f"{'runs' if key == 'train.init_from' else 'data'}/{folder}/{name}"
+    if key == "train.init_from":
+        return f"{folder if folder == 'pretrained' else 'runs/' + folder}/{name}"
+    return f"data/{folder}/{name}"
 
 
 def portable_config(config) -> dict:
     """config (a Config) as a dict whose paths read on any machine (portable_path)."""
-    paths = [f"data.{k}" for k in DATA_KEYS] + ["train.out_dir", "train.cache_dir", "train.init_from"]
     config = config.to_dict()
-    for key in paths:
+    for key in PATH_KEYS:
         section, name = key.split(".")
         if config[section][name]:
             config[section][name] = portable_path(key, config[section][name])
@@ -200,14 +201,19 @@ def portable_config(config) -> dict:
 
 
 def portable_command(command: str) -> str:
-    """The training command with each `--set KEY=/absolute/path` written as portable_path writes it. It stays
-    shell text: `cmd1 && cmd2` keeps its operators bare, and a word with spaces stays quoted."""
-    words = shlex.split(command)
+    """The training command with each `KEY=/absolute/path` of a config path key written as portable_path writes
+    it. It stays shell text: `cmd1 && cmd2; cmd3` keeps its operators bare, and a word with spaces stays quoted."""
+    lexer = shlex.shlex(command, posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    try:
+        words = list(lexer)
+    except ValueError as e:
+        raise UserError(f"--command {command!r}: {e}; quote it as a shell would") from None
     for i, word in enumerate(words):
         key, sep, value = word.partition("=")
-        if sep and os.path.isabs(value):
+        if sep and key in PATH_KEYS and os.path.isabs(value):
             words[i] = f"{key}={portable_path(key, value)}"
-    return " ".join(word if word in SHELL_OPERATORS else shlex.quote(word) for word in words)
+    return " ".join(word if set(word) <= set(lexer.punctuation_chars) else shlex.quote(word) for word in words)
 
 
 def inference_checkpoint(checkpoint: dict, model, scores: dict | None, command: str | None,

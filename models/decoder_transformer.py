@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.teacher_forcing import check_teacher_forcing
+from utils import UserError
 
 READS_GRID = True
 
@@ -82,7 +83,7 @@ class TransformerDecoder(nn.Module):
                  max_grid_side: int = 32):
         super().__init__()
         if num_layers < 1 or d_model % num_heads:
-            raise ValueError(f"decoder_transformer.py: model.num_layers={num_layers}, model.embed_size={d_model}, "
+            raise UserError(f"decoder_transformer.py: model.num_layers={num_layers}, model.embed_size={d_model}, "
                              f"model.num_heads={num_heads}; use num_layers >= 1 and an embed_size that is a "
                              f"multiple of num_heads")
         self.feature_dim, self.max_len, self.max_grid_side, self.pad_id = feature_dim, max_len, max_grid_side, pad_id
@@ -127,7 +128,7 @@ class TransformerDecoder(nn.Module):
         """
         lengths = check_teacher_forcing(features, tokens, lengths, "decoder_transformer.py")
         if tokens.size(1) > self.max_len:
-            raise ValueError(f"decoder_transformer.py: captions of {tokens.size(1)} tokens exceed the decoder's "
+            raise UserError(f"decoder_transformer.py: captions of {tokens.size(1)} tokens exceed the decoder's "
                              f"max_len={self.max_len}; set data.max_caption_len to at most {self.max_len - 1}")
         grid = self.encode_grid(features)
         x = self.embed(tokens, torch.arange(tokens.size(1), device=tokens.device))   # [B,T,d]
@@ -150,7 +151,7 @@ class TransformerDecoder(nn.Module):
         (the last layer's cross-attention, averaged over heads)."""
         position, *caches = state
         if caches[0].size(2) >= self.max_len:
-            raise ValueError(f"decoder_transformer.py: cannot generate more than max_len={self.max_len} words; "
+            raise UserError(f"decoder_transformer.py: cannot generate more than max_len={self.max_len} words; "
                              f"set decode.max_len to at most {self.max_len}")
         x = self.embed(tokens, position).unsqueeze(1)                                 # [B,1,d]
         new_state = [position + 1]

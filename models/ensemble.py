@@ -18,7 +18,7 @@ from utils import UserError
 
 class SharedTrunk(nn.Module):
     """An ensemble's encoder as the tools see one: trunk() and extract() give the shared trunk's output (what the
-    feature cache holds, keyed as the deepest-cut model's cache); tail() and project() pass it on untouched, as
+    feature cache holds, keyed as the deepest-cut model's cache); tail() passes it on untouched, as
     each model runs its own."""
 
     def __init__(self, encoder):

@@ -192,3 +192,9 @@ def test_the_page_says_in_one_sentence_what_the_shipped_model_knows(monkeypatch,
     assert not at.exception
     assert any(c.value == app.FLICKR8K_WORLD for c in at.caption)
     assert "cats, food" in app.FLICKR8K_WORLD
+    # A photo model trained on other captions gets no sentence rather than Flickr8k's.
+    from config import load_config
+    from data.text.vocab import Vocabulary
+    photos = Vocabulary.build(["a man rides a horse on the beach"])
+    assert app.what_it_knows(photos, load_config(None, ["data.captions=data/coco/dataset_coco.json"])) is None
+    assert app.what_it_knows(photos, load_config(None, ["data.captions=data/flickr8k/captions.txt"])) == app.FLICKR8K_WORLD

@@ -11,6 +11,7 @@ from models.checkpoint import load_checkpoint, load_model
 from models.decoding import beam_search, generate
 from models.ensemble import CaptionEnsemble
 from tests.conftest import tiny_settings
+from utils import UserError
 
 
 def model_with_tail(tail: int, seed: int):
@@ -72,3 +73,7 @@ def test_an_exported_ensemble_is_one_file_that_decodes_as_its_models_do(tiny_dat
     images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
     with torch.no_grad():
         assert all(r["caption"] is not None for r in generate(model, model.encoder.extract(images), vocab, 3, 8))
+    # A run cannot start from an ensemble: it is told which file to start from instead.
+    with pytest.raises(UserError, match="is an ensemble of 2 models"):
+        train.main(["--set", *tiny_settings(tiny_data, tmp_path / "c"), "model.decoder=attention",
+                    f"train.init_from={out}"])

@@ -1,3 +1,4 @@
+import errno
 import os
 import shutil
 import threading
@@ -122,6 +123,20 @@ def test_truncated_shard_is_detected_and_rebuilt(tiny_data, tmp_path, capsys):
     rebuilt, _ = extract_features(enc, paths(tiny_data), 32, str(tmp_path), CPU, num_workers=0)
     assert "damaged" in capsys.readouterr().err
     assert torch.equal(good, rebuilt[:])
+
+
+def test_a_shard_the_system_refuses_to_open_is_kept_not_deleted(tiny_data, tmp_path, monkeypatch):
+    enc = encoder()
+    extract_features(enc, paths(tiny_data), 32, str(tmp_path), CPU, num_workers=0)
+    folder = os.path.join(tmp_path, cache_key(enc, 32))
+    shards = sorted(os.listdir(folder))
+
+    def too_many_open_files(*args, **kwargs):
+        raise OSError(errno.EMFILE, "Too many open files")
+    monkeypatch.setattr(feature_cache.torch, "load", too_many_open_files)
+    with pytest.raises(OSError, match="Too many open files"):
+        extract_features(enc, paths(tiny_data), 32, str(tmp_path), CPU, num_workers=0)
+    assert sorted(os.listdir(folder)) == shards
 
 
 def test_unreadable_image_is_skipped_and_counted(tiny_data, tmp_path, capsys):

@@ -43,3 +43,13 @@ def test_the_writer_writes_the_header_once_and_rows_the_reader_reads_back(tmp_pa
     rows = read_loss_log(path)
     assert [r["split"] for r in rows] == ["train", "val"] and rows[1]["cider"] == 0.5 and math.isnan(rows[0]["bleu4"])
     assert last_elapsed(path) == 12.3 and tuple(COLUMNS) == tuple(lines[0].split("\t"))
+
+
+def test_a_log_without_train_rows_has_no_elapsed_time_yet(tmp_path):
+    from utils import UserError
+    path = str(tmp_path / "loss_log.txt")
+    log = LossLog(path)
+    log.write(0, 0, "val", 2.5, 1e-3, 5.0)
+    log.close()
+    with pytest.raises(UserError, match="no train rows yet"):
+        last_elapsed(path)

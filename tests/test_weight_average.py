@@ -1,4 +1,5 @@
 """training/weight_average.py: the average, swapped in and out, and resumed."""
+import pytest
 import torch
 
 from training.weight_average import WARMUP, WeightAverage
@@ -55,3 +56,7 @@ def test_the_unaveraged_copy_of_a_checkpoint_holds_the_weights_training_went_on_
     assert torch.equal(plain["model"]["decoder.fc.weight"], trained[-2])          # the last two: fc's weight and bias
     assert not torch.equal(plain["model"]["decoder.fc.weight"], checkpoint["model"]["decoder.fc.weight"])
     assert torch.equal(plain["model"]["encoder.backbone.0.weight"], checkpoint["model"]["encoder.backbone.0.weight"])
+    # A run without an average has nothing to un-average: one line says so.
+    from utils import UserError
+    with pytest.raises(UserError, match="holds no weight average"):
+        unaveraged({**checkpoint, "weight_average": None})

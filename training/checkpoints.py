@@ -51,6 +51,9 @@ def starting_point(config, checkpoint):
     if checkpoint or not path:
         return None
     start = load_checkpoint(path)
+    if start.get("members"):
+        raise UserError(f"train.init_from={path} is an ensemble of {1 + len(start['members'])} models; "
+                        f"start from one of the training checkpoints it was exported from")
     theirs = merge(DEFAULTS, start["config"], path)
     for key in [k for k in KEYS if k.startswith("model.") and k != "model.encoder_weights"] + ["data.image_size"]:
         section, name = key.split(".")

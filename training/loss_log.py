@@ -90,8 +90,12 @@ def _parsed(values: dict, path: str, line_number: int) -> dict:
 
 def last_elapsed(path: str, split: str = "train") -> float:
     """The elapsed seconds of the last row of `split`: a run's time, as bench.py --scale and the GPU checks read it."""
-    return [row for row in read_loss_log(path) if row["split"] == split][-1]["elapsed"]
+    rows = [row for row in read_loss_log(path) if row["split"] == split]
+    if not rows:
+        raise UserError(f"{path}: no {split} rows yet; the run has not logged a {split} step")
+    return rows[-1]["elapsed"]
 
 
 if __name__ == "__main__":
-    print(f"{last_elapsed(sys.argv[1]):.1f}")
+    from utils import run_main
+    run_main(lambda: print(f"{last_elapsed(sys.argv[1]):.1f}"))

@@ -16,6 +16,8 @@ from contextlib import contextmanager
 
 import torch
 
+from utils import UserError
+
 WARMUP = 10    # the decay starts low, so that early averages are not held back by the starting weights
 
 
@@ -70,6 +72,9 @@ class WeightAverage:
 def unaveraged(checkpoint: dict) -> dict:
     """A copy of a training checkpoint whose model holds the weights training went on from, not their average."""
     from models.checkpoint import load_model  # the model's trained parameters, in the order they are kept
+    if not checkpoint.get("weight_average"):
+        raise UserError("this checkpoint holds no weight average (its run had train.ema_decay 0): its model "
+                        "already is the weights training went on from")
     model = load_model(checkpoint)[0]
     names = [name for name, p in model.named_parameters() if p.requires_grad]
     trained = dict(zip(names, checkpoint["weight_average"]["trained"]))
@@ -78,5 +83,5 @@ def unaveraged(checkpoint: dict) -> dict:
 
 if __name__ == "__main__":
     from models.checkpoint import load_checkpoint
-    from utils import atomic_save
-    atomic_save(unaveraged(load_checkpoint(sys.argv[1])), sys.argv[2])
+    from utils import atomic_save, run_main
+    run_main(lambda: atomic_save(unaveraged(load_checkpoint(sys.argv[1])), sys.argv[2]))

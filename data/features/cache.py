@@ -2,7 +2,7 @@
 
 Layout: <cache_dir>/<key>/shard_<pid>_NNNNN.pt, each {"files": [[path, size, mtime_ns], ...],
 "features": fp16 [n, ...]}: grids [n, P, C] of a frozen CNN, or the maps [n, C, H, W] that enter
-its fine-tuned tail. The key (data.cache_key) hashes the encoder name, its trunk's weights, the
+its fine-tuned tail. The key (data.features.key) hashes the encoder name, its trunk's weights, the
 transform (mirrored or not) and the layout; each entry also records its file's size and mtime, so a changed file,
 encoder, weight or transform never reuses stale features. Shards are memory-mapped when read: a
 cache is opened without reading its features, and extract_features returns a FeatureStore over
@@ -11,11 +11,12 @@ resumes where it stopped, and a truncated or foreign shard is detected, deleted 
 is, after an hour, the temp file of a shard whose writer was killed mid-write). A shard whose
 images have all changed or gone is deleted when the cache is next read.
 
-On CUDA, JPEGs are decoded on the GPU (data.gpu_jpeg) and features come back to pinned memory
+On CUDA, JPEGs are decoded on the GPU (data.images.gpu_jpeg) and features come back to pinned memory
 while the next batch runs. Batches of AMP_MIN_BATCH or more images run the CNN under bf16 autocast,
 and a short one is padded to the full batch size: a new batch size costs cuDNN more time than the
 padding (docs/speed.md).
 """
+import errno
 import os
 import pickle
 import time
@@ -32,10 +33,9 @@ from data.images.reading import input_size
 from utils import TEMP_PREFIX, UserError, atomic_save, disk_error, remove_if_present, warn
 
 # What reading a truncated, corrupt or foreign shard raises (torch.load's zip reader, its memory map of a cut
-# file, its unpickler; a missing key, a value of the wrong type). Nothing else deletes a shard: a bug, or Ctrl-C,
-# leaves the cache as it is.
-DAMAGED_SHARD = (RuntimeError, OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, KeyError, TypeError,
-                 ValueError, AttributeError)
+# file, its unpickler; _check_shard for a readable file of the wrong form). Nothing else deletes a shard: a bug,
+# Ctrl-C, or the system refusing a file (permissions, too many open files) leaves the cache as it is.
+DAMAGED_SHARD = (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError)
 SHARD_SIZE = 1024
 CUDA_BATCH = 256          # images per CNN batch on CUDA at least: smaller batches leave the GPU idle
 AMP_MIN_BATCH = 16        # below this, casting the weights to bf16 costs more than it saves
@@ -68,6 +68,25 @@ def _is_abandoned(path: str) -> bool:
         return False
 
 
+def _load_mapped(path: str):
+    """torch.load of a shard, memory-mapped. A file cut short cannot be mapped (EINVAL): that is a damaged shard,
+    a ValueError; any other refusal of the system stays an OSError."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except OSError as e:
+        if e.errno == errno.EINVAL:
+            raise ValueError(f"cannot be mapped ({e.strerror}): cut short") from None
+        raise
+
+
+def _check_shard(shard) -> tuple[list, torch.Tensor]:
+    """(files, features) of a loaded shard; ValueError when it is not of the form this module writes."""
+    if not isinstance(shard, dict) or not isinstance(shard.get("files"), list) \
+            or not isinstance(shard.get("features"), torch.Tensor):
+        raise ValueError("not a feature cache shard")
+    return shard["files"], shard["features"]
+
+
 def _read_shards(folder: str) -> tuple[list, dict]:
     """(sources, rows): every readable shard's features, mapped, and stamp -> (source, row). Unreadable
     shards are removed, and so are shards none of whose images still exist unchanged (their rows could
@@ -84,8 +103,7 @@ def _read_shards(folder: str) -> tuple[list, dict]:
             continue
         try:
             # Mapped, not read: only the rows a caller asks for (the val split's, say) are ever read from disk.
-            shard = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            files, features = shard["files"], shard["features"]
+            files, features = _check_shard(_load_mapped(path))
             if len(files) != len(features) or (sources and features.shape[1:] != sources[0].shape[1:]):
                 raise ValueError("its rows do not match its file list, or the other shards' grids")
         except FileNotFoundError:                          # another DDP rank deleted it since listdir
