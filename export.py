@@ -111,7 +111,11 @@ def main(argv=None):
         if vocab.itos != loaded[0][1].itos:
             raise UserError(f"--ensemble {path}: its vocabulary differs from {args.checkpoint}'s; an ensemble's models "
                             f"must be trained on one vocabulary (the same data and data.min_word_freq)")
-    full = loaded[0] if not args.ensemble else (CaptionEnsemble([m for m, _, _ in loaded]).eval(), *loaded[0][1:])
+    if args.ensemble:
+        sizes = [config.data.image_size for _, _, config in loaded]
+        full = (CaptionEnsemble([model for model, _, _ in loaded], sizes).eval(), *loaded[0][1:])
+    else:
+        full = loaded[0]
     decode = decode_settings(full[2]["decode"])
     scores, scored_captions = read_scores(args.scores, decode) if args.scores else (None, {})
     exported = inference_checkpoint(checkpoints[0], loaded[0][0], scores, args.command,

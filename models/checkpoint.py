@@ -117,9 +117,10 @@ def load_model(checkpoint: dict, path: str = "checkpoint"):
     exported ensemble (its "members") is one models.ensemble.CaptionEnsemble; config is its first model's."""
     model, vocab, config = _load_one(checkpoint, path)
     if checkpoint.get("members"):
-        others = [_load_one({**member, "vocab": checkpoint["vocab"], "kind": checkpoint["kind"]}, path)[0]
+        others = [_load_one({**member, "vocab": checkpoint["vocab"], "kind": checkpoint["kind"]}, path)
                   for member in checkpoint["members"]]
-        model = CaptionEnsemble([model, *others]).eval()
+        model = CaptionEnsemble([model, *[m for m, _, _ in others]],
+                                [c.data.image_size for c in [config, *[c for _, _, c in others]]]).eval()
     return model, vocab, config
 
 

@@ -51,8 +51,12 @@ class SharedTrunk(nn.Module):
 
 
 class CaptionEnsemble(nn.Module):
-    def __init__(self, models: list):
+    def __init__(self, models: list, image_sizes: list[int] | None = None):
+        """image_sizes: each model's data.image_size, when known: the shared trunk reads one size of image."""
         super().__init__()
+        if image_sizes and len(set(image_sizes)) > 1:
+            raise UserError(f"an ensemble's models must read images of one size; theirs have data.image_size "
+                            f"{', '.join(map(str, image_sizes))}")
         names = {(m.encoder.name, m.encoder.spatial) for m in models}
         if len(names) > 1 or not all(m.encoder.spatial for m in models):
             raise UserError("an ensemble's models must share their encoder and read its grid (attention or "

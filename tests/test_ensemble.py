@@ -77,3 +77,8 @@ def test_an_exported_ensemble_is_one_file_that_decodes_as_its_models_do(tiny_dat
     with pytest.raises(UserError, match="is an ensemble of 2 models"):
         train.main(["--set", *tiny_settings(tiny_data, tmp_path / "c"), "model.decoder=attention",
                     f"train.init_from={out}"])
+
+
+def test_models_reading_images_of_different_sizes_make_no_ensemble():
+    with pytest.raises(UserError, match="images of one size"):
+        CaptionEnsemble([model_with_tail(0, 1), model_with_tail(0, 2)], [224, 260])
