@@ -101,17 +101,17 @@ def _check_inputs(hypotheses: dict, references: dict) -> list:
         only_hyp = [k for k in hypotheses if k not in references]
         only_ref = [k for k in references if k not in hypotheses]
         raise ValueError(f"score_captions: hypotheses and references must have the same image ids "
-                        f"({len(only_hyp)} only in hypotheses, e.g. {only_hyp[:1]}; {len(only_ref)} only in "
-                        f"references, e.g. {only_ref[:1]}); score the same set of images")
+                         f"({len(only_hyp)} only in hypotheses, e.g. {only_hyp[:1]}; {len(only_ref)} only in "
+                         f"references, e.g. {only_ref[:1]}); score the same set of images")
     for image_id, hyp in hypotheses.items():
         refs = references[image_id]
         if not isinstance(hyp, str):
             raise ValueError(f"score_captions: hypothesis for image {image_id!r} is {type(hyp).__name__}, "
-                            f"not a caption string")
+                             f"not a caption string")
         if isinstance(refs, str) or not isinstance(refs, (list, tuple)) or not refs \
                 or not all(isinstance(r, str) for r in refs):
             raise ValueError(f"score_captions: references for image {image_id!r} must be a non-empty list "
-                            f"of caption strings")
+                             f"of caption strings")
     return list(hypotheses)
 
 

@@ -119,8 +119,8 @@ def load_model(checkpoint: dict, path: str = "checkpoint"):
     if checkpoint.get("members"):
         others = [_load_one({**member, "vocab": checkpoint["vocab"], "kind": checkpoint["kind"]}, path)
                   for member in checkpoint["members"]]
-        model = CaptionEnsemble([model, *[m for m, _, _ in others]],
-                                [c.data.image_size for c in [config, *[c for _, _, c in others]]]).eval()
+        members = [(model, config), *((m, c) for m, _, c in others)]
+        model = CaptionEnsemble([m for m, _ in members], [c.data.image_size for _, c in members]).eval()
     return model, vocab, config
 
 

@@ -84,8 +84,8 @@ class TransformerDecoder(nn.Module):
         super().__init__()
         if num_layers < 1 or d_model % num_heads:
             raise UserError(f"decoder_transformer.py: model.num_layers={num_layers}, model.embed_size={d_model}, "
-                             f"model.num_heads={num_heads}; use num_layers >= 1 and an embed_size that is a "
-                             f"multiple of num_heads")
+                            f"model.num_heads={num_heads}; use num_layers >= 1 and an embed_size that is a "
+                            f"multiple of num_heads")
         self.feature_dim, self.max_len, self.max_grid_side, self.pad_id = feature_dim, max_len, max_grid_side, pad_id
         self.grid_proj = nn.Linear(feature_dim, d_model)
         self.grid_rows = nn.Embedding(max_grid_side, d_model)
@@ -129,7 +129,7 @@ class TransformerDecoder(nn.Module):
         lengths = check_teacher_forcing(features, tokens, lengths, "decoder_transformer.py")
         if tokens.size(1) > self.max_len:
             raise UserError(f"decoder_transformer.py: captions of {tokens.size(1)} tokens exceed the decoder's "
-                             f"max_len={self.max_len}; set data.max_caption_len to at most {self.max_len - 1}")
+                            f"max_len={self.max_len}; set data.max_caption_len to at most {self.max_len - 1}")
         grid = self.encode_grid(features)
         x = self.embed(tokens, torch.arange(tokens.size(1), device=tokens.device))   # [B,T,d]
         for block in self.blocks:
@@ -152,7 +152,7 @@ class TransformerDecoder(nn.Module):
         position, *caches = state
         if caches[0].size(2) >= self.max_len:
             raise UserError(f"decoder_transformer.py: cannot generate more than max_len={self.max_len} words; "
-                             f"set decode.max_len to at most {self.max_len}")
+                            f"set decode.max_len to at most {self.max_len}")
         x = self.embed(tokens, position).unsqueeze(1)                                 # [B,1,d]
         new_state = [position + 1]
         for i, block in enumerate(self.blocks):

@@ -84,7 +84,7 @@ def attention_overlay(image: Image.Image, weights, grid_hw: tuple[int, int], siz
     attention = np.asarray(weights, dtype=np.float32).reshape(-1)
     if attention.size != grid_h * grid_w:
         raise ValueError(f"attention_overlay: got {attention.size} weights for a {grid_h}x{grid_w} grid; "
-                        f"pass one weight per encoder grid cell")
+                         f"pass one weight per encoder grid cell")
     if not np.all(np.isfinite(attention)) or attention.min() < 0:
         raise ValueError("attention_overlay: weights must be finite and >= 0 (softmax outputs)")
     # Weights sum to 1 over many cells, so scale each map to its own peak to make it visible.
@@ -145,7 +145,7 @@ def _data_uri(value: str, row_index: int, field: str) -> str:
     # Anything but a data URI would make the page load external resources.
     if not str(value).startswith("data:"):
         raise ValueError(f"write_gallery: row {row_index} {field} is not a data URI; "
-                        f"build it with gallery.image_to_data_uri(image)")
+                         f"build it with gallery.image_to_data_uri(image)")
     return _esc(value)
 
 
