@@ -54,10 +54,11 @@ class ModelConfig(Section):
                                             "efficientnet_lite2"))
     encoder_weights: str = key("imagenet", "imagenet | none | path to a state dict")
     # each decoder is models/decoder_<name>.py
-    decoder: str = key("lstm", choices=("lstm", "attention", "transformer"))
+    decoder: str = key("lstm", "updown: top-down attention (two LSTMs)",
+                       choices=("lstm", "attention", "transformer", "updown"))
     embed_size: int = key(256, low=1)
     hidden_size: int = key(512, low=1)
-    attention_size: int = key(512, low=1)
+    attention_size: int = key(512, "attention and updown: the attention MLP's width", low=1)
     dropout: float = key(0.5, low=0.0, high=1.0, high_open=True)
     alpha_c: float = key(1.0, "doubly stochastic attention regularisation", low=0.0)
     num_layers: int = key(3, "transformer", low=1)

@@ -6,7 +6,7 @@ from config import load_config
 from models.caption_model import build_model
 
 
-@pytest.mark.parametrize("decoder", ["lstm", "attention", "transformer"])
+@pytest.mark.parametrize("decoder", ["lstm", "attention", "transformer", "updown"])
 def test_bf16_autocast_loss_matches_fp32(decoder):
     torch.manual_seed(0)
     config = load_config(None, ["model.encoder=resnet18", "model.encoder_weights=none", f"model.decoder={decoder}",

@@ -40,7 +40,7 @@ def tiny(decoder):
     return config, model, params, inputs, torch.tensor([0, 1, 2, 0, 1, 2]), tokens, lengths
 
 
-@pytest.mark.parametrize("decoder", ["lstm", "attention", "transformer"])
+@pytest.mark.parametrize("decoder", ["lstm", "attention", "transformer", "updown"])
 def test_the_captured_step_equals_the_eager_step(decoder):
     """Padded to a whole number of LENGTH_STEPs, with its own token count as divisor, the step's loss and its
     clipped gradients are train.py's eager step's."""

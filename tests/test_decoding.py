@@ -131,7 +131,7 @@ def test_sampling_with_a_seed_repeats_and_a_cold_temperature_gives_the_greedy_ca
             assert words[:len(result["tokens"])] == result["tokens"]
 
 
-@pytest.mark.parametrize("decoder", ["lstm", "attention", "transformer"])
+@pytest.mark.parametrize("decoder", ["lstm", "attention", "transformer", "updown"])
 def test_every_decoder_samples_through_its_step_interface(decoder):
     from config import load_config
     from models.caption_model import build_model

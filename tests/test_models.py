@@ -100,7 +100,7 @@ def test_lstm_decoder_shapes_and_step_matches_forward():
                 assert torch.allclose(step_logits[b], logits[b, t], atol=1e-5)
 
 
-@pytest.mark.parametrize("decoder", ["lstm", "attention"])
+@pytest.mark.parametrize("decoder", ["lstm", "attention", "updown"])
 def test_build_model_loss_backward(decoder):
     config = load_config(None, ["model.encoder=resnet18", "model.encoder_weights=none", f"model.decoder={decoder}",
                                 "model.embed_size=16", "model.hidden_size=16", "model.attention_size=8"])

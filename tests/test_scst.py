@@ -57,7 +57,7 @@ def expected_reward(scst, model, features, names, draws=8):
                               for _ in range(draws)]))
 
 
-@pytest.mark.parametrize("decoder, lr", [("lstm", 5e-2), ("attention", 3e-3), ("transformer", 3e-3)])
+@pytest.mark.parametrize("decoder, lr", [("lstm", 5e-2), ("attention", 3e-3), ("transformer", 3e-3), ("updown", 3e-3)])
 def test_self_critical_steps_raise_the_expected_reward_of_samples(decoder, lr):
     """Policy-gradient steps on four images (fixed random features, two references each) raise the mean
     reward of fresh samples well beyond the noise of its estimate, for every decoder (the LSTM, which sees the

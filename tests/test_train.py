@@ -49,9 +49,9 @@ def test_epoch_order_is_a_seeded_shuffle_or_batches_of_similar_lengths():
     assert len(by_length.split(64)[-1]) == 1000 % 64        # the short batch stays last
 
 
-@pytest.mark.parametrize("by_length", [False, True])
-def test_interrupted_then_resumed_equals_uninterrupted(tiny_overrides, tmp_path, monkeypatch, by_length):
-    tiny_overrides = tiny_overrides + [f"train.batch_by_length={by_length}"]
+@pytest.mark.parametrize("by_length, decoder", [(False, "lstm"), (True, "lstm"), (True, "updown")])
+def test_interrupted_then_resumed_equals_uninterrupted(tiny_overrides, tmp_path, monkeypatch, by_length, decoder):
+    tiny_overrides = tiny_overrides + [f"train.batch_by_length={by_length}", f"model.decoder={decoder}"]
     straight = [o for o in tiny_overrides if not o.startswith("train.out_dir")] + [f"train.out_dir={tmp_path / 'a'}"]
     run(straight)
     interrupted = [o for o in tiny_overrides if not o.startswith("train.out_dir")] + [f"train.out_dir={tmp_path / 'b'}"]
