@@ -16,6 +16,7 @@ import io
 import math
 import os
 import sys
+import traceback
 
 import streamlit as st
 import torch
@@ -24,6 +25,7 @@ from PIL import Image
 from data.demo import knows_only_shapes
 from data.images.reading import IMAGE_EXTENSIONS, input_size, load_image, resize_image
 from models.checkpoint import PRETRAINED, load_checkpoint, load_model
+from models.consensus import rerank_cider
 from models.decoding import decode_settings, describe_decoding, generate
 from reports.gallery import attention_overlay
 from utils import REPO_ROOT, UserError, pick_device
@@ -39,6 +41,11 @@ FLICKR8K_WORLD = ("This model learned from Flickr8k's 6,000 photos of people, ch
                   "there, so it describes those as the nearest thing it has seen.")
 SHAPES_ONLY = "This model learned from the generated demo shapes: it knows coloured shapes, and nothing else."
 MAX_HEATMAPS = 20                   # words shown with an attention map
+# What one visitor can make the server do: at most this many files per upload, each at most this many pixels,
+# and shrunk to this side as it is decoded (the full-size picture is never kept, nor sent back to the browser).
+MAX_UPLOADS = 8
+UPLOAD_MAX_PIXELS = 12_000_000
+SHOWN_SIDE = 1024
 
 
 def find_checkpoints(folder: str) -> list[str]:
@@ -51,11 +58,14 @@ def find_checkpoints(folder: str) -> list[str]:
 
 @st.cache_resource(show_spinner="Loading the model...", max_entries=2)
 def load_captioner(path: str, mtime: float):
-    """(model, vocab, config, device) for a checkpoint; mtime is only part of the cache key, so a retrained file reloads."""
-    model, vocab, config = load_model(load_checkpoint(path), path)
+    """(model, vocab, config, device, consensus re-ranking's CIDEr-D or None) for a checkpoint; mtime is only part of
+    the cache key, so a retrained file reloads."""
+    checkpoint = load_checkpoint(path)
+    model, vocab, config = load_model(checkpoint, path)
+    cider = rerank_cider(checkpoint, path) if config.decode.rerank_samples else None
     device = pick_device("auto")
     print(f"app: loaded {path} on {device}", file=sys.stderr, flush=True)    # once per file, for every visitor
-    return model.to(device), vocab, config, device
+    return model.to(device), vocab, config, device, cider
 
 
 class NamedBytes(io.BytesIO):
@@ -71,17 +81,28 @@ class NamedBytes(io.BytesIO):
     __repr__ = __str__
 
 
+@st.cache_data(max_entries=4 * MAX_UPLOADS, show_spinner=False)
 def read_image(data: bytes, name: str) -> Image.Image:
-    """Uploaded bytes -> RGB image turned by its EXIF orientation, or ValueError naming the file (not an image,
-    too many pixels). Streamlit itself refuses files over its upload limit."""
-    return load_image(NamedBytes(data, name))
+    """Uploaded bytes -> RGB image turned by its EXIF orientation and shrunk to SHOWN_SIDE as it is decoded, or
+    ValueError naming the file (not an image, too many pixels, too narrow). Streamlit itself refuses files over its
+    upload limit. Cached by the bytes: a rerun (a slider moved) decodes no upload again."""
+    return load_image(NamedBytes(data, name), max_pixels=UPLOAD_MAX_PIXELS, max_side=SHOWN_SIDE)
+
+
+@st.cache_data(max_entries=8 * MAX_UPLOADS, show_spinner=False)
+def cached_caption(checkpoint: str, data: bytes, name: str, settings: tuple, _captioner) -> dict:
+    """caption() of an upload, once per (checkpoint file, upload bytes, decoding): moving a slider back, or any other
+    rerun, captions no unchanged upload again."""
+    return caption(_captioner, read_image(data, name), **dict(settings))
 
 
 def caption(captioner, image: Image.Image, beam_size: int, max_len: int, no_repeat_ngram: int) -> dict:
     """One image -> decoding.generate's result plus `heatmaps`: [(word, overlay image)] when the model attends."""
-    model, vocab, config, device = captioner
+    model, vocab, config, device, cider = captioner
     size = input_size(config.model.encoder, config.data.image_size)
     decode = decode_settings(config.decode, beam_size=beam_size, max_len=max_len, no_repeat_ngram=no_repeat_ngram)
+    if cider is not None:
+        decode["rerank_cider"] = cider
     with torch.inference_mode():
         features = model.encoder.extract(resize_image(image, size).unsqueeze(0).to(device))   # [1,3,S,S] -> [1,P,C]
         result = generate(model, features, vocab, **decode)[0]
@@ -118,12 +139,14 @@ def offered_checkpoints() -> list[str]:
     CAPTION_APP_CHECKPOINT, if set, first of all."""
     found = ([PRETRAINED] if os.path.isfile(PRETRAINED) else []) + find_checkpoints(runs_dir())
     options = [os.path.relpath(p, REPO_ROOT) if p.startswith(REPO_ROOT + os.sep) else p for p in found]
+    options = [o for o in options if allowed(o)]    # a link under runs/ to a file elsewhere is not offered
     preset = os.environ.get("CAPTION_APP_CHECKPOINT")
     return [preset] + [o for o in options if o != preset] if preset else options
 
 
 def allowed(path: str) -> bool:
-    """Whether a typed path lies inside pretrained/ or the runs folder (after links are followed)."""
+    """Whether a path (typed, or found under runs/) lies inside pretrained/ or the runs folder, after links are
+    followed."""
     if os.environ.get(ANY_CHECKPOINT) == "1":
         return True
     real = os.path.realpath(os.path.join(REPO_ROOT, path))
@@ -158,7 +181,7 @@ def examples_for(vocab) -> str:
 
 
 def example_buttons(folder: str) -> None:
-    """Thumbnails of a few bundled images; clicking one remembers it in the session."""
+    """Thumbnails of a few bundled images; clicking one makes it the page's one input."""
     if not os.path.isdir(folder):
         return
     names = sorted(n for n in os.listdir(folder) if n.lower().endswith(tuple(UPLOAD_TYPES)))[:N_EXAMPLES]
@@ -168,8 +191,62 @@ def example_buttons(folder: str) -> None:
     for number, (column, name) in enumerate(zip(st.columns(len(names)), names), 1):
         path = os.path.join(folder, name)
         column.image(path, width="stretch")
-        if column.button(f"Example {number}", key=f"example_{name}", help=name, width="stretch"):
-            st.session_state["example"] = path
+        column.button(f"Example {number}", key=f"example_{name}", help=name, width="stretch", on_click=choose_example,
+                      args=(path,))
+
+
+def choose_example(path: str) -> None:
+    """An example click replaces the uploads: the page shows one current set of results."""
+    st.session_state["example"] = path
+    st.session_state["uploader"] = st.session_state.get("uploader", 0) + 1     # a new, empty file uploader
+
+
+def forget_example() -> None:
+    st.session_state.pop("example", None)           # new uploads replace the example
+
+
+def visitor_inputs(upload_column) -> list[tuple[str, bytes]]:
+    """(name, bytes) of what to caption: the uploads (at most MAX_UPLOADS), or the example clicked last."""
+    uploads = upload_column.file_uploader("Upload images", type=UPLOAD_TYPES, accept_multiple_files=True,
+                                          key=f"uploads_{st.session_state.get('uploader', 0)}", on_change=forget_example)
+    uploads = uploads or []
+    if len(uploads) > MAX_UPLOADS:
+        upload_column.warning(f"Captioning the first {MAX_UPLOADS} of the {len(uploads)} files; upload the others "
+                              f"separately.")
+    inputs = [(upload.name, upload.getvalue()) for upload in uploads[:MAX_UPLOADS]]
+    example = st.session_state.get("example")
+    if not inputs and example:
+        with open(example, "rb") as f:
+            inputs.append((os.path.basename(example), f.read()))
+    return inputs
+
+
+def open_captioner(path: str):
+    """The sidebar's checkpoint, loaded (once per file); a page error otherwise that names the file as the visitor
+    gave it, never the server's own path to it."""
+    full = os.path.realpath(os.path.join(REPO_ROOT, path))      # one cache entry per file, however it was named
+    try:
+        return full, load_captioner(full, os.path.getmtime(full) if os.path.exists(full) else 0.0)
+    except (UserError, OSError) as e:
+        message = str(e).replace(full, path).replace(REPO_ROOT + os.sep, "")
+        st.error(f"Cannot load the checkpoint: {message}. Train one with `python train.py`, or pick another in the "
+                 f"sidebar.")
+        st.stop()
+
+
+def show_input(checkpoint: str, name: str, data: bytes, captioner, settings: tuple) -> None:
+    """Caption one upload and show it; whatever the file makes go wrong is a message on the page, and a traceback
+    in the server's log only."""
+    try:
+        image = read_image(data, name)
+        with st.spinner(f"Captioning {name}..."):
+            result = cached_caption(checkpoint, data, name, settings, captioner)
+        show_result(name, image, result)
+    except UserError as e:
+        st.error(str(e))
+    except Exception:       # a bug of ours, or a library's, that this file set off: the visitor sees one line
+        traceback.print_exc(file=sys.stderr)
+        st.error(f"{name}: could not be captioned: an error on the server (its log has the details)")
 
 
 def main() -> None:
@@ -181,13 +258,8 @@ def main() -> None:
                  "`git checkout -- pretrained/`) and nothing under runs/. Train one with `python train.py` "
                  "(it writes runs/<name>/checkpoint_best.pth).")
         st.stop()
-    full = os.path.realpath(os.path.join(REPO_ROOT, path))      # one cache entry per file, however it was named
-    try:
-        captioner = load_captioner(full, os.path.getmtime(full) if os.path.exists(full) else 0.0)
-    except (UserError, OSError) as e:
-        st.error(f"Cannot load the checkpoint: {e}. Train one with `python train.py`, or pick another in the sidebar.")
-        st.stop()
-    _, vocab, config, device = captioner
+    full, captioner = open_captioner(path)
+    _, vocab, config, device, _ = captioner
     known = what_it_knows(vocab, config)
     if known:
         st.caption(known)
@@ -199,28 +271,18 @@ def main() -> None:
     decode = decode_settings(config.decode, beam_size=beam_size, max_len=max_len, no_repeat_ngram=no_repeat_ngram)
     st.sidebar.caption(f"Decoding: {describe_decoding(decode)}.")
     st.sidebar.caption(f"{config['model']['encoder']} + {config['model']['decoder']} on {device.type}; "
-                       f"images up to {Image.MAX_IMAGE_PIXELS:,} pixels")
+                       f"images up to {UPLOAD_MAX_PIXELS:,} pixels, {MAX_UPLOADS} at a time")
 
     upload_column, example_column = st.columns([2, 3], gap="large")
-    uploads = upload_column.file_uploader("Upload images", type=UPLOAD_TYPES, accept_multiple_files=True)
     with example_column:
-        example_buttons(examples_for(captioner[1]))
-    inputs = [(upload.name, upload.getvalue()) for upload in uploads or []]
-    if st.session_state.get("example"):
-        example = st.session_state["example"]
-        with open(example, "rb") as f:
-            inputs.append((os.path.basename(example), f.read()))
+        example_buttons(examples_for(vocab))
+    inputs = visitor_inputs(upload_column)
     if not inputs:
         st.info("Upload an image or click an example to caption it.")
+    settings = (("beam_size", beam_size), ("max_len", max_len), ("no_repeat_ngram", no_repeat_ngram))
+    key = f"{full}:{os.path.getmtime(full)}"          # a retrained file is a new checkpoint for the cache
     for name, data in inputs:
-        try:
-            image = read_image(data, name)
-        except UserError as e:
-            st.error(str(e))
-            continue
-        with st.spinner(f"Captioning {name}..."):
-            result = caption(captioner, image, beam_size, max_len, no_repeat_ngram)
-        show_result(name, image, result)
+        show_input(key, name, data, captioner, settings)
 
 
 if __name__ == "__main__":   # `streamlit run` executes this file as __main__; `import app` (tests) does not

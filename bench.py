@@ -3,6 +3,7 @@
     python bench.py --quick --device cpu                       # under 2 minutes on a CPU
     python bench.py --device cuda --data data/flickr8k --out bench.json
     python bench.py --pretrained                               # the shipped model: cold start, photos/s
+    python bench.py --pretrained --onnx DIR                    # it beside its ONNX export (export.py --onnx)
     python bench.py --scale [--quick] [--sizes 10000 40000]    # training on synthetic caches of 10k-120k images
 
 Ours is the project's own code: data.features.cache.extract_features (on CUDA: JPEGs decoded on the
@@ -32,7 +33,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from benchmarks import pretrained, scale
+from benchmarks import onnx_runtime, pretrained, scale
 from benchmarks.naive import NaiveCaptioner, naive_extract, naive_infer, naive_train, now
 from benchmarks.train_process import run_train_py
 from config import DEFAULTS, merge
@@ -41,7 +42,7 @@ from data.prepare import encode_captions
 from data.text.captions import read_captions, read_split_file
 from data.text.vocab import Vocabulary
 from models.caption_model import build_model
-from models.checkpoint import load_checkpoint, load_model
+from models.checkpoint import PRETRAINED, load_checkpoint, load_model
 from models.decoding import generate
 from training.cuda_graphs import graphed_step
 from training.step import epoch_order, make_amp, training_step
@@ -328,6 +329,8 @@ def main(argv=None):
                         help="with --scale: the dataset sizes in images (default 10000 40000 120000; --quick: the first)")
     parser.add_argument("--pretrained", action="store_true",
                         help="the shipped model: cold start to one caption, then photos/s at batch 16")
+    parser.add_argument("--onnx", metavar="DIR", help="with --pretrained: PyTorch beside ONNX Runtime on the shipped "
+                                                      "model's ONNX export DIR (CNN, decoder, whole, cold start)")
     parser.add_argument("--out", help="also write the JSON here")
     parser.add_argument("--data", help="a Flickr8k folder, or 'generated' "
                                        "(default: $FLICKR8K_DIR, else data/flickr8k, else generated)")
@@ -341,7 +344,13 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.scale and args.pretrained:
         raise UserError("--scale and --pretrained are two benchmarks: run one at a time")
-    if args.scale:
+    if args.onnx and not args.pretrained:
+        raise UserError("--onnx DIR compares the shipped model with its ONNX export DIR: add --pretrained")
+    if args.onnx:
+        result = onnx_runtime.run(args.onnx, PRETRAINED, args.data or os.environ.get("FLICKR8K_DIR") or FLICKR8K,
+                                  16 if args.quick else pretrained.PHOTOS)
+        onnx_runtime.print_table(result)
+    elif args.scale:
         result = scale.run(pick_device(args.device), args.quick, args.sizes or scale.SIZES)
         scale.print_table(result)
     elif args.pretrained:

@@ -27,12 +27,15 @@ def key(default, doc: str = "", *, choices: tuple = (), low=None, high=None, low
 
 
 class Section:
-    """Read by name as well, as the dict a checkpoint stores reads: section["epochs"]."""
+    """Read by name as well, as the dict a checkpoint stores reads: section["epochs"], section.get("epochs")."""
 
     def __getitem__(self, name: str):
         if name not in self.__dataclass_fields__:
             raise KeyError(name)
         return getattr(self, name)
+
+    def get(self, name: str, default=None):
+        return getattr(self, name) if name in self.__dataclass_fields__ else default
 
 
 @dataclass(frozen=True)
@@ -111,6 +114,13 @@ class DecodeConfig(Section):
     beam_size: int = key(3, low=1)
     length_penalty: float = key(1.0, "beam score = log p / length ** length_penalty", low=0.0)
     no_repeat_ngram: int = key(2, "never say the same n words twice in one caption (0: off)", low=0)
+    # consensus (minimum Bayes risk) re-ranking: models/consensus.py
+    rerank_samples: int = key(0, "consensus re-ranking: captions sampled per image beside the beam's; the candidate "
+                                 "with the highest mean CIDEr-D against the others wins (0: off)", low=0)
+    rerank_temperature: float = key(0.7, "consensus re-ranking: the samples' softmax temperature", low=0.0,
+                                    low_open=True)
+    rerank_bleu: float = key(0.0, "consensus re-ranking: weight of smoothed sentence BLEU-4 beside CIDEr-D in the "
+                                  "utility (0: CIDEr-D alone)", low=0.0)
 
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "decode": DecodeConfig}

@@ -8,7 +8,8 @@
 
 Generates a caption for every image of the split, decoded as the checkpoint's decode section says
 (the decoding of inference, the web demo and the README's tables; --beam-size, --max-len,
---length-penalty and --no-repeat-ngram change it), prints that decoding in one line, and scores them against all reference captions with the coco-caption toolkit: BLEU-1..4, METEOR,
+--length-penalty, --no-repeat-ngram and the --rerank-* flags of consensus re-ranking change it), prints that
+decoding in one line, and scores them against all reference captions with the coco-caption toolkit: BLEU-1..4, METEOR,
 ROUGE-L, CIDEr-D. Prints the metrics as one JSON object on the last line of stdout (plus
 exact_match: the share of captions equal to a reference word for word, n_empty_captions and
 n_skipped). With --out, writes that object to the file, and beside it <stem>_captions.json (image,
@@ -28,7 +29,8 @@ from data.text import karpathy
 from data.text.captions import collect, load_splits, read_captions, read_split_file
 from data.text.vocab import tokenize
 from evaluation.metrics import score_captions
-from models.checkpoint import load_checkpoint, load_model
+from models.checkpoint import load_model_at
+from models.consensus import with_rerank_cider
 from models.decoding import decode_settings, describe_decoding, generate
 from utils import UserError, atomic_write_text, int_at_least, pick_device, run_main, warn
 
@@ -58,7 +60,8 @@ def images_to_score(args, config):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="a checkpoint (train.py's or pretrained/*.pth)")
+    parser.add_argument("--checkpoint", required=True,
+                        help="a checkpoint (train.py's or pretrained/*.pth), or a folder of export.py --onnx")
     parser.add_argument("--captions", help="captions file: image,caption CSV, Flickr8k.token.txt or Karpathy JSON")
     parser.add_argument("--images", help="image folder (for a Karpathy JSON: the root its file paths start from)")
     parser.add_argument("--split-file", help="image names to evaluate, one per line (default: every captioned image)")
@@ -72,6 +75,13 @@ def parse_args(argv=None):
                         help="beam score = log p / length ** this (default: the checkpoint's decode.length_penalty)")
     parser.add_argument("--no-repeat-ngram", type=int_at_least(0), default=None,
                         help="never repeat n words in a caption (0: off; default: the checkpoint's decode.no_repeat_ngram)")
+    parser.add_argument("--rerank-samples", type=int_at_least(0), default=None,
+                        help="consensus re-ranking: sample N captions per image beside the beam's and keep the one "
+                             "most like the others, by CIDEr-D (0: off; default: the checkpoint's decode.rerank_samples)")
+    parser.add_argument("--rerank-temperature", type=float, default=None,
+                        help="consensus re-ranking: the samples' temperature (default: decode.rerank_temperature)")
+    parser.add_argument("--rerank-bleu", type=float, default=None,
+                        help="consensus re-ranking: weight of BLEU-4 beside CIDEr-D (default: decode.rerank_bleu)")
     parser.add_argument("--out", help="write the metrics JSON here, and <stem>_captions.json beside it")
     parser.add_argument("--batch-size", type=int_at_least(1), default=64)
     parser.add_argument("--num-workers", type=int_at_least(0), default=2)
@@ -104,30 +114,43 @@ def caption_all(model, vocab, config, names, references, decode, device, args, c
     features, ok = extract_features(model.encoder, paths, config.data.image_size, cache_dir, device,
                                     args.batch_size, args.num_workers)
     readable, produced = [n for n, good in zip(names, ok) if good], []
-    for start in tqdm(range(0, len(readable), args.batch_size), desc=f"captioning (beam {decode['beam_size']})",
-                      unit="batch", file=sys.stderr):
-        with torch.no_grad():
-            grids = model.encoder.tail(features[start:start + args.batch_size].to(device))
-            results = generate(model, grids, vocab, **decode)
-        produced += [{"image": name, "caption": r["caption"], "references": references[name]}
-                     for name, r in zip(readable[start:], results)]
-        if captions_path:
-            write_json(produced, captions_path)
+    try:
+        for start in tqdm(range(0, len(readable), args.batch_size), desc=f"captioning (beam {decode['beam_size']})",
+                          unit="batch", file=sys.stderr):
+            with torch.no_grad():
+                grids = model.encoder.tail(features[start:start + args.batch_size].to(device))
+                results = generate(model, grids, vocab, **decode)
+            produced += [{"image": name, "caption": r["caption"], "references": references[name]}
+                         for name, r in zip(readable[start:], results)]
+            if captions_path:
+                write_json(produced, captions_path)
+    except KeyboardInterrupt as stop:       # Ctrl-C or SIGTERM: the captions file holds every caption made
+        kept = f"kept the {len(produced)} captions made so far in {captions_path}" if captions_path else \
+            f"{len(produced)} captions made, none kept (give --out to keep them)"
+        raise type(stop)(kept) from None
     return produced
 
 
 def main(argv=None):
     args = parse_args(argv)
+    own_split = args.split in ("train", "val") and not args.captions
+    if not own_split:       # the user's paths are checked before the model loads: a mistake is told at once
+        references, names = images_to_score(args, None)
+        names, skipped = present(names, references, args)
     device = pick_device(args.device)
-    model, vocab, config = load_model(load_checkpoint(args.checkpoint), args.checkpoint)
+    model, vocab, config, checkpoint = load_model_at(args.checkpoint)      # a .pth, or an ONNX folder
     model.to(device)
-    references, names = images_to_score(args, config)
-    names, skipped = present(names, references, args)
+    if own_split:
+        references, names = images_to_score(args, config)
+        names, skipped = present(names, references, args)
     decode = decode_settings(config.decode, beam_size=args.beam_size, max_len=args.max_len,
-                             length_penalty=args.length_penalty, no_repeat_ngram=args.no_repeat_ngram)
+                             length_penalty=args.length_penalty, no_repeat_ngram=args.no_repeat_ngram,
+                             rerank_samples=args.rerank_samples, rerank_temperature=args.rerank_temperature,
+                             rerank_bleu=args.rerank_bleu)
     print(f"decoding: {describe_decoding(decode)}", file=sys.stderr)
     captions_path = os.path.splitext(args.out)[0] + "_captions.json" if args.out else None
-    produced = caption_all(model, vocab, config, names, references, decode, device, args, captions_path)
+    produced = caption_all(model, vocab, config, names, references, with_rerank_cider(decode, checkpoint, args.checkpoint),
+                           device, args, captions_path)
     empty = sum(1 for p in produced if not p["caption"])
     if empty:
         warn(f"{empty} generated captions are empty (the model said <end> first); they score 0")

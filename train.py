@@ -23,6 +23,7 @@ import os
 import shlex
 import signal
 import sys
+import threading
 import time
 from dataclasses import asdict
 
@@ -54,7 +55,7 @@ from training.epochs import CrossEntropySteps, SelfCriticalSteps
 from training.run_folder import RunFolder
 from training.step import make_optimization
 from training.validation import describe_validation, validate
-from utils import UserError, atomic_write_text, run_main, seed_everything, warn
+from utils import Terminated, UserError, atomic_write_text, raise_terminated, run_main, seed_everything, warn
 
 
 def train(config, run: RunFolder, checkpoint=None, command="", begun=None):
@@ -104,9 +105,9 @@ def train(config, run: RunFolder, checkpoint=None, command="", begun=None):
                 progress.epoch, progress.batch = progress.epoch + 1, 0
                 stop = keeper.check(final=progress.epoch == t.epochs)
         failed = keeper.writer.finish()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         keeper.interrupted()
-        sys.exit(130)
+        sys.exit(143 if isinstance(stop, Terminated) else 130)
     finally:
         gc.unfreeze()
         keeper.close()
@@ -135,14 +136,15 @@ def model_and_data(config, checkpoint, run: RunFolder, device, main_process: boo
     if main_process:
         vocab.save(os.path.join(run.out_dir, "vocab.json"))
         atomic_write_text(os.path.join(run.out_dir, "config.yaml"), yaml.safe_dump(config.to_dict(), sort_keys=False))
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)   # a scheduler's preemption stops like Ctrl-C
+    if threading.current_thread() is threading.main_thread():   # a scheduler's preemption stops like Ctrl-C
+        signal.signal(signal.SIGTERM, raise_terminated)
     try:
         splits = prepare_splits(config, vocab, model.encoder, device, loaded=loaded)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         if main_process:
             print("\ninterrupted during feature extraction: the features computed so far are cached; run the "
                   "same command again to continue", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(143 if isinstance(stop, Terminated) else 130)
     return model, vocab, start, frozen_cnn, (splits["train"], splits["val"])
 
 
@@ -180,7 +182,9 @@ class Keeper:
         p, lr, mean_loss = self.progress, self.optimization.lr, float(self.running) / self.count
         if not math.isfinite(mean_loss):
             raise UserError(f"the training loss became {mean_loss} at step {p.step}; the last good checkpoint in "
-                            f"{self.run.out_dir} is kept; lower train.lr and start again")
+                            f"{self.run.out_dir} is kept. Likely causes: a learning rate too high (lower train.lr), "
+                            f"damaged cached features (delete {self.config.train.cache_dir} to rebuild them), or a "
+                            f"damaged train.init_from checkpoint; then start again")
         mean_reward = self.rewards / self.count
         self.run.log.write(p.step, p.epoch + 1, "train", mean_loss, lr, time.time() - self.started, reward=mean_reward)
         bar.set_postfix(loss=f"{mean_loss:.3f}", **({"reward": f"{mean_reward:.3f}"} if math.isfinite(mean_reward) else {}),
@@ -251,10 +255,6 @@ class Keeper:
         self.writer.close()
         if self.val_feed:
             self.val_feed.close()
-
-
-def _raise_keyboard_interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 def main(argv=None):

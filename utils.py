@@ -8,6 +8,7 @@ import errno
 import os
 import random
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -22,6 +23,32 @@ class UserError(ValueError):
     """A mistake of the user's (a bad path, config value or file), told in one line that names the fix.
     run_main prints it without a traceback; any other exception is a bug of ours and keeps its traceback.
     A ValueError, so that code which checks a value can catch either."""
+
+
+def plural(count: int, noun: str, verb: str = "") -> str:
+    """ "1 file", "2 files"; with a verb, "1 file that is", "2 files that are" (verb: "is" or "was")."""
+    words = f"{count:,} {noun}{'' if count == 1 else 's'}"
+    if verb:
+        words += " that " + (verb if count == 1 else {"is": "are", "was": "were"}[verb])
+    return words
+
+
+def printable(name: str) -> bool:
+    """Whether a file name can be printed, and written to CSV and HTML: names that are not valid UTF-8
+    reach Python as lone surrogates, which no UTF-8 output accepts."""
+    try:
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def shown_name(name: str) -> str:
+    """A file name as it may be printed in one line of a terminal, a TSV or a log: tabs, line breaks, terminal
+    escape codes and other control characters (and bytes that are not UTF-8) are written as escapes."""
+    if not printable(name):
+        name = os.fsencode(name).decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() or c == " " else c.encode("unicode_escape").decode("ascii") for c in name)
 
 
 def warn(message: str) -> None:
@@ -163,15 +190,30 @@ def int_at_least(lowest: int):
     return parse
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler, `kill`, a closing terminal): stops like Ctrl-C, with exit code 143."""
+
+
+def raise_terminated(signum, frame):
+    raise Terminated()
+
+
 def run_main(main) -> None:
     """Run a script's main(). A user's mistake (UserError) ends with one line and exit code 2; a file
-    operation the machine refused (a full disk, say) with one line and exit code 1. Anything else is a bug,
-    and keeps its traceback. Nothing written earlier is lost: every file is written by atomic_write."""
+    operation the machine refused (a full disk, say) with one line and exit code 1; Ctrl-C with one line and
+    exit code 130, SIGTERM 143 (the script keeps what it has made: its message says what). Anything else is a
+    bug, and keeps its traceback. Nothing written earlier is lost: every file is written by atomic_write."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, raise_terminated)
     try:
         main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as e:
+        kept = f": {e.args[0]}" if e.args else ""
+        print(f"\n{'terminated' if isinstance(e, Terminated) else 'interrupted'}{kept}", file=sys.stderr)
+        sys.exit(143 if isinstance(e, Terminated) else 130)
     except OSError as e:
         if isinstance(e, BrokenPipeError):    # `script | head` closed our stdout: stop quietly
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -28,7 +28,7 @@ import torchvision
 
 from benchmarks.train_process import run_train_py
 from config import DEFAULTS, merge
-from data.features.cache import extract_features
+from data.features.cache import extract_features, row_checksums
 from data.features.key import cache_key
 from models.encoder import EncoderCNN
 from training.loss_log import last_elapsed
@@ -66,12 +66,13 @@ def make_dataset(folder: str, n: int, s: dict, encoder_path: str) -> tuple[list[
     encoder = EncoderCNN(s["encoder"], encoder_path, 256, spatial=True)
     key_folder = os.path.join(folder, "cache", cache_key(encoder, s["image_size"]))
     grids = torch.randn(SHARD, *s["grid"]).half()          # one shard's values, written again for each shard
+    checksums = row_checksums(grids)
     paths = [os.path.join(images, name) for name in names]
     for i, start in enumerate(range(0, n, SHARD)):
         chunk = paths[start:start + SHARD]
         files = [[os.path.abspath(p), 0, os.stat(p).st_mtime_ns] for p in chunk]
-        atomic_save({"files": files, "features": grids[:len(chunk)]}, os.path.join(key_folder, f"shard_0_{i:05d}.pt"),
-                    durable=False)
+        atomic_save({"files": files, "features": grids[:len(chunk)], "checksums": checksums[:len(chunk)]},
+                    os.path.join(key_folder, f"shard_0_{i:05d}.pt"), durable=False)
     return paths, os.path.join(folder, "cache")
 
 

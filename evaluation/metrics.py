@@ -12,6 +12,7 @@ frequencies taken from the evaluated references, exactly as in coco-caption.
 import contextlib
 import functools
 import io
+import math
 import os
 import re
 import subprocess
@@ -19,6 +20,7 @@ import tempfile
 import threading
 
 from pycocoevalcap.bleu.bleu import Bleu
+from pycocoevalcap.bleu.bleu_scorer import cook_refs, cook_test
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.meteor import meteor as meteor_module
 from pycocoevalcap.rouge.rouge import Rouge
@@ -138,6 +140,18 @@ def _bleu(gts: dict, res: dict) -> tuple[list[float], list[list[float]]]:
     with contextlib.redirect_stdout(io.StringIO()):  # BleuScorer prints its length ratio
         score, scores = Bleu(4).compute_score(gts, res, verbose=0)
     return [float(s) for s in score], scores
+
+
+def smoothed_bleu4(hypothesis: str, references: list[str]) -> float:
+    """Sentence BLEU-4 of one caption against references (strings of space-separated words): coco-caption's
+    clipped n-gram counts and closest reference length, with add-one smoothing of the 2- to 4-gram precisions
+    (Lin and Och 2004), so that a caption sharing no 4-gram still scores by its shorter ones."""
+    cooked = cook_test(hypothesis, cook_refs(references), eff="closest")
+    if not cooked["correct"][0]:
+        return 0.0
+    log_precision = sum(math.log((cooked["correct"][k] + (k > 0)) / (cooked["guess"][k] + (k > 0))) for k in range(4))
+    brevity = min(0.0, 1.0 - cooked["reflen"] / cooked["testlen"])
+    return math.exp(log_precision / 4 + brevity)
 
 
 def score_captions(hypotheses: dict[str, str], references: dict[str, list[str]],

@@ -16,16 +16,20 @@ import zipfile
 import torch
 
 from config import DEFAULTS, merge
+from data.features.key import weights_hash
 from data.text.vocab import Vocabulary
 from models.caption_model import build_model
 from models.encoder import EncoderCNN
 from models.ensemble import CaptionEnsemble
+from models.onnx_model import is_onnx_folder, load_onnx_model
 from utils import REPO_ROOT, UserError
 
 CHECKPOINT_FORMAT = 1
 PRETRAINED = os.path.join(REPO_ROOT, "pretrained",
                           "flickr8k_attention_lite2.pth")    # the shipped model
 INFERENCE = "inference"
+TRAINED = "trained weights"     # the label of an exported file's weights_hash
+RERANK_FREQUENCIES = "rerank_frequencies"     # an exported file's training-caption n-grams (models/consensus.py)
 MAX_SHIPPED_BYTES = 20 * 2**20    # the repository's limit for the shipped model
 MAX_SHIPPED_ENSEMBLE_BYTES = 45 * 2**20       # and for a shipped ensemble
 # Where the README lays data out: a path of the training machine is written into an exported config as
@@ -124,10 +128,25 @@ def load_model(checkpoint: dict, path: str = "checkpoint"):
     return model, vocab, config
 
 
+def load_model_at(path: str | None):
+    """(model, vocab, config, checkpoint) of what a tool's --checkpoint names: a checkpoint file, a run folder
+    (its checkpoint_last.pth), a folder export.py --onnx wrote (ONNX Runtime runs its graphs:
+    models.onnx_model), or, for None, the shipped model. For an ONNX folder, checkpoint is a stand-in without
+    weights: an inference checkpoint's vocabulary and config."""
+    if path is not None and is_onnx_folder(path):
+        model, vocab, config = load_onnx_model(path)
+        return model, vocab, config, {"format": CHECKPOINT_FORMAT, "kind": INFERENCE, "vocab": vocab.itos,
+                                      "config": config.to_dict(), "onnx": path}
+    checkpoint = load_checkpoint(path) if path is not None else load_shipped()
+    return (*load_model(checkpoint, path or PRETRAINED), checkpoint)
+
+
 def _load_one(checkpoint: dict, path: str):
     vocab = Vocabulary(checkpoint["vocab"])
     config = merge(DEFAULTS, checkpoint["config"], path)
     state = checkpoint["model"]
+    if is_inference(checkpoint):
+        _check_weights_hash(checkpoint, path)
     if is_inference(checkpoint) and checkpoint.get("encoder_hash"):
         model = build_model(config, len(vocab))      # the CNN's weights: config's model.encoder_weights
         found = model.encoder.weights_fingerprint()
@@ -135,6 +154,10 @@ def _load_one(checkpoint: dict, path: str):
             raise UserError(f"{path}: the {config['model']['encoder']} weights installed here (hash {found}) are "
                             f"not the ones this model was trained on (hash {checkpoint['encoder_hash']}); install "
                             f"the package versions in requirements.txt, or use a training checkpoint")
+        trunk = {f"encoder.backbone.{k}" for k in model.encoder.trunk_state()}
+        if trunk & state.keys():        # the frozen part comes from its package, checked by its hash, never the file
+            raise UserError(f"{path}: the file holds weights of the CNN's frozen part ({sorted(trunk & state.keys())[0]}), "
+                            f"which its package supplies; it was not written by export.py: export it again")
         backbone = {f"encoder.backbone.{k}": v for k, v in model.encoder.backbone.state_dict().items()}
         state = {**backbone, **state}
     else:
@@ -144,6 +167,17 @@ def _load_one(checkpoint: dict, path: str):
     state = {k: v.to(own[k].dtype) if k in own and v.is_floating_point() else v for k, v in state.items()}
     load_weights(model, state, path, checkpoint["config"])
     return model.eval(), vocab, config
+
+
+def _check_weights_hash(checkpoint: dict, path: str) -> None:
+    """An exported file's weights are the ones export.py wrote: their hash is recorded beside them."""
+    recorded = checkpoint.get("weights_hash")
+    if recorded is None:
+        raise UserError(f"{path}: the file records no hash of its weights, so they cannot be checked; export it again "
+                        f"with this version's export.py")
+    if weights_hash(checkpoint["model"], TRAINED) != recorded:
+        raise UserError(f"{path}: its weights are not the ones export.py wrote (their hash differs from the one it "
+                        f"records): the file was changed or damaged; download or export it again")
 
 
 def load_weights(model, state: dict, path: str, config: dict) -> None:
@@ -218,16 +252,20 @@ def portable_command(command: str) -> str:
 
 
 def inference_checkpoint(checkpoint: dict, model, scores: dict | None, command: str | None,
-                         members: tuple = ()) -> dict:
+                         members: tuple = (), rerank_frequencies: dict | None = None) -> dict:
     """The exported form of a training checkpoint (see the module's docstring): trained weights in half
     precision, vocabulary, config, dev scores and the command that trained it; no optimizer. members: (training
-    checkpoint, its model) of the ensemble's other models, each exported the same way into "members"."""
+    checkpoint, its model) of the ensemble's other models, each exported the same way into "members".
+    rerank_frequencies: the training captions' document frequencies that consensus re-ranking reads
+    (models.consensus.count_frequencies), when they could be counted."""
     exported = {"format": CHECKPOINT_FORMAT, "kind": INFERENCE, **_exported_model(checkpoint, model),
                 "vocab": checkpoint["vocab"], "scores": scores or checkpoint.get("scores") or {},
                 "command": portable_command(command or checkpoint.get("command") or ""),
                 "trained": {k: checkpoint.get("progress", {}).get(k) for k in ("epoch", "step", "best")}}
     if members:
         exported["members"] = [_exported_model(*member) for member in members]
+    if rerank_frequencies is not None:
+        exported[RERANK_FREQUENCIES] = rerank_frequencies
     return exported
 
 
@@ -240,7 +278,7 @@ def _exported_model(checkpoint: dict, model) -> dict:
         _check_trunk_is_packaged(model, config)
     trunk = {"encoder.backbone." + k for k in model.encoder.trunk_state()} if from_package else set()
     weights = {k: v.half() if v.is_floating_point() else v for k, v in checkpoint["model"].items() if k not in trunk}
-    exported = {"model": weights, "config": portable_config(config)}
+    exported = {"model": weights, "config": portable_config(config), "weights_hash": weights_hash(weights, TRAINED)}
     if from_package:
         exported["encoder_hash"] = model.encoder.weights_fingerprint()
     return exported

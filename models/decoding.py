@@ -4,13 +4,19 @@ All three drive any decoder through its two-method interface:
     state = model.init_state(features)            every state tensor is batch-first
     logits, state, alpha = model.step(tokens, state)
 so beam search can expand and reorder any decoder's state with index_select(0, ...), and sampling can
-repeat it for several captions per image.
+repeat it for several captions per image. Consensus re-ranking (models/consensus.py) chooses among the beam's
+hypotheses and sampled captions; the stepping along a chosen caption gives its score and attention.
 """
 import torch
 import torch.nn.functional as F
 
+from config import check_value
 from data.text.vocab import Vocabulary
-from utils import UserError
+from models.consensus import rerank
+from utils import UserError, warn
+
+RERANK_KEYS = ("rerank_samples", "rerank_temperature", "rerank_bleu")
+RERANK_SEED = 0         # re-ranking's samples: the same batch of images always gets the same ones
 
 
 @torch.no_grad()
@@ -137,6 +143,11 @@ def _best(finished: list, alive, k: int, length_penalty: float) -> dict:
         scores, history, attention = alive
         hyps += [(scores[j].item() / history.size(1) ** length_penalty, history[j].tolist(),
                   None if attention is None else attention[j]) for j in range(k) if scores[j].isfinite()]
+    if not hyps:            # every score is NaN or -inf: the features (or the weights) hold values that are no numbers
+        warn("beam search found no hypothesis with a finite score (are the image features or the model's weights "
+             "damaged?); returning its first beam")
+        scores, history, attention = alive
+        hyps = [(float("nan"), history[0].tolist(), None if attention is None else attention[0])]
     hyps.sort(key=lambda h: -h[0])
     best_score, best_tokens, best_attn = hyps[0]
     return {"tokens": best_tokens, "score": best_score,
@@ -147,9 +158,10 @@ def _best(finished: list, alive, k: int, length_penalty: float) -> dict:
 @torch.no_grad()
 def sample_captions(model, features, samples_per_image: int, max_len: int, temperature: float = 1.0,
                     generator: torch.Generator | None = None, start_id: int = 1, end_id: int = 2, pad_id: int = 0,
-                    banned: tuple = ()):
+                    banned: tuple = (), no_repeat_ngram: int = 0):
     """Draw K = samples_per_image captions per image from the model's word distribution (softmax of the
-    logits / temperature); a temperature near 0 gives the greedy caption.
+    logits / temperature); a temperature near 0 gives the greedy caption. With no_repeat_ngram = n > 0 no
+    caption holds the same n words twice.
 
     features [B,...] -> (tokens [B*K, T+1]: <start> words <end> <pad>..., lengths [B*K]: tokens up to and
     including <end>, or T+1 for a caption that reached max_len without it). Rows are image-major: image b's
@@ -163,7 +175,11 @@ def sample_captions(model, features, samples_per_image: int, max_len: int, tempe
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
     for _ in range(max_len):
         logits, state, _ = step_logits(model, tokens, state, banned)
-        probs = torch.softmax(logits.float() / max(temperature, 1e-6), dim=-1)
+        logits = logits.float() / max(temperature, 1e-6)
+        if no_repeat_ngram and len(words) > 1:
+            ban_repeated_ngrams(logits, torch.stack(words[1:], 1), no_repeat_ngram)
+            logits.masked_fill_(finished.unsqueeze(1), 0.0)     # a finished row's draw is dropped: keep it valid
+        probs = torch.softmax(logits, dim=-1)
         tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1).masked_fill(finished, pad_id)
         words.append(tokens)
         finished |= tokens == end_id
@@ -176,6 +192,48 @@ def sample_captions(model, features, samples_per_image: int, max_len: int, tempe
     return tokens, lengths
 
 
+@torch.no_grad()
+def follow(model, features, captions: list[list[int]], max_len: int, length_penalty: float = 1.0, start_id: int = 1,
+           end_id: int = 2, banned: tuple = ()) -> tuple[list[float], list]:
+    """Step the model along given captions (word ids, one per image of features): (each one's score as beam search
+    scores it: the log-probs of its words and <end> / length ** length_penalty, where a caption of max_len words
+    never ended and has no <end>; each one's attention [words, P], None without attention or words)."""
+    device = features.device
+    lengths = torch.tensor([len(c) + (len(c) < max_len) for c in captions])              # words, and <end>
+    targets = torch.full((len(captions), int(lengths.max())), end_id, dtype=torch.long)
+    for b, caption in enumerate(captions):
+        targets[b, :len(caption)] = torch.tensor(caption, dtype=torch.long)
+    targets = targets.to(device)
+    state = model.init_state(features)
+    tokens = torch.full((len(captions),), start_id, dtype=torch.long, device=device)
+    logps, alphas = [], []
+    for t in range(targets.size(1)):
+        logits, state, alpha = step_logits(model, tokens, state, banned)
+        logps.append(F.log_softmax(logits.float(), dim=-1).gather(1, targets[:, t:t + 1]).squeeze(1))
+        alphas.append(alpha)
+        tokens = targets[:, t]
+    logp = torch.stack(logps, 1).cpu().masked_fill(torch.arange(targets.size(1)) >= lengths.unsqueeze(1), 0.0)
+    scores = (logp.sum(1) / lengths.float() ** length_penalty).tolist()
+    attention = [torch.stack([a[b] for a in alphas[:len(c)]]).float().cpu() if alphas[0] is not None and c else None
+                 for b, c in enumerate(captions)]
+    return scores, attention
+
+
+def consensus_candidates(model, features, vocab: Vocabulary, results: list[dict], samples: int, temperature: float,
+                         max_len: int, no_repeat_ngram: int = 0) -> list[list[list[int]]]:
+    """Each image's candidates for consensus re-ranking (word ids): its beams (results: greedy_decode's or
+    beam_search's, with "beams" [(tokens, score)]), then `samples` captions drawn at temperature. The generator is
+    seeded, so the same batch always gets the same ones."""
+    generator = torch.Generator(device=features.device).manual_seed(RERANK_SEED)
+    tokens, lengths = sample_captions(model, features, samples, max_len, temperature, generator, vocab.start_id,
+                                      vocab.end_id, vocab.pad_id, never_said(vocab), no_repeat_ngram)
+    drawn = []
+    for row, length in zip(tokens.tolist(), lengths.tolist()):
+        words = row[1:length]
+        drawn.append(words[:-1] if words and words[-1] == vocab.end_id else words)
+    return [[beam for beam, _ in r["beams"]] + drawn[b * samples:(b + 1) * samples] for b, r in enumerate(results)]
+
+
 def never_said(vocab: Vocabulary) -> tuple:
     """Ids a caption never holds: <pad>, <start>, and <unk>, which would print as a placeholder."""
     return vocab.pad_id, vocab.start_id, vocab.unk_id
@@ -183,24 +241,39 @@ def never_said(vocab: Vocabulary) -> tuple:
 
 def decode_settings(decode: dict, **given) -> dict:
     """A checkpoint's decode section, with what a command line gave instead (None: not given): the keyword
-    arguments of generate()."""
-    settings = {key: decode[key] for key in ("beam_size", "max_len", "length_penalty", "no_repeat_ngram")}
+    arguments of generate(). Re-ranking's keys are left out when it is off, so the settings of plain decoding
+    (and the scores that record them) read as they did before it existed."""
+    settings = {key: decode[key] for key in ("beam_size", "max_len", "length_penalty", "no_repeat_ngram", *RERANK_KEYS)}
     settings.update({key: value for key, value in given.items() if value is not None})
     if settings["length_penalty"] < 0:
         raise UserError(f"length penalty {settings['length_penalty']}: must be at least 0")
-    return settings
+    for key in RERANK_KEYS:
+        check_value(f"decode.{key}", settings[key], f"--{key.replace('_', '-')}")
+    return settings if settings["rerank_samples"] else {k: v for k, v in settings.items() if k not in RERANK_KEYS}
 
 
 def describe_decoding(decode: dict) -> str:
     """One line for a decode section (or the same keys given on a command line): what every tool prints."""
     search = "greedy decoding" if decode["beam_size"] <= 1 else f"beam search (beam {decode['beam_size']}, length penalty {decode['length_penalty']:g})"
     repeats = f"no {decode['no_repeat_ngram']}-gram said twice" if decode["no_repeat_ngram"] else "repeats allowed"
-    return f"{search}, {repeats}, at most {decode['max_len']} words"
+    line = f"{search}, {repeats}, at most {decode['max_len']} words"
+    if not decode.get("rerank_samples"):
+        return line
+    pool = "the beam" if decode["beam_size"] > 1 else "the greedy caption"
+    utility = f"CIDEr-D + {decode['rerank_bleu']:g} x BLEU-4" if decode["rerank_bleu"] else "CIDEr-D"
+    return (f"{line}, consensus re-ranking of {pool} + {decode['rerank_samples']} samples at temperature "
+            f"{decode['rerank_temperature']:g} ({utility})")
 
 
 def generate(model, features, vocab: Vocabulary, beam_size: int = 1, max_len: int = 30, length_penalty: float = 1.0,
-             no_repeat_ngram: int = 0):
-    """Captions for a batch of features: list of {caption, tokens, score, attention, beams: [(caption, score)]}."""
+             no_repeat_ngram: int = 0, rerank_samples: int = 0, rerank_temperature: float = 0.7,
+             rerank_bleu: float = 0.0, rerank_cider=None):
+    """Captions for a batch of features: list of {caption, tokens, score, attention, beams: [(caption, score)]}.
+
+    With rerank_samples > 0 the caption is the consensus choice (models/consensus.py) among the beams and that many
+    samples, scored with rerank_cider (models.consensus.rerank_cider(checkpoint, path)); its score and attention
+    come from stepping along it, and beams stay the beam's.
+    """
     if beam_size <= 1:
         results = greedy_decode(model, features, max_len, vocab.start_id, vocab.end_id, banned=never_said(vocab),
                                 no_repeat_ngram=no_repeat_ngram)
@@ -209,6 +282,17 @@ def generate(model, features, vocab: Vocabulary, beam_size: int = 1, max_len: in
     else:
         results = beam_search(model, features, beam_size, max_len, length_penalty, vocab.start_id, vocab.end_id,
                               banned=never_said(vocab), no_repeat_ngram=no_repeat_ngram)
+    if rerank_samples:
+        if rerank_cider is None:
+            raise UserError("consensus re-ranking needs the training captions' document frequencies, and none were "
+                            "given; decode without re-ranking")
+        candidates = consensus_candidates(model, features, vocab, results, rerank_samples, rerank_temperature,
+                                          max_len, no_repeat_ngram)
+        chosen = [c[rerank([vocab.decode(t) for t in c], rerank_cider, rerank_bleu)[0][0]] for c in candidates]
+        scores, attention = follow(model, features, chosen, max_len, length_penalty, vocab.start_id, vocab.end_id,
+                                   never_said(vocab))
+        for r, tokens, score, alpha in zip(results, chosen, scores, attention):
+            r.update(tokens=tokens, score=score, attention=alpha)
     for r in results:
         r["caption"] = vocab.decode(r["tokens"])
         r["beams"] = [(vocab.decode(tokens), score) for tokens, score in r["beams"]]

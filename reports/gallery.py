@@ -13,6 +13,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from utils import atomic_write_text
 
+MAX_CAPTION_LINES = 12      # a caption is at most a few lines; a runaway one is cut, not drawn ever longer
+
 
 @functools.lru_cache(maxsize=16)
 def _font(size: int):
@@ -48,20 +50,23 @@ def _wrap(draw: ImageDraw.ImageDraw, text: str, font, max_width: float) -> list[
     return lines
 
 
-def caption_image(image: Image.Image, caption: str, width: int = 512) -> Image.Image:
-    """New RGB image: the picture scaled to `width` (aspect kept) over a white band with the wrapped caption."""
+def caption_image(image: Image.Image, caption: str, width: int = 512, max_height: int = 1024) -> Image.Image:
+    """New RGB image: the picture scaled to fit `width` x `max_height` (aspect kept, centred) over a white band
+    with the wrapped caption. Bounded on both sides, whatever the picture's shape."""
     picture = image.convert("RGB")
-    height = max(1, round(picture.height * width / picture.width))
-    picture = picture.resize((width, height), Image.BICUBIC)
+    scale = min(width / picture.width, max_height / picture.height)
+    picture = picture.resize((max(1, round(picture.width * scale)), max(1, round(picture.height * scale))),
+                             Image.BICUBIC)
+    height = picture.height
     font_size = max(12, width // 28)
     font = _font(font_size)
     margin = max(6, font_size // 2)
     measure = ImageDraw.Draw(picture)
-    lines = _wrap(measure, caption, font, width - 2 * margin)
+    lines = _wrap(measure, caption, font, width - 2 * margin)[:MAX_CAPTION_LINES]
     line_height = round(font_size * 1.3)
     band = 2 * margin + line_height * len(lines)
     canvas = Image.new("RGB", (width, height + band), "white")
-    canvas.paste(picture, (0, 0))
+    canvas.paste(picture, ((width - picture.width) // 2, 0))
     draw = ImageDraw.Draw(canvas)
     for i, line in enumerate(lines):
         draw.text((margin, height + margin + i * line_height), line, fill="black", font=font)

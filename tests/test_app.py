@@ -29,7 +29,7 @@ def png_bytes(path=None, size=(64, 48)) -> bytes:
 
 def captioner_for(path):
     model, vocab, config = load_model(load_checkpoint(path), path)
-    return model, vocab, config, torch.device("cpu")
+    return model, vocab, config, torch.device("cpu"), None
 
 
 def start(monkeypatch, tmp_path, checkpoint=None) -> AppTest:
@@ -198,3 +198,74 @@ def test_the_page_says_in_one_sentence_what_the_shipped_model_knows(monkeypatch,
     photos = Vocabulary.build(["a man rides a horse on the beach"])
     assert app.what_it_knows(photos, load_config(None, ["data.captions=data/coco/dataset_coco.json"])) is None
     assert app.what_it_knows(photos, load_config(None, ["data.captions=data/flickr8k/captions.txt"])) == app.FLICKR8K_WORLD
+
+
+def test_a_link_under_runs_to_a_file_elsewhere_is_not_offered(tiny_checkpoints, monkeypatch, tmp_path):
+    runs = tmp_path / "runs"
+    (runs / "a").mkdir(parents=True)
+    shutil.copy(tiny_checkpoints["lstm"], runs / "a" / "checkpoint_best.pth")
+    (runs / "checkpoint_passwd.pth").symlink_to("/etc/passwd")
+    monkeypatch.setenv("CAPTION_APP_RUNS_DIR", str(runs))
+    monkeypatch.delenv("CAPTION_APP_CHECKPOINT", raising=False)
+    at = AppTest.from_file(APP, default_timeout=60).run()
+    assert not at.exception
+    assert not any("passwd" in option for option in at.selectbox[0].options)
+    assert str(runs / "a" / "checkpoint_best.pth") in at.selectbox[0].options
+
+
+def test_a_load_error_names_the_file_as_given_not_the_servers_path_to_it(monkeypatch, tmp_path):
+    at = start(monkeypatch, tmp_path)
+    real = tmp_path / "empty_runs" / "stored" / "damaged.pth"
+    real.parent.mkdir()
+    real.write_bytes(b"not a checkpoint")
+    (tmp_path / "empty_runs" / "checkpoint_named.pth").symlink_to(real)
+    typed = str(tmp_path / "empty_runs" / "checkpoint_named.pth")
+    at.text_input[0].input(typed).run()
+    assert not at.exception
+    assert typed in at.error[0].value and str(real) not in at.error[0].value
+
+
+def test_tracebacks_stay_in_the_server_log():
+    with open(os.path.join(REPO_ROOT, ".streamlit", "config.toml"), encoding="utf-8") as f:
+        assert 'showErrorDetails = "none"' in f.read()
+
+
+def test_uploads_are_shrunk_as_they_are_read_and_extreme_sizes_refused():
+    buffer = io.BytesIO()
+    Image.new("RGB", (3000, 2000), (10, 200, 30)).save(buffer, format="PNG")
+    assert max(app.read_image(buffer.getvalue(), "big.png").size) == app.SHOWN_SIDE
+    for size, words in (((70_000, 1), "image too large"), ((5_000, 3_000), "image too large"),
+                        ((1, 2_000), "too narrow")):
+        buffer = io.BytesIO()
+        Image.new("L", size).save(buffer, format="PNG")
+        with pytest.raises(ValueError, match=words):
+            app.read_image(buffer.getvalue(), "odd.png")
+
+
+def test_an_unchanged_upload_is_captioned_once_whatever_reruns(tiny_checkpoints, monkeypatch):
+    calls = []
+    real_caption = app.caption
+    monkeypatch.setattr(app, "caption", lambda *a, **k: calls.append(1) or real_caption(*a, **k))
+    captioner = captioner_for(tiny_checkpoints["lstm"])
+    settings = (("beam_size", 2), ("max_len", 8), ("no_repeat_ngram", 0))
+    data = png_bytes(size=(40, 40))
+    first = app.cached_caption("key-once", data, "a.png", settings, captioner)
+    again = app.cached_caption("key-once", data, "a.png", settings, captioner)
+    assert first["caption"] == again["caption"] and len(calls) == 1
+    app.cached_caption("key-once", data, "a.png", (("beam_size", 1),) + settings[1:], captioner)
+    assert len(calls) == 2                                            # another decoding is another caption
+
+
+@pytest.mark.skipif(not can_upload, reason="this Streamlit's AppTest cannot simulate st.file_uploader")
+@pytest.mark.skipif(EXAMPLE is None, reason="demo_images/ is missing")
+def test_one_current_result_set_and_at_most_max_uploads(tiny_checkpoints, monkeypatch, tmp_path):
+    at = start(monkeypatch, tmp_path, tiny_checkpoints["lstm"])
+    at.button(key=f"example_{EXAMPLE}").click().run()
+    assert [i for row in image_captions(at) for i in row].count(EXAMPLE) == 1
+    files = [(f"u{i}.png", png_bytes(size=(40 + i, 40)), "image/png") for i in range(app.MAX_UPLOADS + 2)]
+    at.file_uploader[0].set_value(files).run()
+    assert not at.exception
+    shown = [i for row in image_captions(at) for i in row]
+    assert EXAMPLE not in shown                                       # the example's result gave way to the uploads
+    assert len(at.subheader) == app.MAX_UPLOADS
+    assert any(f"first {app.MAX_UPLOADS} of the {app.MAX_UPLOADS + 2} files" in w.value for w in at.warning)

@@ -115,7 +115,7 @@ def test_upload_in_browser_shows_caption(tiny_checkpoints, tiny_data, tmp_path):
         stop_server(server)
     model, vocab, config = load_model(load_checkpoint(checkpoint), checkpoint)
     image = app.read_image(pathlib.Path(image_path).read_bytes(), os.path.basename(image_path))
-    expected = app.caption((model, vocab, config, torch.device("cpu")), image,
+    expected = app.caption((model, vocab, config, torch.device("cpu"), None), image,
                            config["decode"]["beam_size"], config["decode"]["max_len"],
                            config["decode"]["no_repeat_ngram"])                           # the sliders' defaults
     assert shown == (expected["caption"] or "(empty caption)")

@@ -11,7 +11,7 @@ import time
 import pytest
 from PIL import Image
 
-from tests.test_app_browser import By, open_browser, start_server, stop_server  # noqa: F401 (skips with it)
+from tests.test_app_browser import By, open_browser, pytestmark, start_server, stop_server  # noqa: F401 (skips with it)
 
 SESSIONS, PHOTOS, DEADLINE_S = 8, 5, 300
 FLICKR8K = os.environ.get("FLICKR8K_DIR", "")

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from config import load_config
+from data.features.key import weights_hash
 from data.text.vocab import Vocabulary
 from models.caption_model import build_model
-from models.checkpoint import load_checkpoint, load_model
+from models.checkpoint import TRAINED, load_checkpoint, load_model
 from training.checkpoints import checkpoint_state
 from utils import atomic_save
 
@@ -175,3 +176,26 @@ def test_portable_paths_keep_the_shipped_folder_and_refuse_a_broken_command():
     assert portable_path("train.init_from", "/home/u/repo/runs/a/checkpoint_best.pth") == "runs/a/checkpoint_best.pth"
     with pytest.raises(UserError, match="No closing quotation"):
         portable_command('python train.py --set "data.captions=a')
+
+
+def test_a_shipped_file_whose_weights_were_changed_is_refused(tmp_path):
+    """The hash export.py records covers the file's own trained weights (decoder and fine-tuned tail); and a file
+    never supplies the frozen trunk its package supplies."""
+    from models.checkpoint import PRETRAINED
+    from models.encoder import EncoderCNN
+    shipped = torch.load(PRETRAINED, weights_only=True)
+    model, _, _ = load_model(shipped, PRETRAINED)                       # as shipped: loads
+    tampered = {**shipped, "model": dict(shipped["model"])}
+    name = next(k for k in tampered["model"] if k.startswith("decoder.") and tampered["model"][k].is_floating_point())
+    tampered["model"][name] = tampered["model"][name] + 0.01
+    with pytest.raises(ValueError, match="its weights are not the ones export.py wrote"):
+        load_model(tampered, "tampered.pth")
+    trunk_key = "encoder.backbone." + next(iter(model.encoder.trunk_state()))
+    assert isinstance(model.encoder, EncoderCNN) and trunk_key not in shipped["model"]
+    with_trunk = {**shipped, "model": {**shipped["model"], trunk_key: model.state_dict()[trunk_key].half() * 0}}
+    with_trunk["weights_hash"] = weights_hash(with_trunk["model"], TRAINED)      # a consistent, forged hash
+    with pytest.raises(ValueError, match="holds weights of the CNN's frozen part"):
+        load_model(with_trunk, "forged.pth")
+    without = {k: v for k, v in shipped.items() if k != "weights_hash"}
+    with pytest.raises(ValueError, match="records no hash of its weights"):
+        load_model(without, "old.pth")

@@ -3,9 +3,19 @@ import pytest
 import torch
 import torch.nn as nn
 
+from config import DEFAULTS
 from data.text.vocab import Vocabulary
 from models.decoder_lstm import DecoderRNN
-from models.decoding import ban_repeated_ngrams, beam_search, generate, greedy_decode, sample_captions
+from models.decoding import (
+    ban_repeated_ngrams,
+    beam_search,
+    decode_settings,
+    describe_decoding,
+    follow,
+    generate,
+    greedy_decode,
+    sample_captions,
+)
 
 
 class TableDecoder(nn.Module):
@@ -193,3 +203,63 @@ def test_no_repeat_ngram_breaks_a_loop_in_greedy_and_beam_search():
         for n in (2, 3):
             tokens = generate(model, torch.zeros(1, 1), vocab, beam_size=beam, max_len=12, no_repeat_ngram=n)[0]["tokens"]
             assert tokens[:4] == [4, 5, 6, 7] and len(set(ngrams(tokens, n))) == len(ngrams(tokens, n))
+
+
+
+def test_sampling_never_repeats_an_ngram_when_told_not_to():
+    # The loop "in a red shirt in a red shirt ..." is what the table draws most.
+    table = [[0.02] * 8 for _ in range(8)]
+    for prev, nxt in ((1, 4), (4, 5), (5, 6), (6, 7), (7, 4)):
+        table[prev][nxt] = 0.8
+    model = TableDecoder(table)
+    for n in (1, 2, 3):
+        tokens, lengths = sample_captions(model, torch.zeros(4, 1), 8, max_len=12, banned=(0, 1, 3),
+                                          generator=torch.Generator().manual_seed(0), no_repeat_ngram=n)
+        for row, length in zip(tokens.tolist(), lengths.tolist()):
+            words = row[1:length]
+            assert len(set(ngrams(words, n))) == len(ngrams(words, n))
+
+
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_stepping_along_a_caption_gives_the_score_and_attention_decoding_gave_it(beam_size):
+    from models.decoder_attention import AttentionDecoder
+    torch.manual_seed(3)
+    model = AttentionDecoder(feature_dim=12, vocab_size=9, embed_size=8, hidden_size=16, attention_size=8).eval()
+    features = torch.randn(4, 5, 12)
+    decoded = (greedy_decode(model, features, max_len=6) if beam_size == 1 else
+               beam_search(model, features, beam_size, max_len=6, length_penalty=0.7))
+    scores, attention = follow(model, features, [r["tokens"] for r in decoded], max_len=6,
+                               length_penalty=1.0 if beam_size == 1 else 0.7)
+    assert scores == pytest.approx([r["score"] for r in decoded], abs=1e-5)
+    for r, alpha in zip(decoded, attention):
+        assert (alpha is None) == (not r["tokens"]) and (alpha is None or torch.allclose(alpha, r["attention"], atol=1e-6))
+
+
+def test_the_decoding_line_names_re_ranking_only_when_it_is_on():
+    plain = decode_settings(DEFAULTS.decode)
+    assert not any(key.startswith("rerank") for key in plain)                  # as scores measured before it read
+    assert describe_decoding(plain) == describe_decoding(DEFAULTS.decode) == (
+        "beam search (beam 3, length penalty 1), no 2-gram said twice, at most 30 words")
+    on = decode_settings(DEFAULTS.decode, rerank_samples=20, rerank_temperature=None)
+    assert describe_decoding(on) == ("beam search (beam 3, length penalty 1), no 2-gram said twice, at most 30 words, "
+                                     "consensus re-ranking of the beam + 20 samples at temperature 0.7 (CIDEr-D)")
+    mixed = decode_settings(DEFAULTS.decode, beam_size=1, rerank_samples=5, rerank_temperature=1.0, rerank_bleu=0.5)
+    assert describe_decoding(mixed).endswith("consensus re-ranking of the greedy caption + 5 samples at temperature 1 "
+                                             "(CIDEr-D + 0.5 x BLEU-4)")
+    with pytest.raises(ValueError, match=r"^--rerank-temperature: decode.rerank_temperature=0.0 is out of range"):
+        decode_settings(DEFAULTS.decode, rerank_samples=5, rerank_temperature=0.0)
+
+
+def test_beam_search_returns_a_caption_when_every_score_is_nan(capsys):
+    from models.decoding import beam_search
+
+    class Broken(torch.nn.Module):
+        def init_state(self, features):
+            return (features,)
+
+        def step(self, tokens, state):
+            return torch.full((len(tokens), 6), float("nan")), state, None
+
+    results = beam_search(Broken(), torch.zeros(2, 3), beam_size=3, max_len=4)
+    assert len(results) == 2 and all(isinstance(r["tokens"], list) for r in results)
+    assert "no hypothesis with a finite score" in capsys.readouterr().err

@@ -53,4 +53,35 @@ def test_without_flags_it_decodes_as_the_checkpoint_says_and_prints_how(tiny_che
     captured = capsys.readouterr()
     printed = json.loads(captured.out.strip().splitlines()[-1])
     assert (printed["beam_size"], printed["no_repeat_ngram"], printed["length_penalty"], printed["max_len"]) == (3, 2, 1.0, 12)
-    assert "decoding: beam search (beam 3, length penalty 1), no 2-gram said twice, at most 12 words" in captured.err
+    assert "decoding: beam search (beam 3, length penalty 1), no 2-gram said twice, at most 12 words\n" in captured.err
+    assert not any(key.startswith("rerank") for key in printed)          # re-ranking is off: its keys stay out
+
+
+def test_a_path_mistake_is_told_before_the_model_loads(tiny_checkpoints, tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setattr(evaluate, "load_model_at", lambda *a: pytest.fail("the model loaded first"))
+    with pytest.raises(ValueError, match="nothing to evaluate"):
+        evaluate.main(["--checkpoint", tiny_checkpoints["lstm"], "--captions", tiny_data[0],
+                       "--images", str(tmp_path / "no_such_folder")])
+
+
+def test_ctrl_c_and_sigterm_keep_the_captions_made_so_far(tiny_checkpoints, tiny_data, tmp_path, monkeypatch, capsys):
+    from tests.conftest import run_script
+    from utils import Terminated
+    real_generate = evaluate.generate
+    for stop, code in ((KeyboardInterrupt, 130), (Terminated, 143)):
+        calls = {"n": 0}
+
+        def stopped_at_batch_2(*args, _stop=stop, _calls=calls, **kwargs):
+            _calls["n"] += 1
+            if _calls["n"] == 2:
+                raise _stop()
+            return real_generate(*args, **kwargs)
+
+        monkeypatch.setattr(evaluate, "generate", stopped_at_batch_2)
+        out = tmp_path / stop.__name__ / "metrics.json"
+        result = run_script(evaluate.main, ["--checkpoint", tiny_checkpoints["lstm"], "--captions", tiny_data[0],
+                                            "--images", tiny_data[1], "--batch-size", "4", "--num-workers", "0",
+                                            "--out", out], capsys)
+        assert result.returncode == code and "Traceback" not in result.stderr
+        assert "kept the 4 captions made so far" in result.stderr.strip().splitlines()[-1]
+        assert len(json.loads((out.parent / "metrics_captions.json").read_text())) == 4 and not out.exists()

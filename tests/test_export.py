@@ -10,8 +10,9 @@ import torch
 import evaluate
 import export
 import train
-from models.checkpoint import load_checkpoint, load_model
-from tests.conftest import tiny_settings
+from models.checkpoint import RERANK_FREQUENCIES, load_checkpoint, load_model
+from models.consensus import rerank_cider
+from tests.conftest import run_script, tiny_settings
 
 
 @pytest.fixture(scope="module")
@@ -81,3 +82,60 @@ def test_a_frozen_part_that_was_trained_is_refused_with_the_reason(fine_tuned_li
     with pytest.raises(ValueError, match="the CNN's frozen part is not the efficientnet_lite2 weights its package"):
         export.main([str(tmp_path / "as_frozen.pth"), str(tmp_path / "out.pth")])
     assert not os.path.exists(tmp_path / "out.pth")
+
+
+def test_the_training_captions_frequencies_ship_and_a_reload_re_ranks_with_them(tiny_checkpoints, tiny_data, tmp_path,
+                                                                                capsys):
+    captions, images = tiny_data
+    checkpoint, out, split = tiny_checkpoints["attention"], tmp_path / "shipped.pth", tmp_path / "split.txt"
+    export.main([checkpoint, str(out), "--device", "cpu"])
+    shipped = torch.load(out, weights_only=True)
+    assert (rerank_cider(shipped, str(out)).document_frequency ==
+            rerank_cider(load_checkpoint(checkpoint), checkpoint).document_frequency)
+    # Its config's data paths (data/<folder>/...) lead nowhere here: re-ranking reads the file's own frequencies.
+    split.write_text("shape_0001.png\nshape_0002.png\n")
+    evaluate.main(["--checkpoint", str(out), "--captions", captions, "--images", images, "--split-file", str(split),
+                   "--num-workers", "0", "--rerank-samples", "4", "--out", str(tmp_path / "metrics.json")])
+    captured = capsys.readouterr()
+    printed = json.loads(captured.out.strip().splitlines()[-1])
+    assert (printed["rerank_samples"], printed["rerank_temperature"], printed["rerank_bleu"]) == (4, 0.7, 0.0)
+    assert ("decoding: beam search (beam 3, length penalty 1), no 2-gram said twice, at most 12 words, consensus "
+            "re-ranking of the beam + 4 samples at temperature 0.7 (CIDEr-D)") in captured.err
+    with pytest.raises(ValueError, match="measured with rerank_samples=4, rerank_temperature=0.7, rerank_bleu=0.0, "
+                                         "while the file decodes with beam search"):
+        export.main([checkpoint, str(out), "--scores", str(tmp_path / "metrics.json")])   # not the file's default
+
+
+def test_without_its_training_captions_the_file_cannot_re_rank_and_says_so(tiny_checkpoints, tiny_data, tmp_path,
+                                                                           capsys):
+    captions, images = tiny_data
+    trained = load_checkpoint(tiny_checkpoints["lstm"])
+    trained["config"]["data"]["captions"] = str(tmp_path / "moved.csv")
+    torch.save(trained, tmp_path / "moved.pth")
+    out = tmp_path / "shipped.pth"
+    export.main([str(tmp_path / "moved.pth"), str(out), "--device", "cpu"])
+    assert "moved.csv" in capsys.readouterr().err and RERANK_FREQUENCIES not in torch.load(out, weights_only=True)
+    result = run_script(evaluate.main, ["--checkpoint", out, "--captions", captions, "--images", images,
+                                        "--num-workers", "0", "--rerank-samples", "2"], capsys)
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == (
+        f"error: {out} holds no document frequencies of its training captions, which consensus re-ranking needs: "
+        f"export it again where its training captions can be read, or decode without it")
+    trained["config"]["decode"]["rerank_samples"] = 3      # a file that would re-rank by default is not written
+    torch.save(trained, tmp_path / "moved.pth")
+    with pytest.raises(ValueError, match="moved.csv: cannot read the captions file"):
+        export.main([str(tmp_path / "moved.pth"), str(tmp_path / "other.pth"), "--device", "cpu"])
+    assert not os.path.exists(tmp_path / "other.pth")
+
+
+def test_an_existing_file_export_did_not_write_is_never_replaced(tiny_checkpoints, tmp_path, capsys):
+    from tests.conftest import run_script
+    for name, content in (("notes.pth", b"my notes"), ("run.pth", open(tiny_checkpoints["lstm"], "rb").read())):
+        target = tmp_path / name
+        target.write_bytes(content)
+        result = run_script(export.main, [tiny_checkpoints["lstm"], target, "--device", "cpu"], capsys)
+        assert result.returncode == 2 and "is never written over" in result.stderr
+        assert target.read_bytes() == content
+    shipped = tmp_path / "shipped.pth"
+    assert run_script(export.main, [tiny_checkpoints["lstm"], shipped, "--device", "cpu"], capsys).returncode == 0
+    again = run_script(export.main, [tiny_checkpoints["lstm"], shipped, "--device", "cpu"], capsys)
+    assert again.returncode == 0                                  # a model export.py wrote may be re-shipped

@@ -162,10 +162,10 @@ def test_interrupted_extraction_keeps_what_it_computed(tiny_data, tmp_path, monk
     monkeypatch.setattr(enc, "trunk", ctrl_c_at_batch_4)
     with pytest.raises(KeyboardInterrupt):
         extract_features(enc, files, 32, str(tmp_path), CPU, batch_size=4, num_workers=0)
-    # Batches 1 and 2 were kept (batch 3's rows were still being copied back): 8 images are cached.
+    # Batches 1 to 3, all that was computed before Ctrl-C, were kept: 12 images are cached.
     seen.clear()
     resumed, ok = extract_features(enc, files, 32, str(tmp_path), CPU, batch_size=4, num_workers=0)
-    assert sum(seen) == len(files) - 8 and all(ok)
+    assert sum(seen) == len(files) - 12 and all(ok)
     fresh, _ = extract_features(encoder(tail=tail), files, 32, None, CPU, batch_size=4, num_workers=0)
     assert torch.allclose(resumed[:].float(), fresh[:].float(), atol=1e-3)
 
@@ -290,3 +290,34 @@ def test_a_trunk_cache_is_keyed_by_its_cut_and_mirroring_and_reused(tiny_data, t
     tuned.trunk = None                         # read back from the cache, not computed again
     again, ok = extract_features(tuned, files, 32, cache, CPU, num_workers=0)
     assert all(ok) and torch.equal(again[:], stored[:]) and tuple(again.shape[1:]) == (256, 2, 2)   # layer3's output enters layer4
+
+
+@pytest.mark.parametrize("damage", ["flipped bytes", "a nan"])
+def test_a_shard_whose_values_changed_on_disk_is_caught_and_rebuilt(tiny_data, tmp_path, capsys, damage):
+    enc = encoder()
+    good = extract_features(enc, paths(tiny_data), 32, str(tmp_path), CPU, num_workers=0)[0][:]
+    folder = os.path.join(tmp_path, cache_key(enc, 32))
+    shard_path = os.path.join(folder, os.listdir(folder)[0])
+    shard = torch.load(shard_path, weights_only=True)
+    raw = shard["features"].view(torch.uint8).view(-1)
+    if damage == "flipped bytes":
+        raw[100:2100] ^= 0x5A                       # 2,000 bytes, as a failing disk would
+    else:
+        shard["features"][3, 0, 7] = float("nan")
+    torch.save(shard, shard_path)
+    rebuilt, _ = extract_features(enc, paths(tiny_data), 32, str(tmp_path), CPU, num_workers=0)
+    assert "feature cache shard is damaged (its checksums do not match" in capsys.readouterr().err
+    assert torch.equal(good, rebuilt[:])
+
+
+def test_checksums_are_exact_integers_whatever_the_thread_count():
+    rows = torch.randn(5, 3, 7).half()
+    sums = feature_cache.row_checksums(rows)
+    torch.set_num_threads(1)
+    try:
+        assert torch.equal(sums, feature_cache.row_checksums(rows.clone()))
+    finally:
+        torch.set_num_threads(2)
+    swapped = rows.clone()
+    swapped[0, 0, 0], swapped[0, 0, 1] = rows[0, 0, 1], rows[0, 0, 0]
+    assert not torch.equal(sums[:1], feature_cache.row_checksums(swapped)[:1]) or rows[0, 0, 0] == rows[0, 0, 1]

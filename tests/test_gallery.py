@@ -103,3 +103,9 @@ def test_write_gallery_rejects_external_image_urls(tmp_path):
     with pytest.raises(ValueError, match="data URI"):
         gallery.write_gallery(str(tmp_path / "g.html"), rows, "t")
     assert not os.listdir(tmp_path)
+
+
+def test_captioned_images_are_bounded_on_both_sides():
+    for size in ((20, 500), (500, 20), (3000, 2000)):
+        drawn = gallery.caption_image(Image.new("RGB", size, "gray"), "a caption " * 200)
+        assert drawn.width == 512 and drawn.height <= 1024 + 400, size

@@ -89,5 +89,48 @@ def test_a_folders_other_files_are_counted_and_named(tmp_path, tiny_data, capsys
     (tmp_path / ".DS_Store").write_text("x")                 # hidden files are not the user's
     (tmp_path / "sub").mkdir()
     assert list_images([str(tmp_path)]) == [str(tmp_path / "shape_0000.png")]
-    assert capsys.readouterr().err == (f"warning: {tmp_path}: skipped 4 files that are not images by their extension "
+    assert capsys.readouterr().err == (f"warning: {tmp_path}: skipped 4 files without an image's extension "
                                        f"(b.pdf, c.doc, d.zip, ...); images are .jpg, .jpeg, .png, .webp, .bmp, .gif\n")
+
+
+def test_sixteen_bit_greyscale_is_scaled_not_clipped(tmp_path):
+    import numpy as np
+    ramp = (np.arange(256 * 16, dtype=np.uint16).reshape(16, 256) * 16)     # 0 .. 65520
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    pixels = np.asarray(load_image(tmp_path / "deep.png"))
+    assert pixels.shape == (16, 256, 3)
+    assert pixels.min() == 0 and pixels.max() == 255 and 120 < pixels.mean() < 135   # a ramp, not all white
+    assert len(np.unique(pixels)) > 200
+
+
+@pytest.mark.parametrize("size, reason", [((1, 10_000), "too narrow"), ((100_000, 1), "too large"),
+                                          ((20_000, 800), "too large")])
+def test_extreme_sizes_are_refused_from_the_header(tmp_path, size, reason):
+    from data.images.reading import BadImage, probe_image
+    Image.new("L", size).save(tmp_path / "odd.png")
+    for read in (probe_image, load_image):
+        with pytest.raises(BadImage) as refused:
+            read(tmp_path / "odd.png")
+        assert refused.value.reason == reason and "odd.png" in str(refused.value)
+
+
+def test_a_large_image_is_shrunk_as_it_is_read(tmp_path):
+    Image.new("RGB", (4000, 3000), "red").save(tmp_path / "big.jpg", quality=80)
+    small = load_image(tmp_path / "big.jpg", max_side=1024)
+    assert max(small.size) == 1024 and small.size[0] / small.size[1] == pytest.approx(4 / 3, rel=0.01)
+    from data.images.reading import BadImage
+    with pytest.raises(BadImage, match="too large"):
+        load_image(tmp_path / "big.jpg", max_pixels=4_000_000)
+
+
+def test_broken_links_and_loops_in_a_folder_are_counted_and_named(tmp_path, tiny_data, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "good.png").write_bytes(open(f"{tiny_data[1]}/shape_0000.png", "rb").read())
+    (folder / "gone.jpg").symlink_to(tmp_path / "deleted.jpg")
+    (folder / "loop.jpg").symlink_to(folder / "loop.jpg")
+    assert list_images([str(folder)]) == [str(folder / "good.png")]
+    assert "skipped 2 links to nothing (a target gone, or a loop: gone.jpg, loop.jpg)" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="a link to nothing"):
+        list_images([str(folder / "gone.jpg")])

@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 from PIL import Image
 
 import inference_visualize
@@ -24,7 +25,8 @@ def test_folder_with_a_non_image_and_a_corrupt_jpeg(tiny_checkpoints, tiny_data,
     captured = capsys.readouterr()
     lines = [line.split("\t") for line in captured.out.strip().splitlines()]
     assert [name for name, _ in lines] == ["shape_0000.png", "shape_0001.png", "shape_0002.png"]
-    assert "broken.jpg" in captured.err and "skipped 1 of 4" in captured.err
+    assert "broken.jpg" in captured.err and "skipped 1 file of 4: 1 truncated (copy them again)" in captured.err
+    assert "skipped 1 file without an image's extension (notes.txt)" in captured.err
     with open(out / "captions.csv", newline="") as f:
         rows = list(csv.reader(f))
     assert rows[0] == ["image", "caption"] and [r[1] for r in rows[1:]] == [caption for _, caption in lines]
@@ -103,8 +105,7 @@ def test_no_image_among_the_inputs_is_an_error_not_an_empty_gallery(tiny_checkpo
                                                    "--out", out], capsys)
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.strip().splitlines()[-1] == (
-        f"error: no image found among the 1 file given ({notes}): none could be read as an image; give JPEG, PNG, "
-        f"WebP, BMP or GIF files or folders of them")
+        "error: none of the 1 file given could be captioned: 1 not an image (give JPEG, PNG, WebP, BMP or GIF files)")
     assert not (out / "captions_result.html").exists()
 
 
@@ -114,3 +115,107 @@ def test_the_decoding_used_is_printed_in_one_line(tiny_checkpoints, tiny_data, t
                         capsys)
     assert result.returncode == 0
     assert "decoding: beam search (beam 3, length penalty 1), no 2-gram said twice, at most 12 words" in result.stderr
+
+
+def test_an_out_folder_holding_the_inputs_is_refused_and_nothing_is_written(tiny_checkpoints, tiny_data, tmp_path,
+                                                                            capsys, monkeypatch):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(2):
+        shutil.copy(os.path.join(tiny_data[1], f"shape_{i:04d}.png"), photos / f"p{i}.jpg")
+    (tmp_path / "link").symlink_to(photos)
+    before = {p.name: p.read_bytes() for p in photos.iterdir()}
+    monkeypatch.setattr(inference_visualize, "load_model_at", lambda *a: pytest.fail("the model loaded first"))
+    for out in (photos, f"{photos}/", f"{photos}/../photos", tmp_path / "link"):
+        result = cli(capsys, "--checkpoint", tiny_checkpoints["lstm"], "--images", photos, "--out", out)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, out
+        assert "did not write" in result.stderr.strip().splitlines()[-1], result.stderr
+    assert {p.name: p.read_bytes() for p in photos.iterdir()} == before
+
+
+def test_an_input_inside_our_own_out_folder_is_never_written_over(tiny_checkpoints, tiny_data, tmp_path, capsys):
+    out = tmp_path / "out"
+    image = os.path.join(tiny_data[1], "shape_0000.png")
+    assert cli(capsys, "--checkpoint", tiny_checkpoints["lstm"], "--images", image, "--out", out).returncode == 0
+    again = cli(capsys, "--checkpoint", tiny_checkpoints["lstm"], "--images", image, "--out", out)
+    assert again.returncode == 0                                  # our own files are replaced by the same run
+    made = (out / "shape_0000.jpg").read_bytes()
+    result = cli(capsys, "--checkpoint", tiny_checkpoints["lstm"], "--images", out / "shape_0000.jpg", "--out", out)
+    assert result.returncode == 2 and "would replace an input image" in result.stderr
+    assert (out / "shape_0000.jpg").read_bytes() == made
+    (out / "user.jpg").write_bytes(b"theirs")                     # a file we did not write, named as an output
+    shutil.copy(image, tmp_path / "user.png")
+    result = cli(capsys, "--checkpoint", tiny_checkpoints["lstm"], "--images", tmp_path / "user.png", "--out", out)
+    assert result.returncode == 2 and "holds user.jpg, which inference_visualize.py did not write" in result.stderr
+    assert (out / "user.jpg").read_bytes() == b"theirs"
+
+
+def test_a_path_mistake_is_told_before_the_model_loads(tiny_checkpoints, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(inference_visualize, "load_model_at", lambda *a: pytest.fail("the model loaded first"))
+    (tmp_path / "notes.txt").write_text("text")
+    for given, expected in ((tmp_path / "nope", "no such file or folder"),
+                            (tmp_path / "notes.txt", "1 not an image")):
+        result = cli(capsys, "--checkpoint", tiny_checkpoints["lstm"], "--images", given, "--out", tmp_path / "o")
+        assert result.returncode == 2 and expected in result.stderr.strip().splitlines()[-1]
+
+
+def test_a_strip_one_pixel_wide_is_skipped_and_the_rest_captioned(tiny_checkpoints, tiny_data, tmp_path, capsys):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.new("L", (1, 10_000)).save(photos / "strip.png")        # a few hundred bytes each
+    Image.new("L", (100_000, 1)).save(photos / "wide.png")
+    shutil.copy(os.path.join(tiny_data[1], "shape_0000.png"), photos)
+    result = cli(capsys, "--checkpoint", tiny_checkpoints["lstm"], "--images", photos, "--out", tmp_path / "o")
+    assert result.returncode == 0
+    assert [line.split("\t")[0] for line in result.stdout.strip().splitlines()] == ["shape_0000.png"]
+    assert "skipped 2 files of 3: 1 too narrow (crop them), 1 too large (make them smaller)" in result.stderr
+    assert not any(name.startswith(".tmp-") for name in os.listdir(tmp_path / "o"))
+
+
+def test_ctrl_c_and_sigterm_keep_the_captions_made_so_far(tiny_checkpoints, tiny_data, tmp_path, capsys, monkeypatch):
+    from utils import Terminated
+    real_generate = inference_visualize.generate
+    for stop, code in ((KeyboardInterrupt, 130), (Terminated, 143)):
+        calls = {"n": 0}
+
+        def stopped_at_batch_2(*args, _stop=stop, _calls=calls, **kwargs):
+            _calls["n"] += 1
+            if _calls["n"] == 2:
+                raise _stop()
+            return real_generate(*args, **kwargs)
+
+        monkeypatch.setattr(inference_visualize, "generate", stopped_at_batch_2)
+        out = tmp_path / stop.__name__
+        result = cli(capsys, "--checkpoint", tiny_checkpoints["lstm"], "--images", tiny_data[1], "--out", out,
+                     "--batch-size", "4")
+        assert result.returncode == code and "Traceback" not in result.stderr
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith(("interrupted: kept the 4 captions", "terminated: kept the 4 captions")), last
+        with open(out / "captions.csv", newline="") as f:
+            assert len(list(csv.reader(f))) == 5
+        assert (out / "captions_result.html").read_text().count("shape_000") >= 4
+
+
+def test_odd_file_names_are_printed_escaped_and_csv_cells_never_run(tiny_checkpoints, tiny_data, tmp_path, capsys):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("tab\there.png", "=HYPERLINK(1).png", "esc\x1b[31m.png"):
+        shutil.copy(os.path.join(tiny_data[1], "shape_0000.png"), photos / name)
+    result = cli(capsys, "--checkpoint", tiny_checkpoints["lstm"], "--images", photos, "--out", tmp_path / "o")
+    names = [line.split("\t")[0] for line in result.stdout.strip().splitlines()]
+    assert names == ["=HYPERLINK(1).png", "esc\\x1b[31m.png", "tab\\there.png"]
+    assert all(len(line.split("\t")) == 2 for line in result.stdout.strip().splitlines())
+    with open(tmp_path / "o" / "captions.csv", newline="") as f:
+        assert [row[0] for row in list(csv.reader(f))[1:]] == ["'=HYPERLINK(1).png", "esc\\x1b[31m.png", "tab\\there.png"]
+
+
+def test_consensus_re_ranking_from_the_command_line_into_the_gallery(tiny_checkpoints, tiny_data, tmp_path, capsys):
+    """A training checkpoint re-ranks with its dataset's training captions; the gallery shows the chosen captions."""
+    images = [os.path.join(tiny_data[1], f"shape_000{i}.png") for i in range(2)]
+    result = run_script(inference_visualize.main, ["--checkpoint", tiny_checkpoints["attention"], "--images", *images,
+                                                   "--out", tmp_path, "--beam-size", "1", "--rerank-samples", "5",
+                                                   "--rerank-bleu", "0.5"], capsys)
+    assert result.returncode == 0, result.stderr
+    assert ("decoding: greedy decoding, no 2-gram said twice, at most 12 words, consensus re-ranking of the greedy "
+            "caption + 5 samples at temperature 0.7 (CIDEr-D + 0.5 x BLEU-4)") in result.stderr
+    assert len(result.stdout.strip().splitlines()) == 2 and (tmp_path / inference_visualize.GALLERY).is_file()

@@ -1,14 +1,18 @@
 """training/run_folder.py and train.py's run folder: a run is where it is, one process trains in it at a time,
 and a full disk keeps the last checkpoint whole."""
+import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
 
+import pytest
+
 import train
 from models.checkpoint import load_checkpoint
 from tests.conftest import ROOT, run_script
+from training.run_folder import RunFolder
 
 
 def without_out_dir(overrides):
@@ -81,3 +85,22 @@ def test_a_full_disk_keeps_the_last_checkpoint_and_says_which_write_failed(tiny_
     assert last.startswith("error: ") and "checkpoint_last.pth could not be written" in last
     assert (disk / "run" / "checkpoint_last.pth").read_bytes() == before
     assert load_checkpoint(str(disk / "run" / "checkpoint_last.pth"))["progress"]["epoch"] == 1
+
+
+def test_a_folder_holding_a_file_of_a_runs_name_that_no_run_wrote_is_refused(tmp_path):
+    (tmp_path / "config.yaml").write_text("my own notes")
+    with pytest.raises(ValueError, match="holds config.yaml, which no run of train.py wrote there"):
+        RunFolder(str(tmp_path)).lock()
+    assert (tmp_path / "config.yaml").read_text() == "my own notes"
+
+
+def test_temp_files_a_killed_save_left_are_swept_when_the_run_starts(tmp_path):
+    first = RunFolder(str(tmp_path))
+    first.lock()
+    first.close()
+    (tmp_path / ".tmp-abc123.pth").write_bytes(b"\0" * 1000)       # a SIGKILL during a checkpoint save
+    (tmp_path / "notes.txt").write_text("kept")
+    again = RunFolder(str(tmp_path))
+    again.lock()
+    again.close()
+    assert sorted(os.listdir(tmp_path)) == [".lock", "notes.txt"]

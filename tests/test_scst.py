@@ -124,8 +124,9 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(ce_run, tmp
     real = scst.SelfCritical.loss
     monkeypatch.setattr(scst.SelfCritical, "loss",
                         lambda self, *a, **k: (real(self, *a, **k)[0] * float("nan"), float("nan")))
-    with pytest.raises(ValueError, match=r"the training loss became nan at step \d+; the last good checkpoint"):
+    with pytest.raises(ValueError, match=r"the training loss became nan at step \d+; the last good checkpoint") as stop:
         train.main(["--resume", str(tmp_path / "n"), "--set", "train.epochs=2"])
+    assert "damaged cached features" in str(stop.value) and "train.lr" in str(stop.value)   # the likely causes
     assert (tmp_path / "n" / "checkpoint_last.pth").read_bytes() == good
 
 

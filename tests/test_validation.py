@@ -26,3 +26,19 @@ def test_validation_decodes_as_the_decode_section_says(tiny_overrides, monkeypat
                          for args, kwargs in calls)
     assert loss > 0 and 0 <= scores["CIDEr"]
     assert "beam search (beam 2, length penalty 0.5), no 3-gram said twice" in describe_validation(config, 6)
+
+
+def test_validation_re_ranks_with_the_training_captions_when_the_decode_section_says(tiny_overrides, monkeypatch):
+    config = load_config(None, [*tiny_overrides, "decode.rerank_samples=3", "decode.beam_size=1"])
+    vocab = Vocabulary.build(["a red circle", "a blue square"], 1)
+    model = build_model(config, len(vocab))
+    val = prepare_splits(config, vocab, model.encoder, torch.device("cpu"))["val"]
+    calls = []
+    real = validation.generate
+    monkeypatch.setattr(validation, "generate", lambda *a, **k: calls.append(k) or real(*a, **k))
+    from data.features.store import FeatureFeed
+    _, scores = validate(model, val, FeatureFeed(val["inputs"], torch.device("cpu"), False), config, vocab,
+                         torch.autocast("cpu", enabled=False))
+    assert calls and all(k["rerank_samples"] == 3 and k["rerank_cider"].document_frequency for k in calls)
+    assert 0 <= scores["CIDEr"]
+    assert "consensus re-ranking of the greedy caption + 3 samples" in describe_validation(config, 6)

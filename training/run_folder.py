@@ -5,11 +5,12 @@ lets go of it when the process ends, however it ends, so the lock of a killed ru
 over. Where flock is missing (Windows), the lock file holds the owner's pid, and a pid that no
 longer runs is a stale lock.
 """
+import glob
 import os
 import sys
 
 from training.loss_log import LossLog
-from utils import UserError
+from utils import TEMP_PREFIX, UserError, remove_if_present
 
 try:
     import fcntl
@@ -17,6 +18,9 @@ except ImportError:          # Windows
     fcntl = None
 
 LOCK_NAME = ".lock"
+# What a run writes into its folder. A folder that holds one of these but no LOCK_NAME (which marks a folder a
+# run has used) is someone else's: its files are never replaced.
+RUN_FILES = ("checkpoint_last.pth", "checkpoint_best.pth", "loss_log.txt", "config.yaml", "vocab.json")
 
 
 class RunFolder:
@@ -33,6 +37,10 @@ class RunFolder:
             raise UserError(f"train.out_dir={self.out_dir}: a part of that path is a file, not a folder; "
                             f"set train.out_dir to a folder") from None
         path = os.path.join(self.out_dir, LOCK_NAME)
+        theirs = [name for name in RUN_FILES if os.path.lexists(os.path.join(self.out_dir, name))]
+        if theirs and not os.path.exists(path):
+            raise UserError(f"train.out_dir={self.out_dir} holds {theirs[0]}, which no run of train.py wrote there; "
+                            f"it is never replaced: set train.out_dir to a new folder, e.g. runs/NEW_NAME")
         self.lock_file = open(path, "a+", encoding="utf-8")
         if fcntl:
             try:
@@ -54,6 +62,9 @@ class RunFolder:
         self.lock_file.truncate()
         self.lock_file.write(str(os.getpid()))
         self.lock_file.flush()
+        # Holding the lock, this process is the only writer here: a temp file is what a killed save left behind.
+        for stale in glob.glob(os.path.join(glob.escape(self.out_dir), TEMP_PREFIX + "*")):
+            remove_if_present(stale)
 
     def report_existing(self, checkpoint) -> str:
         """A folder that holds a run is never trained over: a finished run is reported and kept."""

@@ -5,6 +5,7 @@ reported), scored with BLEU-4 and CIDEr-D (no Java, so it is fast).
 import torch
 
 from evaluation.metrics import quick_scores
+from models.consensus import training_cider
 from models.decoding import decode_settings, describe_decoding, generate
 from training.step import batch_loss
 
@@ -40,6 +41,8 @@ def validate(model, val: dict, feed, config, vocab, amp) -> tuple[float, dict]:
     n = min(config.train.val_bleu_images, len(val["names"]))
     if n:
         hypotheses, decode = {}, decode_settings(config.decode)
+        if decode.get("rerank_samples"):        # consensus re-ranking: CIDEr-D with the training captions' frequencies
+            decode["rerank_cider"] = training_cider(config, vocab)
         for start in range(0, n, DECODE_BATCH):
             inputs = feed.batch(torch.arange(start, min(start + DECODE_BATCH, n)))
             with amp:

@@ -41,6 +41,7 @@ CUDA_BATCH = 256          # images per CNN batch on CUDA at least: smaller batch
 AMP_MIN_BATCH = 16        # below this, casting the weights to bf16 costs more than it saves
 ABANDONED_TEMP_S = 3600   # a .tmp-*.pt shard untouched this long is no write in progress: its writer was killed
 MAX_PENDING_SHARDS = 4    # shards computed but not yet written, at most: they are held in memory until then
+CHECKSUM_ROWS = 32        # rows summed at once: their int64 copy stays a few tens of MB
 # Shards are written by one background thread while the CNN, and then training, go on: on a GPU writing a
 # shard takes longer than computing it. torch.save lets go of the GIL meanwhile.
 _shard_writer = ThreadPoolExecutor(1)
@@ -79,19 +80,38 @@ def _load_mapped(path: str):
         raise
 
 
-def _check_shard(shard) -> tuple[list, torch.Tensor]:
-    """(files, features) of a loaded shard; ValueError when it is not of the form this module writes."""
+def _check_shard(shard) -> tuple[list, torch.Tensor, torch.Tensor]:
+    """(files, features, checksums) of a loaded shard; ValueError when it is not of the form this module writes."""
     if not isinstance(shard, dict) or not isinstance(shard.get("files"), list) \
-            or not isinstance(shard.get("features"), torch.Tensor):
+            or not isinstance(shard.get("features"), torch.Tensor) or not isinstance(shard.get("checksums"), torch.Tensor):
         raise ValueError("not a feature cache shard")
-    return shard["files"], shard["features"]
+    return shard["files"], shard["features"], shard["checksums"]
 
 
-def _read_shards(folder: str) -> tuple[list, dict]:
-    """(sources, rows): every readable shard's features, mapped, and stamp -> (source, row). Unreadable
-    shards are removed, and so are shards none of whose images still exist unchanged (their rows could
-    never be used again)."""
-    sources, rows, stale, abandoned = [], {}, 0, 0
+def row_checksums(features: torch.Tensor) -> torch.Tensor:
+    """One int64 per row: its fp16 values' bits, weighted by position and summed (exact integer arithmetic, so the
+    same on any machine and thread count). A flipped byte, a NaN written in, or two values swapped changes it."""
+    flat = features.reshape(len(features), -1).view(torch.int16)
+    weights = torch.arange(flat.size(1), dtype=torch.int64) % 65_521 + 1
+    return torch.cat([(chunk.to(torch.int64) * weights).sum(1) for chunk in flat.split(CHECKSUM_ROWS)]) \
+        if len(flat) else torch.zeros(0, dtype=torch.int64)
+
+
+def damaged_rows(features: torch.Tensor, checksums: torch.Tensor, rows: torch.Tensor) -> bool:
+    """Whether any of these rows no longer holds what was written, or holds a value that is not finite (read a
+    few rows at a time: a shard is not copied whole)."""
+    for chunk in rows.split(CHECKSUM_ROWS):
+        picked = features[chunk]
+        if not torch.equal(row_checksums(picked), checksums[chunk]) or not bool(torch.isfinite(picked).all()):
+            return True
+    return False
+
+
+def _read_shards(folder: str) -> tuple[list, dict, list]:
+    """(sources, rows, shards): every readable shard's features, mapped; stamp -> (source, row); each source's
+    (path, checksums). Unreadable shards are removed, and so are shards none of whose images still exist
+    unchanged (their rows could never be used again)."""
+    sources, rows, shards, stale, abandoned = [], {}, [], 0, 0
     for name in sorted(os.listdir(folder)):
         path = os.path.join(folder, name)
         if name.startswith(TEMP_PREFIX) and name.endswith(".pt"):  # atomic_write's temp: another DDP rank may be writing it
@@ -103,8 +123,9 @@ def _read_shards(folder: str) -> tuple[list, dict]:
             continue
         try:
             # Mapped, not read: only the rows a caller asks for (the val split's, say) are ever read from disk.
-            files, features = _check_shard(_load_mapped(path))
-            if len(files) != len(features) or (sources and features.shape[1:] != sources[0].shape[1:]):
+            files, features, checksums = _check_shard(_load_mapped(path))
+            if not len(files) == len(features) == len(checksums) \
+                    or (sources and features.shape[1:] != sources[0].shape[1:]):
                 raise ValueError("its rows do not match its file list, or the other shards' grids")
         except FileNotFoundError:                          # another DDP rank deleted it since listdir
             continue
@@ -118,12 +139,29 @@ def _read_shards(folder: str) -> tuple[list, dict]:
             continue
         rows.update({tuple(f): (len(sources), i) for i, f in enumerate(files)})
         sources.append(features)
+        shards.append((path, checksums))
     if stale:
         warn(f"{folder}: deleted {stale} feature cache shard{'s' if stale > 1 else ''} whose images have all changed or gone")
     if abandoned:
         warn(f"{folder}: deleted {abandoned} half-written feature cache shard{'s' if abandoned > 1 else ''} "
              f"left by a killed run")
-    return sources, rows
+    return sources, rows, shards
+
+
+def _drop_damaged(where: dict, sources: list, shards: list) -> None:
+    """Check the cached rows about to be used against their shard's checksums; a shard with a damaged row is
+    deleted, with a warning, and its rows leave `where`, to be computed again."""
+    used = {}
+    for source, row in where.values():
+        used.setdefault(source, []).append(row)
+    for source, rows in used.items():
+        path, checksums = shards[source]
+        if damaged_rows(sources[source], checksums, torch.tensor(rows)):
+            warn(f"{path}: feature cache shard is damaged (its checksums do not match, or it holds values that are "
+                 f"not numbers); deleting and recomputing it")
+            remove_if_present(path)
+            for i in [i for i, (s, _) in where.items() if s == source]:
+                del where[i]
 
 
 @torch.no_grad()
@@ -147,8 +185,10 @@ def extract_features(encoder, paths: list[str], image_size: int, cache_dir: str 
             os.makedirs(folder, exist_ok=True)
         except OSError as e:
             raise UserError(f"train.cache_dir: {disk_error(e)}; set train.cache_dir to a folder you can write") from None
-        sources, cached = _read_shards(folder)
+        sources, cached, shards = _read_shards(folder)
     where = {i: cached[s] for i, s in enumerate(stamps) if s is not None and s in cached}
+    if where:
+        _drop_damaged(where, sources, shards)
     todo = [i for i in range(len(paths)) if i not in where]
     if todo:
         new_rows = _NewRows(folder, sources, where, stamps)
@@ -180,13 +220,14 @@ def _compute(encoder, paths, indices, size, device, batch_size, num_workers, des
                 continue
             host, copied = _trunk_to_host(encoder, images, device, batch_size, mirrored)
             if copying:
-                new_rows.keep(*copying, rows_to_come=len(paths) - bar.n)
+                done, copying = copying, None
+                new_rows.keep(*done, rows_to_come=len(paths) - bar.n)
             copying = ([indices[j] for j in good], host, copied)
-        if copying:
-            new_rows.keep(*copying, rows_to_come=0)
         finished = True
-    finally:                # also on Ctrl-C or an error: what was computed is cached, the next run starts there
+    finally:                # also on Ctrl-C or an error: all that was computed is cached, the next run starts there
         bar.close()
+        if copying:         # the last batch computed, whose copy to the host may have been under way
+            new_rows.keep(*copying, rows_to_come=0)
         new_rows.flush(rows_to_come=len(paths) - bar.n)
         if wait_for_cache or not finished:
             wait_for_cache_writes()
@@ -280,7 +321,7 @@ def _write_shard(folder: str, files: list, features: torch.Tensor, sources: list
         shard_id += 1
     try:
         # No fsync: a shard damaged by a power cut is detected and recomputed.
-        atomic_save({"files": files, "features": features}, path, durable=False)
+        atomic_save({"files": files, "features": features, "checksums": row_checksums(features)}, path, durable=False)
         sources[index] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["features"]
     except OSError as e:
         _failed_writes.append(path)

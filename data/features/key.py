@@ -33,5 +33,6 @@ def cache_key(encoder, image_size: int, mirrored: bool = False) -> str:
     transform and the stored layout: fp16 grids [P, C], which every decoder reads, or, when the last blocks are
     fine-tuned, the fp16 maps [C, H, W] that enter them."""
     layout = f"trunk-{encoder.tail_blocks}" if encoder.tail_blocks else "grid"
-    parts = [encoder.name, encoder.weights_fingerprint(), transform_id(encoder.name, image_size, mirrored), layout, "fp16"]
+    parts = [encoder.name, encoder.weights_fingerprint(), transform_id(encoder.name, image_size, mirrored), layout, "fp16",
+             "row-checksums"]
     return hashlib.sha1("|".join(parts).encode()).hexdigest()[:16]
