@@ -25,8 +25,8 @@ from PIL import Image
 from data.demo import knows_only_shapes
 from data.images.reading import IMAGE_EXTENSIONS, input_size, load_image, resize_image
 from models.checkpoint import PRETRAINED, load_checkpoint, load_model
-from models.consensus import rerank_cider
 from models.decoding import decode_settings, describe_decoding, generate
+from models.rerank_frequencies import rerank_cider
 from reports.gallery import attention_overlay
 from utils import REPO_ROOT, UserError, pick_device
 
@@ -84,7 +84,7 @@ class NamedBytes(io.BytesIO):
 @st.cache_data(max_entries=4 * MAX_UPLOADS, show_spinner=False)
 def read_image(data: bytes, name: str) -> Image.Image:
     """Uploaded bytes -> RGB image turned by its EXIF orientation and shrunk to SHOWN_SIDE as it is decoded, or
-    ValueError naming the file (not an image, too many pixels, too narrow). Streamlit itself refuses files over its
+    UserError naming the file (not an image, too many pixels, too narrow). Streamlit itself refuses files over its
     upload limit. Cached by the bytes: a rerun (a slider moved) decodes no upload again."""
     return load_image(NamedBytes(data, name), max_pixels=UPLOAD_MAX_PIXELS, max_side=SHOWN_SIDE)
 
@@ -102,10 +102,10 @@ def caption(captioner, image: Image.Image, beam_size: int, max_len: int, no_repe
     size = input_size(config.model.encoder, config.data.image_size)
     decode = decode_settings(config.decode, beam_size=beam_size, max_len=max_len, no_repeat_ngram=no_repeat_ngram)
     if cider is not None:
-        decode["rerank_cider"] = cider
+        decode = decode.with_cider(cider)
     with torch.inference_mode():
         features = model.encoder.extract(resize_image(image, size).unsqueeze(0).to(device))   # [1,3,S,S] -> [1,P,C]
-        result = generate(model, features, vocab, **decode)[0]
+        result = generate(model, features, vocab, decode)[0]
     attention, result["heatmaps"] = result["attention"], []
     if attention is not None and len(attention):                                            # [n_words, P]
         side = math.isqrt(attention.size(1))
@@ -270,7 +270,7 @@ def main() -> None:
                                         min(config.decode.no_repeat_ngram, 5))
     decode = decode_settings(config.decode, beam_size=beam_size, max_len=max_len, no_repeat_ngram=no_repeat_ngram)
     st.sidebar.caption(f"Decoding: {describe_decoding(decode)}.")
-    st.sidebar.caption(f"{config['model']['encoder']} + {config['model']['decoder']} on {device.type}; "
+    st.sidebar.caption(f"{config.model.encoder} + {config.model.decoder} on {device.type}; "
                        f"images up to {UPLOAD_MAX_PIXELS:,} pixels, {MAX_UPLOADS} at a time")
 
     upload_column, example_column = st.columns([2, 3], gap="large")

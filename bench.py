@@ -7,7 +7,7 @@
     python bench.py --scale [--quick] [--sizes 10000 40000]    # training on synthetic caches of 10k-120k images
 
 Ours is the project's own code: data.features.cache.extract_features (on CUDA: JPEGs decoded on the
-GPU, bf16, channels_last), training.step's step on cached features kept on the device, a
+GPU, bf16, channels_last), training.steps' step on cached features kept on the device, a
 `python train.py` process for end to end (the time it reports from its start to its last
 checkpoint), and for inference extract_features then models.decoding.generate, as evaluate.py
 does. Training batch: 512 on CUDA. Naive is the classic loop, in benchmarks/naive.py: PIL +
@@ -27,6 +27,7 @@ import os
 import resource
 import sys
 import tempfile
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
@@ -34,18 +35,20 @@ import torchvision
 from PIL import Image
 
 from benchmarks import onnx_runtime, pretrained, scale
-from benchmarks.naive import NaiveCaptioner, naive_extract, naive_infer, naive_train, now
+from benchmarks.naive import NaiveCaptioner, NaiveImages, naive_extract, naive_infer, naive_train, now
 from benchmarks.train_process import run_train_py
 from config import DEFAULTS, merge
-from data.features.cache import CUDA_BATCH, extract_features
+from data.features.cache import CUDA_BATCH, Loading, extract_features
 from data.prepare import encode_captions
 from data.text.captions import read_captions, read_split_file
 from data.text.vocab import Vocabulary
 from models.caption_model import build_model
 from models.checkpoint import PRETRAINED, load_checkpoint, load_model
-from models.decoding import generate
+from models.decoding import DecodeSettings, generate
+from reports import speed_table
 from training.cuda_graphs import graphed_step
-from training.step import epoch_order, make_amp, training_step
+from training.optimization import make_optimization
+from training.steps import Batch, TrainingSetup, cross_entropy_step, epoch_order
 from utils import REPO_ROOT, UserError, atomic_write_text, int_at_least, pick_device, run_main
 
 FLICKR8K = os.path.join(REPO_ROOT, "data", "flickr8k")
@@ -75,8 +78,17 @@ def peak_memory(device) -> int:
 
 # ---- data ----------------------------------------------------------------------------------------
 
-def find_data(args, tmp, n_images):
-    """(images dir, captions file, image names, source): Flickr8k's train split, or generated JPEGs."""
+@dataclass
+class BenchData:
+    """The images both sides read: their folder, their captions file, their names, and where they came from."""
+    images: str
+    captions: str
+    names: list[str]
+    source: str
+
+
+def find_data(args, tmp, n_images) -> BenchData:
+    """Flickr8k's train split, or generated JPEGs."""
     folder = args.data or os.environ.get("FLICKR8K_DIR") or (FLICKR8K if os.path.isdir(FLICKR8K) else "generated")
     if folder == "generated":
         return make_jpegs(tmp, n_images)
@@ -90,10 +102,10 @@ def find_data(args, tmp, n_images):
     names = [n for n in names if n in captions and n in on_disk][:n_images]
     if not names:
         raise UserError(f"--data {folder}: no image of {split} is both in {images} and in {captions_path}")
-    return images, captions_path, names, f"flickr8k ({os.path.abspath(folder)})"
+    return BenchData(images, captions_path, names, f"flickr8k ({os.path.abspath(folder)})")
 
 
-def make_jpegs(tmp, n):
+def make_jpegs(tmp, n) -> BenchData:
     """The demo's shape images, upscaled to Flickr8k's usual 500x375 and saved as JPEGs."""
     from data.demo import make_demo_dataset
     make_demo_dataset(os.path.join(tmp, "png"), os.path.join(tmp, "png.csv"), n_images=n)
@@ -105,20 +117,26 @@ def make_jpegs(tmp, n):
         image.save(os.path.join(images, name[:-3] + "jpg"), quality=90)
     with open(os.path.join(tmp, "captions.csv"), "w", encoding="utf-8") as f:
         f.write("image,caption\n" + "".join(f"{n[:-3]}jpg,{c}\n" for n in captions for c in captions[n]))
-    return images, os.path.join(tmp, "captions.csv"), [n[:-3] + "jpg" for n in captions], "generated JPEGs"
+    return BenchData(images, os.path.join(tmp, "captions.csv"), [n[:-3] + "jpg" for n in captions], "generated JPEGs")
 
 
-def end_to_end_config(tmp, images_dir, captions_path, names, min_freq, size, decoder, epochs, batch_size, device):
-    """The train.py config of the end-to-end figure: these images for training, a fresh run and cache under tmp."""
-    for split, listed in (("train", names), ("val", names[:1])):   # train.py needs a val split: 1 image, already cached
+def min_word_freq(names: list[str]) -> int:
+    return 5 if len(names) >= 1000 else 1
+
+
+def end_to_end_config(tmp, data: BenchData, size: int, decoder: str, epochs: int, batch_size: int, device):
+    """The train.py config of the end-to-end figure, which ours_train_rate's steps run with too: these images for
+    training, a fresh run and cache under tmp."""
+    for split, listed in (("train", data.names), ("val", data.names[:1])):   # a val split: 1 image, already cached
         with open(os.path.join(tmp, f"{split}.txt"), "w") as f:
             f.write("\n".join(listed) + "\n")
     return merge(DEFAULTS, {
-        "data": {"captions": captions_path, "images": images_dir, "train_split": os.path.join(tmp, "train.txt"),
-                 "val_split": os.path.join(tmp, "val.txt"), "min_word_freq": min_freq, "image_size": size},
+        "data": {"captions": data.captions, "images": data.images, "train_split": os.path.join(tmp, "train.txt"),
+                 "val_split": os.path.join(tmp, "val.txt"), "min_word_freq": min_word_freq(data.names),
+                 "image_size": size},
         "model": {"encoder": "resnet50", "encoder_weights": "none", "decoder": decoder},
         "train": {"epochs": epochs, "batch_size": batch_size, "lr": 1e-3, "out_dir": os.path.join(tmp, "run"),
-                  "cache_dir": os.path.join(tmp, "cache"), "val_bleu_images": 0, "select_metric": "loss",
+                  "cache_dir": os.path.join(tmp, "cache"), "val_decoded_images": 0, "select_metric": "loss",
                   "device": str(device), "num_workers": 2, "log_every": 10 ** 9}}, "bench.py")
 
 
@@ -139,10 +157,8 @@ def ours_train_rate(model, feats, rows, config, device, budget_s):
     tokens, lengths, image_index = rows
     inputs, tokens, image_index = feats.to(device), tokens.to(device), image_index.to(device)
     bs = config.train.batch_size
-    amp, scaler = make_amp(device, config.train.amp)
-    params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("encoder.backbone")]
-    optimizer = torch.optim.AdamW(params, lr=config.train.lr, fused=device.type == "cuda")
-    graphed = graphed_step(model, params, inputs, image_index, tokens, lengths, config, 1, scaler)
+    setup = TrainingSetup(model, model, config, make_optimization(model, config, device), device)
+    graphed = graphed_step(setup, inputs, image_index, tokens, lengths)
     # Warm-up: 3 steps, or with CUDA graphs a pass over the captions, which captures the graphs of its lengths
     # (train.py captures them in its first epoch: later epochs replay them)
     warmup = max(3, len(tokens) // bs) if graphed else 3
@@ -155,8 +171,8 @@ def ours_train_rate(model, feats, rows, config, device, budget_s):
         if step == warmup:
             start, done = now(device), 0
         span = slice(step * bs, (step + 1) * bs)
-        loss = training_step(model, optimizer, scaler, graphed, order_on_device[span], lengths[order[span]],
-                             inputs, image_index, tokens, config, amp)
+        batch = Batch(order_on_device[span], lengths[order[span]], tokens, inputs, image_index)
+        loss = cross_entropy_step(setup, batch, graphed)
         running = running + loss.detach()                             # train.py logs the mean every log_every steps
         done, step = done + bs, step + 1
     float(running)
@@ -172,10 +188,11 @@ def ours_infer(model, vocab, paths, size, bs, beam, device):
     group = 1 if bs == 1 else len(paths)
     start = now(device)
     for first in range(0, len(paths), group):
-        feats, _ = extract_features(model.encoder, paths[first:first + group], size, None, device, batch_size=bs,
-                                    num_workers=0, desc="ours: infer")
+        feats, _ = extract_features(model.encoder, paths[first:first + group], size, None, device,
+                                    Loading(bs, workers=0, desc="ours: infer"))
         for i in range(0, len(feats), bs):
-            generate(model, feats[i:i + bs].to(device, non_blocking=True), vocab, beam_size=beam, max_len=MAX_LEN)
+            generate(model, feats[i:i + bs].to(device, non_blocking=True), vocab,
+                     DecodeSettings(beam_size=beam, max_len=MAX_LEN))
     return len(paths) / (now(device) - start)
 
 
@@ -211,8 +228,8 @@ def measure(args, device, tmp):
     print("bench: naive", file=sys.stderr)
     reset_peak(device)
     naive_extract_rate = naive_extract(NaiveCaptioner(len(s.vocab)).to(device), s.extraction_paths, s.size, s.bs, device)
-    naive, naive_epochs, naive_e2e, naive_rate = naive_train(len(s.vocab), s.paths, s.rows, s.size, s.bs, device,
-                                                             s.epochs, 0 if s.quick else 90, tmp)
+    naive, naive_epochs, naive_e2e, naive_rate = naive_train(len(s.vocab), NaiveImages(s.paths, s.size, *s.rows),
+                                                             s.bs, device, s.epochs, 0 if s.quick else 90, tmp)
     if args.decoder == "lstm":
         naive.copy_from(model)
     naive_infer_rates = infer_rates(naive_infer, naive, s.vocab, s.paths, s.size, s.batches, device)
@@ -250,24 +267,24 @@ def setting(args, device, tmp) -> SimpleNamespace:
     quick, cpu = args.quick, device.type == "cpu"
     n_images, epochs = args.images or (12 if quick and cpu else 256 if quick else 1500), args.epochs or (2 if quick else 10)
     bs, size = args.batch_size or (16 if quick and cpu else 64 if cpu else 512), args.image_size
-    images_dir, captions_path, names, source = find_data(args, tmp, n_images)
-    paths = [os.path.join(images_dir, n) for n in names]
+    data = find_data(args, tmp, n_images)
+    paths = [os.path.join(data.images, n) for n in data.names]
     for p in paths:                                  # warm the page cache, so neither side pays for the first read
         with open(p, "rb") as f:
             f.read()
-    captions, min_freq = read_captions(captions_path), 5 if len(names) >= 1000 else 1
-    vocab = Vocabulary.build((c for n in names for c in captions[n]), min_freq)
+    captions = read_captions(data.captions)
+    vocab = Vocabulary.build((c for n in data.names for c in captions[n]), min_word_freq(data.names))
     n = len(paths)
     return SimpleNamespace(
-        quick=quick, cpu=cpu, epochs=epochs, bs=bs, size=size, source=source, paths=paths, vocab=vocab,
-        rows=encode_captions(names, captions, vocab, DEFAULTS.data.max_caption_len),
+        quick=quick, cpu=cpu, epochs=epochs, bs=bs, size=size, source=data.source, paths=paths, vocab=vocab,
+        rows=encode_captions(data.names, captions, vocab, DEFAULTS.data.max_caption_len),
         batches=(((1, 2), (min(bs, n), min(bs, n))) if quick else ((1, 32), (64, min(256, n))) if cpu
                  else ((1, 32), (64, min(256, n)), (256, n))),
         # Extraction reads Flickr8k's 7,000 files' worth on a GPU (these files cycled: a second pass is no
         # cheaper, as every file is already in the page cache), so the figure is not a few batches' start-up.
         extraction_paths=paths * math.ceil(7000 / n) if not cpu and not quick else paths,
         extraction_batch=bs if cpu else CUDA_BATCH,
-        config=end_to_end_config(tmp, images_dir, captions_path, names, min_freq, size, args.decoder, epochs, bs, device))
+        config=end_to_end_config(tmp, data, size, args.decoder, epochs, bs, device))
 
 
 def measure_ours(s, device, tmp) -> tuple[dict, torch.nn.Module]:
@@ -275,11 +292,10 @@ def measure_ours(s, device, tmp) -> tuple[dict, torch.nn.Module]:
     reset_peak(device)
     model = build_model(s.config, len(s.vocab)).to(device)
     warm_up = s.paths[:2] if s.cpu else (s.paths * CUDA_BATCH)[:CUDA_BATCH]      # the bf16 path at the measured batch
-    extract_features(model.encoder, warm_up, s.size, None, device, batch_size=s.extraction_batch, num_workers=0,
-                     desc="warm-up")
+    extract_features(model.encoder, warm_up, s.size, None, device, Loading(s.extraction_batch, workers=0, desc="warm-up"))
     start = now(device)
     feats, _ = extract_features(model.encoder, s.extraction_paths, s.size, None, device,
-                                batch_size=s.extraction_batch, num_workers=2, desc="ours: features")
+                                Loading(s.extraction_batch, workers=2, desc="ours: features"))
     extract = len(s.extraction_paths) / (now(device) - start)
     rate, full_epoch = ours_train_rate(model, feats[:len(s.paths)], s.rows, s.config, device, 5 if s.quick else 30)
     del model, feats
@@ -294,9 +310,10 @@ def measure_ours(s, device, tmp) -> tuple[dict, torch.nn.Module]:
 def notes(s, ours_full_epoch: bool, naive_epochs: int, decoder: str) -> list[str]:
     return [
         "ratio = times better for ours: rates ours/naive, times and memory naive/ours",
-        "train_captions_per_s: ours = train.py's step (train.training_step; on one GPU CUDA graphs) on cached "
-        "features, captions and order on the device, after 3 warm-up steps (with CUDA graphs a warm-up pass over "
-        "the captions, which captures the graphs); naive = the classic loop's steps after its first, in its first epoch",
+        "train_captions_per_s: ours = train.py's step (training.steps.cross_entropy_step; on one GPU CUDA graphs) "
+        "on cached features, captions and order on the device, after 3 warm-up steps (with CUDA graphs a warm-up "
+        "pass over the captions, which captures the graphs); naive = the classic loop's steps after its first, in its "
+        "first epoch",
         f"extraction_images_per_s: both sides read {len(s.extraction_paths)} files"
         + (f" ({len(s.paths)} files cycled, all in the page cache)" if len(s.extraction_paths) > len(s.paths) else ""),
         f"epoch_30k_captions_s: ours {'measured, captions cycled' if ours_full_epoch else 'extrapolated'}; "
@@ -332,6 +349,9 @@ def main(argv=None):
     parser.add_argument("--onnx", metavar="DIR", help="with --pretrained: PyTorch beside ONNX Runtime on the shipped "
                                                       "model's ONNX export DIR (CNN, decoder, whole, cold start)")
     parser.add_argument("--out", help="also write the JSON here")
+    parser.add_argument("--speed-table", action="store_true",
+                        help="print the README's speed table from the bench files it cites (docs/bench_*.json), "
+                             "and measure nothing")
     parser.add_argument("--data", help="a Flickr8k folder, or 'generated' "
                                        "(default: $FLICKR8K_DIR, else data/flickr8k, else generated)")
     parser.add_argument("--images", type=int_at_least(1),
@@ -342,6 +362,9 @@ def main(argv=None):
                         help="training batch (default: 512 on CUDA, 64 on CPU, 16 with --quick on CPU)")
     parser.add_argument("--image-size", type=int_at_least(32), default=224, help="CNN input size (default 224)")
     args = parser.parse_args(argv)
+    if args.speed_table:
+        print(speed_table.markdown_table())
+        return None
     if args.scale and args.pretrained:
         raise UserError("--scale and --pretrained are two benchmarks: run one at a time")
     if args.onnx and not args.pretrained:

@@ -24,14 +24,13 @@ import sys
 import torch
 from tqdm import tqdm
 
-from data.features.cache import extract_features
-from data.text import karpathy
-from data.text.captions import collect, load_splits, read_captions, read_split_file
+from data.features.cache import Loading, extract_features
+from data.text.captions import load_splits, read_dataset
 from data.text.vocab import tokenize
 from evaluation.metrics import score_captions
 from models.checkpoint import load_model_at
-from models.consensus import with_rerank_cider
-from models.decoding import decode_settings, describe_decoding, generate
+from models.decoding import Captioner, decode_settings, describe_decoding
+from models.rerank_frequencies import with_rerank_cider
 from utils import UserError, atomic_write_text, int_at_least, pick_device, run_main, warn
 
 
@@ -48,14 +47,9 @@ def images_to_score(args, config):
     if not (args.captions and args.images):
         raise UserError("give --captions and --images (and --split-file, or --split with a Karpathy JSON), "
                         "or --split val for the checkpoint's own validation split")
-    if karpathy.is_karpathy(args.captions):
-        rows, splits = karpathy.read(args.captions)
-        return collect(args.captions, rows), karpathy.split_names(splits, args.split or "test", args.captions)
-    if args.split:
-        raise UserError(f"--split {args.split} with --captions needs a Karpathy JSON; for {args.captions} "
-                        f"pass --split-file with the image names")
-    references = read_captions(args.captions)
-    return references, read_split_file(args.split_file) if args.split_file else list(references)
+    # --split names a Karpathy JSON's splits (default: test), --split-file lists images (default: every one)
+    references, splits = read_dataset(args.captions, {"test": args.split or args.split_file})
+    return references, list(references) if splits["test"] is None else splits["test"]
 
 
 def parse_args(argv=None):
@@ -106,20 +100,20 @@ def present(names: list, references: dict, args) -> tuple[list, int]:
     return kept, len(not_captioned) + len(missing)
 
 
-def caption_all(model, vocab, config, names, references, decode, device, args, captions_path) -> list[dict]:
+def caption_all(captioner: Captioner, names, references, args, captions_path) -> list[dict]:
     """[{image, caption, references}] for the readable images of names, written to captions_path as they come."""
     paths = [os.path.join(args.images, n) for n in names]
     # The CNN trunk's output comes from the training cache when it is there (same key, same weights).
+    encoder, config = captioner.model.encoder, captioner.config
     cache_dir = None if args.no_cache else config.train.cache_dir
-    features, ok = extract_features(model.encoder, paths, config.data.image_size, cache_dir, device,
-                                    args.batch_size, args.num_workers)
+    features, ok = extract_features(encoder, paths, config.data.image_size, cache_dir, captioner.device,
+                                    Loading(args.batch_size, args.num_workers))
     readable, produced = [n for n, good in zip(names, ok) if good], []
     try:
-        for start in tqdm(range(0, len(readable), args.batch_size), desc=f"captioning (beam {decode['beam_size']})",
-                          unit="batch", file=sys.stderr):
+        for start in tqdm(range(0, len(readable), args.batch_size),
+                          desc=f"captioning (beam {captioner.decode.beam_size})", unit="batch", file=sys.stderr):
             with torch.no_grad():
-                grids = model.encoder.tail(features[start:start + args.batch_size].to(device))
-                results = generate(model, grids, vocab, **decode)
+                results = captioner.captions(encoder.tail(features[start:start + args.batch_size].to(captioner.device)))
             produced += [{"image": name, "caption": r["caption"], "references": references[name]}
                          for name, r in zip(readable[start:], results)]
             if captions_path:
@@ -149,8 +143,8 @@ def main(argv=None):
                              rerank_bleu=args.rerank_bleu)
     print(f"decoding: {describe_decoding(decode)}", file=sys.stderr)
     captions_path = os.path.splitext(args.out)[0] + "_captions.json" if args.out else None
-    produced = caption_all(model, vocab, config, names, references, with_rerank_cider(decode, checkpoint, args.checkpoint),
-                           device, args, captions_path)
+    captioner = Captioner(model, vocab, config, with_rerank_cider(decode, checkpoint, args.checkpoint), device)
+    produced = caption_all(captioner, names, references, args, captions_path)
     empty = sum(1 for p in produced if not p["caption"])
     if empty:
         warn(f"{empty} generated captions are empty (the model said <end> first); they score 0")
@@ -161,7 +155,7 @@ def main(argv=None):
     result = {**{k: (round(v, 4) if v is not None else None) for k, v in metrics.items()}, "n_images": len(produced),
               "exact_match": round(sum(tokenize(p["caption"]) in [tokenize(r) for r in p["references"]]
                                        for p in produced) / len(produced), 4),
-              **decode, "n_empty_captions": empty, "n_skipped": skipped + len(names) - len(produced)}
+              **decode.to_dict(), "n_empty_captions": empty, "n_skipped": skipped + len(names) - len(produced)}
     if args.out:
         for p in produced:
             p["scores"] = per_image[p["image"]]

@@ -47,40 +47,33 @@ import sys
 import torch
 from tqdm import tqdm
 
-from data.features.cache import extract_features
+from data.features.cache import Loading, extract_features
 from data.images.reading import list_images
 from data.text.captions import read_split_file
-from models.checkpoint import (
-    MAX_SHIPPED_BYTES,
-    MAX_SHIPPED_ENSEMBLE_BYTES,
-    inference_checkpoint,
-    is_inference,
-    load_checkpoint,
-    load_model,
-    load_model_at,
-)
-from models.consensus import frequencies_to_export, with_rerank_cider
+from models.checkpoint import is_inference, load_checkpoint, load_model, load_model_at
 from models.decoding import RERANK_KEYS, decode_settings, describe_decoding, generate
 from models.ensemble import CaptionEnsemble
+from models.exporting import MAX_SHIPPED_BYTES, MAX_SHIPPED_ENSEMBLE_BYTES, inference_checkpoint
 from models.onnx_export import caption_files, new_folder, write_graphs
+from models.rerank_frequencies import frequencies_to_export, with_rerank_cider
 from reports.model_card import check_card, update_card
-from utils import UserError, atomic_write, pick_device, run_main, warn
+from training.weight_average import unaveraged
+from utils import UserError, atomic_save, atomic_write, pick_device, run_main, warn
 
 
 def captions_of(models, paths, config, device, decode, batch_size=64) -> list[dict]:
     """{image name: caption} of each model on the image files, on the trunk's output computed (or read from the
     cache) once for all: the models share their frozen trunk."""
     vocab = models[0][1]
-    features, ok = extract_features(models[0][0].encoder, paths, config.data.image_size,
-                                    config.train.cache_dir, device, batch_size, num_workers=0,
-                                    desc="verify: features")
+    features, ok = extract_features(models[0][0].encoder, paths, config.data.image_size, config.train.cache_dir,
+                                    device, Loading(batch_size, workers=0, desc="verify: features"))
     names = [os.path.basename(p) for p, good in zip(paths, ok) if good]
     captions = [{} for _ in models]
     for start in tqdm(range(0, len(features), batch_size), desc="verify: captions", unit="batch"):
         batch = features[start:start + batch_size].to(device)
         with torch.no_grad():
             for found, (model, *_) in zip(captions, models):
-                results = generate(model, model.encoder.tail(batch), vocab, **decode)
+                results = generate(model, model.encoder.tail(batch), vocab, decode)
                 found.update({name: r["caption"] for name, r in zip(names[start:], results)})
     return captions
 
@@ -93,7 +86,7 @@ def read_scores(path: str, decode: dict) -> tuple[dict, dict]:
             scores = json.load(f)
     except (OSError, ValueError) as e:
         raise UserError(f"--scores {path}: not a readable JSON file ({e}); pass evaluate.py's --out") from None
-    expected = {**dict.fromkeys(RERANK_KEYS), **decode}     # re-ranking's keys are there only when it is on
+    expected = {**dict.fromkeys(RERANK_KEYS), **decode.to_dict()}     # re-ranking's keys are there only when it is on
     other = {k: (scores.get(k), v) for k, v in expected.items() if scores.get(k) != v}
     if other:
         raise UserError(f"--scores {path}: measured with {', '.join(f'{k}={a!r}' for k, (a, _) in other.items())}, "
@@ -123,11 +116,18 @@ def main(argv=None):
     parser.add_argument("--card", metavar="README",
                         help="the model card whose Hub metadata (the YAML block at its top: scores, tags) to rewrite "
                              "from the file, e.g. pretrained/README.md")
+    parser.add_argument("--unaveraged", action="store_true",
+                        help="write instead a training checkpoint of the weights training went on from, not their "
+                             "average (train.ema_decay), to score them")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
     if args.onnx:
         return export_onnx(args)
-    check_replaceable(args.out)
+    check_replaceable(args.out, training=args.unaveraged)
+    if args.unaveraged:
+        atomic_save(unaveraged(training_checkpoint(args.checkpoint)), args.out)
+        print(f"{args.out}: the weights training went on from, without their average")
+        return
     if args.card:
         check_card(args.card)
 
@@ -144,7 +144,7 @@ def main(argv=None):
         full = (CaptionEnsemble([model for model, _, _ in loaded], sizes).eval(), *loaded[0][1:])
     else:
         full = loaded[0]
-    decode = decode_settings(full[2]["decode"])
+    decode = decode_settings(full[2].decode)
     scores, scored_captions = read_scores(args.scores, decode) if args.scores else (None, {})
     exported = inference_checkpoint(checkpoints[0], loaded[0][0], scores, args.command,
                                     [(c, m) for c, (m, _, _) in zip(checkpoints[1:], loaded[1:])],
@@ -204,15 +204,15 @@ def export_onnx(args) -> None:
     print(f"{args.out}: {size / 2**20:.1f} MB in {len(os.listdir(args.out))} files")
 
 
-def check_replaceable(out: str) -> None:
-    """An existing OUT is replaced only when it is a file export.py wrote (a model being re-shipped); anything else
-    there is never written over."""
+def check_replaceable(out: str, training: bool = False) -> None:
+    """An existing OUT is replaced only when it is a file export.py wrote (a model being re-shipped; a training
+    checkpoint for --unaveraged); anything else there is never written over."""
     if not os.path.lexists(out):
         return
     if os.path.isdir(out):
         raise UserError(f"{out} is a folder; give the file to write, e.g. {os.path.join(out, 'model.pth')}")
     try:
-        ours = is_inference(load_checkpoint(out))
+        ours = is_inference(load_checkpoint(out)) != training
     except UserError:
         ours = False
     if not ours:

@@ -28,8 +28,8 @@ from data.demo import knows_only_shapes
 from data.images.reading import BadImage, image_loader, input_size, list_images, load_image, probe_image
 from data.text.captions import load_splits
 from models.checkpoint import PRETRAINED, load_model_at
-from models.consensus import with_rerank_cider
-from models.decoding import decode_settings, describe_decoding, generate
+from models.decoding import Captioner, decode_settings, describe_decoding
+from models.rerank_frequencies import with_rerank_cider
 from reports.gallery import attention_overlay, caption_image, image_to_data_uri, write_gallery
 from reports.output_folder import OutputFolder
 from utils import UserError, atomic_write, int_at_least, pick_device, plural, run_main, shown_name, warn
@@ -98,7 +98,7 @@ def main(argv=None):
                                                for p in paths):
         warn(f"{checkpoint_path} was trained on the generated shapes demo: it knows coloured shapes only. For "
              f"photos, leave out --checkpoint: the shipped Flickr8k model ({os.path.relpath(PRETRAINED)}) is the default")
-    rows, unreadable = caption_files(model, vocab, config, decode, device, paths, references, folder, args)
+    rows, unreadable = caption_files(Captioner(model, vocab, config, decode, device), paths, references, folder, args)
     skipped["unreadable (truncated or corrupt)"] += unreadable
     if not rows:
         raise UserError(f"none of the {plural(len(paths), 'file')} given could be captioned: {reasons(skipped)}")
@@ -154,11 +154,12 @@ def output_names(paths: list[str]) -> list[str]:
     return [f"{unique_stem(p, taken)}.jpg" for p in paths] + [CSV, GALLERY]
 
 
-def caption_files(model, vocab, config, decode, device, paths, references, folder, args) -> tuple[list, int]:
+def caption_files(captioner: Captioner, paths, references, folder, args) -> tuple[list, int]:
     """Caption the files batch by batch; each result is printed, drawn and added to the CSV at once. Returns
     (gallery rows, how many files could not be decoded). Ctrl-C or SIGTERM keeps what is done: the CSV is
     rewritten after every batch, and the gallery of the rows so far is written before the run stops."""
     rows, lines, taken, unreadable = [], [], set(), 0
+    config, encoder = captioner.config, captioner.model.encoder
     size = input_size(config.model.encoder, config.data.image_size)
     loader = image_loader(paths, size, args.batch_size, num_workers=min(2, len(paths) // args.batch_size))
     try:
@@ -167,7 +168,7 @@ def caption_files(model, vocab, config, decode, device, paths, references, folde
             if images is None:
                 continue
             with torch.no_grad():
-                results = generate(model, model.encoder.extract(images.to(device)), vocab, **decode)
+                results = captioner.captions(encoder.extract(images.to(captioner.device)))
             for i, result in zip(good, results):
                 path, stem = paths[i], unique_stem(paths[i], taken)
                 print(f"{shown_name(os.path.basename(path))}\t{result['caption']}", flush=True)
@@ -180,7 +181,7 @@ def caption_files(model, vocab, config, decode, device, paths, references, folde
     except KeyboardInterrupt as stop:
         if rows:
             write_gallery(folder.path(GALLERY), rows, "(interrupted) " + gallery_title(args.checkpoint or PRETRAINED,
-                                                                                        config, decode))
+                                                                                        config, captioner.decode))
         raise type(stop)(f"kept the {plural(len(rows), 'caption')} made so far in {args.out} ({CSV}, {GALLERY} and "
                          f"the captioned images)") from None
     return rows, unreadable
@@ -189,7 +190,7 @@ def caption_files(model, vocab, config, decode, device, paths, references, folde
 def gallery_title(checkpoint_path: str, config, decode: dict) -> str:
     stem = os.path.splitext(os.path.basename(checkpoint_path))[0]      # a run's checkpoint_*.pth: its run folder's name
     name = os.path.basename(os.path.dirname(os.path.abspath(checkpoint_path))) if stem.startswith("checkpoint_") else stem
-    return f"{name}: {config['model']['encoder']} + {config['model']['decoder']}, {describe_decoding(decode)}"
+    return f"{name}: {config.model.encoder} + {config.model.decoder}, {describe_decoding(decode)}"
 
 
 def csv_text(lines: list) -> str:

@@ -25,13 +25,13 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import torch
 import yaml
 from tqdm import tqdm
 
-from config import describe_keys, load_config
+from config import Config, describe_keys, load_config
 from data.features.cache import wait_for_cache_writes
 from data.features.store import FeatureFeed
 from data.prepare import prepare_splits
@@ -51,14 +51,15 @@ from training.checkpoints import (
     starting_point,
 )
 from training.distributed import broadcast_flag, setup_distributed, shutdown, wrap
-from training.epochs import CrossEntropySteps, SelfCriticalSteps
+from training.loss_log import LogRow
+from training.optimization import make_optimization
 from training.run_folder import RunFolder
-from training.step import make_optimization
+from training.steps import CrossEntropySteps, SelfCriticalSteps, TrainingSetup
 from training.validation import describe_validation, validate
 from utils import Terminated, UserError, atomic_write_text, raise_terminated, run_main, seed_everything, warn
 
 
-def train(config, run: RunFolder, checkpoint=None, command="", begun=None):
+def train(config: Config, run: RunFolder, checkpoint=None, command="", begun=None):
     """Train from scratch, from train.init_from's weights, or on from a resumed `checkpoint`. begun: when the
     command started (time.time()), for the time the last line reports."""
     t = config.train
@@ -66,24 +67,24 @@ def train(config, run: RunFolder, checkpoint=None, command="", begun=None):
     main_process = rank == 0
     seed_everything(t.seed)
     gc.freeze()    # what exists now outlives the run: full collections, set off by parsing captions, skip it
-    model, vocab, start, frozen_cnn, (train_set, val_set) = model_and_data(config, checkpoint, run, device, main_process)
-    step_model = wrap(model, device, world)
+    data = model_and_data(config, checkpoint, run, device, main_process)
+    step_model = wrap(data.model, device, world)
     step_model = torch.compile(step_model) if t.compile else step_model
-    optimization = make_optimization(model, config, device)
-    steps = (SelfCriticalSteps if t.scst else CrossEntropySteps)(model, step_model, train_set, vocab, config,
-                                                                 optimization, device, rank, world)
+    optimization = make_optimization(data.model, config, device)
+    setup = TrainingSetup(data.model, step_model, config, optimization, device, rank, world)
+    steps = (SelfCriticalSteps if t.scst else CrossEntropySteps)(setup, data.train_set, data.vocab)
     optimization.schedule(t, t.epochs * steps.per_epoch)
     progress = Progress()
     # Reading images draws from the global RNG only on a cache miss; re-seed so dropout never depends on the cache.
     torch.manual_seed(t.seed + 1 + rank)
     if checkpoint:        # the resumed run's optimizer, schedule, progress and random state, as they were
         restore(checkpoint, optimization, progress)
-    keeper = Keeper(run, model, vocab, config, val_set, steps, optimization, progress, frozen_cnn, command, main_process)
-    keeper.announce(steps, device)
-    model.train()
+    keeper = Keeper(run, setup, data, steps, progress, command)
+    keeper.announce(steps)
+    data.model.train()
     stop = False
     try:
-        if start and not progress.step and val_set:   # the starting point is the first candidate for best
+        if data.from_init and not progress.step and data.val_set:   # the starting point is the first candidate for best
             stop = keeper.check(final=False)
         while progress.epoch < t.epochs and not stop:
             steps.start_epoch(progress.epoch)
@@ -114,14 +115,24 @@ def train(config, run: RunFolder, checkpoint=None, command="", begun=None):
         steps.close()
         wait_for_cache_writes()     # the feature cache's last shards, written while training went on
         shutdown(world)
-    keeper.done(failed, begun, device)
+    keeper.done(failed, begun)
     return run.out_dir
 
 
-def model_and_data(config, checkpoint, run: RunFolder, device, main_process: bool):
-    """(model on the device with its starting weights, vocabulary, train.init_from's (model, vocab) or None, the
-    frozen CNN's weights copied to the host once (for every checkpoint), (train split, validation split or None) as
-    data.prepare makes them). Writes vocab.json and config.yaml."""
+@dataclass
+class ModelAndData:
+    """What a run trains, and on what."""
+    model: torch.nn.Module      # on the device, with its starting weights
+    vocab: Vocabulary
+    from_init: bool             # a new run from train.init_from's weights
+    frozen_cnn: dict            # the frozen CNN's weights, copied to the host once (for every checkpoint)
+    train_set: dict             # the splits as data.prepare makes them
+    val_set: dict | None
+
+
+def model_and_data(config: Config, checkpoint, run: RunFolder, device, main_process: bool) -> ModelAndData:
+    """The model with its starting weights (a resumed checkpoint's, train.init_from's or new ones), its vocabulary
+    and the splits. Writes vocab.json and config.yaml."""
     captions, train_names, val_names = loaded = load_splits(config.data)
     start = starting_point(config, checkpoint)        # train.init_from's (model, vocab), or None
     vocab = (Vocabulary(checkpoint["vocab"]) if checkpoint else start[1] if start
@@ -145,28 +156,31 @@ def model_and_data(config, checkpoint, run: RunFolder, device, main_process: boo
             print("\ninterrupted during feature extraction: the features computed so far are cached; run the "
                   "same command again to continue", file=sys.stderr)
         sys.exit(143 if isinstance(stop, Terminated) else 130)
-    return model, vocab, start, frozen_cnn, (splits["train"], splits["val"])
+    return ModelAndData(model, vocab, bool(start), frozen_cnn, splits["train"], splits["val"])
 
 
 class Keeper:
     """What a run keeps of itself, on the main process: validations, checkpoints (written by a background
     thread), loss_log.txt and the lines it prints. Other ranks only hear whether to stop early."""
 
-    def __init__(self, run, model, vocab, config, val_set, steps, optimization, progress, frozen_cnn, command, main):
-        self.run, self.model, self.vocab, self.config, self.val_set = run, model, vocab, config, val_set
-        self.optimization, self.progress, self.frozen_cnn, self.command = optimization, progress, frozen_cnn, command
-        self.world, self.main = steps.world, main
-        self.val_feed = FeatureFeed(val_set["inputs"], steps.device, steps.on_device) if val_set else None
+    def __init__(self, run: RunFolder, setup: TrainingSetup, data: ModelAndData, steps, progress: Progress,
+                 command: str):
+        self.run, self.setup, self.progress, self.command = run, setup, progress, command
+        self.model, self.config, self.optimization = setup.model, setup.config, setup.optimization
+        self.vocab, self.val_set, self.frozen_cnn = data.vocab, data.val_set, data.frozen_cnn
+        self.world, self.main = setup.world, setup.rank == 0
+        self.val_feed = FeatureFeed(self.val_set["inputs"], setup.device, steps.on_device) if self.val_set else None
         self.writer = CheckpointWriter(run.out_dir)
         self.started = time.time() - progress.elapsed
         self.running, self.rewards, self.count = 0.0, 0.0, 0
 
-    def announce(self, steps, device) -> None:
+    def announce(self, steps) -> None:
         if not self.main:
             return
         self.run.open_log()
         tail, average = self.model.encoder.tail_blocks, self.optimization.average
-        print(f"device {device} x{self.world}{steps.describe()} | {len(self.val_set['names']) if self.val_set else 0} "
+        n_val = len(self.val_set["names"]) if self.val_set else 0
+        print(f"device {self.setup.device} x{self.world}{steps.describe()} | {n_val} "
               f"val images | vocab {len(self.vocab)} | {steps.per_epoch} steps/epoch"
               f"{' | self-critical' if self.config.train.scst else ''}"
               f"{f' | last {tail} CNN blocks trained' if tail else ''}{' | mirrored images' if self.config.train.hflip else ''}"
@@ -186,7 +200,8 @@ class Keeper:
                             f"damaged cached features (delete {self.config.train.cache_dir} to rebuild them), or a "
                             f"damaged train.init_from checkpoint; then start again")
         mean_reward = self.rewards / self.count
-        self.run.log.write(p.step, p.epoch + 1, "train", mean_loss, lr, time.time() - self.started, reward=mean_reward)
+        self.run.log.write(LogRow(p.step, p.epoch + 1, "train", mean_loss, lr, time.time() - self.started,
+                                  reward=mean_reward))
         bar.set_postfix(loss=f"{mean_loss:.3f}", **({"reward": f"{mean_reward:.3f}"} if math.isfinite(mean_reward) else {}),
                         lr=f"{lr:.1e}")
         self.running, self.rewards, self.count = 0.0, 0.0, 0
@@ -215,19 +230,20 @@ class Keeper:
         if self.val_set:
             val_loss, scores = validate(self.model, self.val_set, self.val_feed, self.config, self.vocab,
                                         self.optimization.amp)
-            self.run.log.write(p.step, p.epoch, "val", val_loss, self.optimization.lr, time.time() - self.started, scores)
-            by_score = t.select_metric != "loss" and t.val_bleu_images > 0
+            elapsed = time.time() - self.started
+            self.run.log.write(LogRow(p.step, p.epoch, "val", val_loss, self.optimization.lr, elapsed, scores))
+            by_score = t.select_metric != "loss" and t.val_decoded_images > 0
             metric = scores[SCORE_NAMES[t.select_metric]] if by_score else val_loss
             improved = p.best is None or (metric > p.best if by_score else metric < p.best)
             print(f"epoch {p.epoch} step {p.step}: val loss {val_loss:.4f} (perplexity {math.exp(min(val_loss, 50)):.2f}), "
-                  f"BLEU-4 {scores['BLEU-4']:.4f}, CIDEr {scores['CIDEr']:.4f}{' *best*' if improved else ''}",
-                  file=sys.stderr)
-        p.stale_epochs = 0 if improved else p.stale_epochs + 1   # counts validations
+                  + ", ".join(f"{name} {scores[name]:.4f}" for name in SCORE_NAMES.values())
+                  + (" *best*" if improved else ""), file=sys.stderr)
+        p.stale_validations = 0 if improved else p.stale_validations + 1
         if improved:
             p.best = metric
-        stop = bool(t.early_stop_patience and p.stale_epochs >= t.early_stop_patience)
+        stop = bool(t.early_stop_patience and p.stale_validations >= t.early_stop_patience)
         if stop:
-            print(f"early stop: no improvement in {p.stale_epochs} validations", file=sys.stderr)
+            print(f"early stop: no improvement in {p.stale_validations} validations", file=sys.stderr)
         p.finished = stop or final
         self.save("checkpoint_last.pth", *(["checkpoint_best.pth"] if improved else []), last=p.finished)
         return stop
@@ -241,12 +257,13 @@ class Keeper:
             print(f"\ninterrupted: saved {self.run.out_dir}/checkpoint_last.pth; continue with --resume "
                   f"{self.run.out_dir}", file=sys.stderr)
 
-    def done(self, failed: list, begun, device) -> None:
+    def done(self, failed: list, begun) -> None:
         if not self.main:
             return
         if failed:
             raise OSError(28, f"the last {' and '.join(failed)} could not be written (see the warnings above); "
                           f"the earlier ones are kept", self.run.out_dir)
+        device = self.setup.device
         gpu = f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB" if device.type == "cuda" else ""
         print(f"done: {self.run.out_dir}/checkpoint_best.pth ({time.time() - (begun or self.started):.2f} s{gpu})",
               file=sys.stderr)

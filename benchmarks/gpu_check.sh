@@ -49,7 +49,7 @@ if part scst; then
       "$PYTHON" train.py --config configs/flickr8k_lite2_attention_scst.yaml --set $SETS train.epochs=1 \
           train.init_from="$OUT/ce/checkpoint_best.pth" train.out_dir="$OUT/scst"
       for run in ce scst; do
-          echo "$run: first epoch $("$PYTHON" -m training.loss_log "$OUT/$run/loss_log.txt") s"
+          echo "$run: first epoch $("$PYTHON" visualize_loss.py --log "$OUT/$run/loss_log.txt" --last-elapsed) s"
       done; } 2>&1 | quiet > "$OUT/scst.log" || status=1
     tail -4 "$OUT/scst.log"; echo "[scst done at ${SECONDS} s]"
 fi

@@ -13,10 +13,9 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image
 
-from config import DEFAULTS
-from data.images.reading import IMAGENET_MEAN, IMAGENET_STD
+from config import DEFAULTS, IMAGENET_MEAN, IMAGENET_STD, ModelConfig
 from models.decoder_lstm import DecoderRNN
-from models.decoding import generate
+from models.decoding import DecodeSettings, generate
 
 MAX_LEN = DEFAULTS.decode.max_len
 
@@ -42,7 +41,7 @@ class NaiveCaptioner(nn.Module):
         self.cnn = nn.Sequential(*list(torchvision.models.resnet50(weights=None).children())[:-1])   # to avgpool
         self.cnn.requires_grad_(False)
         self.embed = nn.Sequential(nn.Linear(2048, 256), nn.BatchNorm1d(256))
-        self.decoder = DecoderRNN(256, vocab_size, 512)
+        self.decoder = DecoderRNN(vocab_size, ModelConfig(embed_size=256, hidden_size=512, dropout=0.5))
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -96,12 +95,13 @@ def naive_extract(naive, paths, size, bs, device):
     return len(paths) / (now(device) - start)
 
 
-def naive_train(vocab_size, paths, rows, size, bs, device, max_epochs, budget_s, folder):
-    """The classic loop from JPEGs to a checkpoint per epoch: (model, epochs done, wall s, captions/s in epoch 1)."""
+def naive_train(vocab_size, images: NaiveImages, bs, device, max_epochs, budget_s, folder):
+    """The classic loop from JPEGs to a checkpoint per epoch, over caption rows `images` (a NaiveImages with
+    tokens): (model, epochs done, wall s, captions/s in epoch 1)."""
     start = now(device)
     naive = NaiveCaptioner(vocab_size).to(device)
     optimizer = torch.optim.Adam([p for p in naive.parameters() if p.requires_grad], lr=1e-3)
-    loader = torch.utils.data.DataLoader(NaiveImages(paths, size, *rows), batch_size=bs, shuffle=True, num_workers=2)
+    loader = torch.utils.data.DataLoader(images, batch_size=bs, shuffle=True, num_workers=2)
     epochs, step_ends = 0, []
     while epochs < max_epochs and (epochs == 0 or now(device) - start < budget_s):
         naive.train()
@@ -130,5 +130,5 @@ def naive_infer(naive, vocab, paths, size, bs, beam, device):
     start = now(device)
     for first in range(0, len(paths), bs):
         images = torch.stack([transform(Image.open(p).convert("RGB")) for p in paths[first:first + bs]])
-        generate(naive, images.to(device), vocab, beam_size=beam, max_len=MAX_LEN)
+        generate(naive, images.to(device), vocab, DecodeSettings(beam_size=beam, max_len=MAX_LEN))
     return len(paths) / (now(device) - start)

@@ -64,11 +64,11 @@ def side_figures(loaded, paths: list[str], size: int, decode: dict, grids: dict)
     for bs in BATCHES:
         images = [b for b, _, _ in image_loader(paths, size, bs, num_workers=0) if b is not None]
         figures[f"cnn_bs{bs}_images_per_s"] = rate(model.encoder.extract, images)
-        figures[f"decoder_bs{bs}_images_per_s"] = rate(lambda g: generate(model, g, vocab, **decode), grids[bs])
+        figures[f"decoder_bs{bs}_images_per_s"] = rate(lambda g: generate(model, g, vocab, decode), grids[bs])
 
         def whole(files):
             for batch, _, _ in image_loader(files, size, bs, num_workers=0):
-                generate(model, model.encoder.extract(batch), vocab, **decode)
+                generate(model, model.encoder.extract(batch), vocab, decode)
         groups = [paths[i:i + bs] for i in range(0, len(paths), bs)]
         figures[f"photo_to_caption_bs{bs}_images_per_s"] = rate(whole, groups)
     return figures

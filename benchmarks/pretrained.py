@@ -25,8 +25,8 @@ from PIL import Image
 from data.images.reading import image_loader, input_size
 from data.text.captions import read_split_file
 from models.checkpoint import PRETRAINED, RERANK_FREQUENCIES, load_model, load_shipped
-from models.consensus import with_rerank_cider
 from models.decoding import decode_settings, describe_decoding, generate
+from models.rerank_frequencies import with_rerank_cider
 from utils import REPO_ROOT
 
 PHOTOS = 64
@@ -72,28 +72,28 @@ def run(device, data: str | None) -> dict:
         load_s = time.perf_counter() - start
         size = input_size(config.model.encoder, config.data.image_size)
         decode = decode_settings(config.decode)      # what inference_visualize.py and the web demo use
-        plain = {**decode, "rerank_samples": 0}
-        consensus = {**decode, "rerank_samples": decode.get("rerank_samples") or CONSENSUS_SAMPLES}
+        plain = decode_settings(config.decode, rerank_samples=0)
+        consensus = decode_settings(config.decode, rerank_samples=decode.rerank_samples or CONSENSUS_SAMPLES)
         consensus = with_rerank_cider(consensus, checkpoint, PRETRAINED) if RERANK_FREQUENCIES in checkpoint else None
 
         def rate(settings) -> float:
             def caption_all(files):
                 for images, _, _ in image_loader(files, size, BATCH, num_workers=0):
-                    generate(model, model.encoder.extract(images.to(device)), vocab, **settings)
+                    generate(model, model.encoder.extract(images.to(device)), vocab, settings)
             caption_all(paths[:BATCH])                              # warm-up: the first batch's allocations
             start = time.perf_counter()
             caption_all(paths)
             return len(paths) / (time.perf_counter() - start)
         plain_rate = rate(plain)
         consensus_rate = rate(consensus) if consensus else None
-        default_rate = consensus_rate if decode.get("rerank_samples") else plain_rate
+        default_rate = consensus_rate if decode.rerank_samples else plain_rate
     return {"benchmark": "pretrained", "device": str(device), "model": os.path.relpath(PRETRAINED, REPO_ROOT),
-            "photos": len(paths), "source": source, "beam_size": decode["beam_size"], "batch_size": BATCH,
+            "photos": len(paths), "source": source, "beam_size": decode.beam_size, "batch_size": BATCH,
             "decoding": describe_decoding(decode), "threads": torch.get_num_threads(), "cold_start_s": round(cold, 2),
             "load_s": round(load_s, 2), "photos_per_s": round(default_rate, 2),
             "plain_beam_photos_per_s": round(plain_rate, 2),
             "consensus_photos_per_s": round(consensus_rate, 2) if consensus_rate else None,
-            "consensus_samples": consensus["rerank_samples"] if consensus else None,
+            "consensus_samples": consensus.rerank_samples if consensus else None,
             "command_photos_per_s": round(len(paths) / whole, 2)}
 
 

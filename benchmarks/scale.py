@@ -28,7 +28,7 @@ import torchvision
 
 from benchmarks.train_process import run_train_py
 from config import DEFAULTS, merge
-from data.features.cache import extract_features, row_checksums
+from data.features.cache import Loading, extract_features, row_checksums
 from data.features.key import cache_key
 from models.encoder import EncoderCNN
 from training.loss_log import last_elapsed
@@ -84,7 +84,7 @@ def train_one_epoch(folder: str, cache_dir: str, s: dict, encoder_path: str, dec
         "model": {"encoder": s["encoder"], "encoder_weights": encoder_path, "decoder": decoder,
                   "embed_size": s["embed_size"], "hidden_size": s["hidden_size"]},
         "train": {"epochs": 1, "batch_size": s["batch_size"], "out_dir": os.path.join(folder, f"run_{decoder}_{mode}"),
-                  "cache_dir": cache_dir, "cache_on_device": mode, "val_bleu_images": 0, "select_metric": "loss",
+                  "cache_dir": cache_dir, "cache_on_device": mode, "val_decoded_images": 0, "select_metric": "loss",
                   "device": str(device), "num_workers": 0, "log_every": 10 ** 9, "batch_by_length": True}},
         "bench.py --scale")
     done = run_train_py(config, os.path.join(folder, f"config_{decoder}_{mode}.yaml"))
@@ -110,7 +110,8 @@ def run(device, quick: bool, sizes=SIZES) -> dict:
             written_s = time.perf_counter() - start
             encoder = EncoderCNN(s["encoder"], encoder_path, 256, spatial=True)
             start = time.perf_counter()
-            store, ok = extract_features(encoder, paths, s["image_size"], cache_dir, torch.device("cpu"), num_workers=0)
+            store, ok = extract_features(encoder, paths, s["image_size"], cache_dir, torch.device("cpu"),
+                                         Loading(workers=0))
             open_s = time.perf_counter() - start
             assert all(ok) and len(store) == n
             del store

@@ -8,14 +8,12 @@ Output is deterministic: only PIL drawing primitives (no antialiasing) and
 `random.Random(seed)` are used, and PNGs are saved with fixed settings and no metadata,
 so running it twice gives byte-identical files.
 
-Usage:
-    python -m data.demo [--out-images demo_images] [--out-captions captions.csv] \
-        [--n-images 600] [--seed 0]
+The committed demo_images/ and captions.csv were made by make_demo_dataset("demo_images", "captions.csv")
+(600 images, seed 0); the tests make small ones the same way.
 
 The CSV has header `image,caption`, 5 captions per image (one per template); `image` is the file name
 relative to the images folder (e.g. `shape_0000.png`).
 """
-import argparse
 import csv
 import itertools
 import random
@@ -147,22 +145,3 @@ def make_demo_dataset(images_dir, captions_path, n_images: int = 600, seed: int 
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(("image", "caption"))
         writer.writerows(rows)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description="Generate the embedded coloured-shapes demo dataset.")
-    parser.add_argument("--out-images", default="demo_images", help="folder for the PNG images")
-    parser.add_argument("--out-captions", default="captions.csv", help="path of the captions CSV")
-    parser.add_argument("--n-images", type=int, default=600, help="number of images")
-    parser.add_argument("--seed", type=int, default=0, help="random seed")
-    args = parser.parse_args()
-    try:
-        make_demo_dataset(args.out_images, args.out_captions, args.n_images, args.seed)
-    except UserError as error:
-        parser.error(str(error))
-    print(f"wrote {args.n_images} images to {args.out_images}/ and "
-          f"{args.n_images * CAPTIONS_PER_IMAGE} captions to {args.out_captions}")
-
-
-if __name__ == "__main__":
-    main()

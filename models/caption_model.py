@@ -10,6 +10,7 @@ import importlib
 import torch.nn as nn
 import torch.nn.functional as F
 
+from config import Config
 from models.encoder import EncoderCNN
 
 
@@ -49,9 +50,9 @@ class CaptionModel(nn.Module):
         return self.decoder.step(tokens, state)
 
 
-def build_model(config: dict, vocab_size: int) -> CaptionModel:
+def build_model(config: Config, vocab_size: int) -> CaptionModel:
     m = config.model
-    decoder = importlib.import_module(f"models.decoder_{m['decoder']}")
+    decoder = importlib.import_module(f"models.decoder_{m.decoder}")
     encoder = EncoderCNN(m.encoder, m.encoder_weights, m.embed_size, decoder.READS_GRID,
                          tail_blocks=config.train.fine_tune_encoder)
     return CaptionModel(encoder, decoder.build(m, encoder.feature_dim, vocab_size))

@@ -12,24 +12,27 @@ Shares the decoder interface used by decoding.py:
 import torch
 import torch.nn as nn
 
+from config import ModelConfig
+from data.text.vocab import Vocabulary
 from models.teacher_forcing import check_teacher_forcing
 
 READS_GRID = True
 
 
-def build(m: dict, feature_dim: int, vocab_size: int):
+def build(m: ModelConfig, feature_dim: int, vocab_size: int):
     """The decoder of a config's model section."""
-    return AttentionDecoder(feature_dim, vocab_size, m.embed_size, m.hidden_size, m.attention_size,
-                            m.dropout, m.alpha_c)
+    return AttentionDecoder(feature_dim, vocab_size, m)
 
 
 class AttentionDecoder(nn.Module):
-    def __init__(self, feature_dim: int, vocab_size: int, embed_size: int = 256, hidden_size: int = 512,
-                 attention_size: int = 512, dropout: float = 0.5, alpha_c: float = 1.0, pad_id: int = 0):
+    def __init__(self, feature_dim: int, vocab_size: int, config: ModelConfig):
+        """feature_dim: the grid's channels; config: the model section (embed_size, hidden_size, attention_size,
+        dropout, alpha_c)."""
         super().__init__()
+        embed_size, hidden_size, attention_size = config.embed_size, config.hidden_size, config.attention_size
         self.feature_dim = feature_dim
-        self.alpha_c = alpha_c
-        self.embedding = nn.Embedding(vocab_size, embed_size, padding_idx=pad_id)
+        self.alpha_c = config.alpha_c
+        self.embedding = nn.Embedding(vocab_size, embed_size, padding_idx=Vocabulary.pad_id)
         self.enc_att = nn.Linear(feature_dim, attention_size)
         self.dec_att = nn.Linear(hidden_size, attention_size)
         self.full_att = nn.Linear(attention_size, 1)
@@ -37,7 +40,7 @@ class AttentionDecoder(nn.Module):
         self.init_h = nn.Linear(feature_dim, hidden_size)
         self.init_c = nn.Linear(feature_dim, hidden_size)
         self.lstm = nn.LSTMCell(embed_size + feature_dim, hidden_size)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = nn.Dropout(config.dropout)
         self.fc = nn.Linear(hidden_size, vocab_size)
         # Small uniform init as in the reference implementations; training is less jumpy early on.
         nn.init.uniform_(self.embedding.weight, -0.1, 0.1)

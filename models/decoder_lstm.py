@@ -6,23 +6,27 @@ Then the caption's words follow, from <start>, each predicting the next one.
 import torch
 import torch.nn as nn
 
+from config import ModelConfig
+from data.text.vocab import Vocabulary
 from models.teacher_forcing import check_teacher_forcing
 
 READS_GRID = False      # it reads the grid mean-pooled and embedded (EncoderCNN.project)
 
 
-def build(m: dict, feature_dim: int, vocab_size: int):
-    """The decoder of a config's model section."""
-    return DecoderRNN(m.embed_size, vocab_size, m.hidden_size, m.dropout)
+def build(m: ModelConfig, feature_dim: int, vocab_size: int):
+    """The decoder of a config's model section. The CNN's width (feature_dim) is not its concern: it reads the
+    image as EncoderCNN.project embeds it, m.embed_size wide."""
+    return DecoderRNN(vocab_size, m)
 
 
 class DecoderRNN(nn.Module):
-    def __init__(self, embed_size: int, vocab_size: int, hidden_size: int = 512, dropout: float = 0.5, pad_id: int = 0):
+    def __init__(self, vocab_size: int, config: ModelConfig):
+        """config: the model section (embed_size: the image's and the words' width, hidden_size, dropout)."""
         super().__init__()
-        self.embed = nn.Embedding(vocab_size, embed_size, padding_idx=pad_id)
-        self.lstm = nn.LSTM(embed_size, hidden_size, batch_first=True)
-        self.dropout = nn.Dropout(dropout)
-        self.fc = nn.Linear(hidden_size, vocab_size)
+        self.embed = nn.Embedding(vocab_size, config.embed_size, padding_idx=Vocabulary.pad_id)
+        self.lstm = nn.LSTM(config.embed_size, config.hidden_size, batch_first=True)
+        self.dropout = nn.Dropout(config.dropout)
+        self.fc = nn.Linear(config.hidden_size, vocab_size)
 
     def forward(self, features, tokens, lengths):
         """features [B,E], tokens [B,T] from <start>, lengths [B] -> (logits [B,T,V], zero extra loss).

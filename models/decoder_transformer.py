@@ -18,15 +18,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from config import ModelConfig
 from models.teacher_forcing import check_teacher_forcing
 from utils import UserError
 
 READS_GRID = True
 
 
-def build(m: dict, feature_dim: int, vocab_size: int):
+def build(m: ModelConfig, feature_dim: int, vocab_size: int):
     """The decoder of a config's model section."""
-    return TransformerDecoder(feature_dim, vocab_size, m.embed_size, m.num_layers, m.num_heads, m.dropout)
+    return TransformerDecoder(feature_dim, vocab_size, m)
 
 
 class DecoderBlock(nn.Module):
@@ -78,15 +79,18 @@ class DecoderBlock(nn.Module):
 
 
 class TransformerDecoder(nn.Module):
-    def __init__(self, feature_dim: int, vocab_size: int, d_model: int = 256, num_layers: int = 3,
-                 num_heads: int = 8, dropout: float = 0.1, max_len: int = 64, pad_id: int = 0,
+    def __init__(self, feature_dim: int, vocab_size: int, config: ModelConfig, *, max_len: int = 64,
                  max_grid_side: int = 32):
+        """feature_dim: the grid's channels; config: the model section (embed_size is the model's width d,
+        num_layers, num_heads, dropout). max_len: the longest caption, in positions; max_grid_side: the widest grid,
+        in cells (both size the position embeddings)."""
         super().__init__()
+        d_model, num_layers, num_heads, dropout = config.embed_size, config.num_layers, config.num_heads, config.dropout
         if num_layers < 1 or d_model % num_heads:
             raise UserError(f"decoder_transformer.py: model.num_layers={num_layers}, model.embed_size={d_model}, "
                             f"model.num_heads={num_heads}; use num_layers >= 1 and an embed_size that is a "
                             f"multiple of num_heads")
-        self.feature_dim, self.max_len, self.max_grid_side, self.pad_id = feature_dim, max_len, max_grid_side, pad_id
+        self.feature_dim, self.max_len, self.max_grid_side = feature_dim, max_len, max_grid_side
         self.grid_proj = nn.Linear(feature_dim, d_model)
         self.grid_rows = nn.Embedding(max_grid_side, d_model)
         self.grid_cols = nn.Embedding(max_grid_side, d_model)

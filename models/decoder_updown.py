@@ -17,29 +17,33 @@ Shares the decoder interface used by decoding.py:
 import torch
 import torch.nn as nn
 
+from config import ModelConfig
+from data.text.vocab import Vocabulary
 from models.teacher_forcing import check_teacher_forcing
 
 READS_GRID = True
 
 
-def build(m, feature_dim: int, vocab_size: int):
+def build(m: ModelConfig, feature_dim: int, vocab_size: int):
     """The decoder of a config's model section."""
-    return UpDownDecoder(feature_dim, vocab_size, m.embed_size, m.hidden_size, m.attention_size, m.dropout)
+    return UpDownDecoder(feature_dim, vocab_size, m)
 
 
 class UpDownDecoder(nn.Module):
-    def __init__(self, feature_dim: int, vocab_size: int, embed_size: int = 256, hidden_size: int = 512,
-                 attention_size: int = 512, dropout: float = 0.5, pad_id: int = 0):
+    def __init__(self, feature_dim: int, vocab_size: int, config: ModelConfig):
+        """feature_dim: the grid's channels; config: the model section (embed_size, hidden_size, attention_size,
+        dropout)."""
         super().__init__()
+        embed_size, hidden_size, attention_size = config.embed_size, config.hidden_size, config.attention_size
         self.feature_dim, self.hidden_size = feature_dim, hidden_size
-        self.embedding = nn.Embedding(vocab_size, embed_size, padding_idx=pad_id)
-        self.grid_embed = nn.Sequential(nn.Linear(feature_dim, hidden_size), nn.ReLU(), nn.Dropout(dropout))
+        self.embedding = nn.Embedding(vocab_size, embed_size, padding_idx=Vocabulary.pad_id)
+        self.grid_embed = nn.Sequential(nn.Linear(feature_dim, hidden_size), nn.ReLU(), nn.Dropout(config.dropout))
         self.cell_keys = nn.Linear(hidden_size, attention_size)      # each cell's side of the attention score
         self.query = nn.Linear(hidden_size, attention_size)          # the attention LSTM's side
         self.score = nn.Linear(attention_size, 1)
         self.attention_lstm = nn.LSTMCell(hidden_size + hidden_size + embed_size, hidden_size)
         self.language_lstm = nn.LSTMCell(hidden_size + hidden_size, hidden_size)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = nn.Dropout(config.dropout)
         self.fc = nn.Linear(hidden_size, vocab_size)
         # Small uniform init as in the reference implementations; training is less jumpy early on.
         nn.init.uniform_(self.embedding.weight, -0.1, 0.1)

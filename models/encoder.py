@@ -15,8 +15,8 @@ import threading
 import torch
 import torch.nn as nn
 
+from config import ENCODERS
 from data.features.key import weights_hash
-from data.images.reading import normalisation
 from models.backbones import build_backbone
 from utils import UserError
 
@@ -33,21 +33,22 @@ class EncoderCNN(nn.Module):
     and BatchNorm."""
 
     def __init__(self, name: str, weights: str, embed_size: int, spatial: bool, tail_blocks: int = 0):
+        """name: a row of config.ENCODERS; weights: imagenet, none, or a local state dict file."""
         super().__init__()
         self.name, self.spatial = name, spatial
         self._fingerprint = (None, None)    # (weights' identity stamp, hash): see weights_fingerprint
         self._channels_last = False         # whether the backbone's weights are in channels_last (see trunk)
         self.backbone = build_backbone(name, weights)
-        self.feature_dim = self.backbone.feature_dim
+        row = ENCODERS[name]                # build_backbone has checked the name
+        self.feature_dim = row.feature_dim
         if not 0 <= tail_blocks <= self.backbone.n_blocks:
             raise UserError(f"train.fine_tune_encoder={tail_blocks}: {name} has {self.backbone.n_blocks} blocks; "
                             f"give how many of the last ones train, from 0 (frozen) to {self.backbone.n_blocks}")
         self.tail_blocks = tail_blocks
-        mean, std = normalisation(name)
         if weights not in ("imagenet", "none"):
             self._load_local(weights)
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255, persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("mean", torch.tensor(row.mean).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(row.std).view(1, 3, 1, 1) * 255, persistent=False)
         for p in self.backbone.parameters():
             p.requires_grad = False
         for p in self.tail_parameters():
@@ -56,23 +57,17 @@ class EncoderCNN(nn.Module):
             self.embed = nn.Sequential(nn.Linear(self.feature_dim, embed_size), nn.BatchNorm1d(embed_size))
 
     def _load_local(self, path: str) -> None:
+        """model.encoder_weights=path: a state dict named as the backbone's source names it (backbone.load_file)."""
         if not os.path.isfile(path):
-            raise UserError(f"model.encoder_weights={path}: no such file; give a state dict of a torchvision {self.name}, or imagenet, or none")
+            raise UserError(f"model.encoder_weights={path}: no such file; give a state dict of {self.name} (named as "
+                            f"{self.backbone.weights_source} names its weights), or imagenet, or none")
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
             raise UserError(f"{path}: not a loadable state dict ({str(e).splitlines()[0][:100]})") from None
-        target = self.backbone.net if self.name == "efficientnet_lite2" else self.backbone
-        # A torchvision state dict names layers "layer4.0..."; our Sequential numbers them "7.0...".
-        if self.name != "efficientnet_lite2":
-            names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
-            state = {f"{names.index(k.split('.')[0])}.{k.split('.', 1)[1]}" if k.split(".")[0] in names else k: v
-                     for k, v in state.items() if not k.startswith("fc.")}
-        else:
-            state = {k: v for k, v in state.items() if not k.startswith("_fc.")}
-        result = target.load_state_dict(state, strict=False)
-        if result.missing_keys:
-            raise UserError(f"{path}: not a {self.name} state dict (missing {result.missing_keys[0]} and {len(result.missing_keys) - 1} more)")
+        missing = self.backbone.load_file(state)
+        if missing:
+            raise UserError(f"{path}: not a {self.name} state dict (missing {missing[0]} and {len(missing) - 1} more)")
 
     def tail_parameters(self) -> list[nn.Parameter]:
         return [p for m in self.backbone.tail_modules(self.tail_blocks) for p in m.parameters()]

@@ -7,7 +7,7 @@ demo need nothing of their own.
 
     ensemble = CaptionEnsemble([model_a, model_b])
     stored = ensemble.encoder.extract(images)     # the shared trunk's output; each model runs its own tail
-    generate(ensemble, stored, vocab, beam_size=3)
+    generate(ensemble, stored, vocab, DecodeSettings(beam_size=3))
 """
 import torch
 import torch.nn as nn

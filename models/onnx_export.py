@@ -24,9 +24,9 @@ import torch
 import torch.nn as nn
 
 from data.images.reading import image_loader, input_size
-from models.checkpoint import portable_config
 from models.decoding import generate
 from models.ensemble import CaptionEnsemble
+from models.exporting import portable_config
 from models.onnx_model import FORMAT, MANIFEST, is_onnx_folder, require, state_names
 from utils import TEMP_PREFIX, UserError, atomic_write_text
 
@@ -155,6 +155,6 @@ def caption_files(model, vocab, config, paths: list[str], decode: dict, batch_si
     for images, good, _ in image_loader(paths, size, batch_size, num_workers=0):
         if images is None:
             continue
-        results = generate(model, model.encoder.extract(images), vocab, **decode)
+        results = generate(model, model.encoder.extract(images), vocab, decode)
         captions.update({os.path.basename(paths[i]): r["caption"] for i, r in zip(good, results)})
     return captions

@@ -2,7 +2,7 @@
 
     model, vocab, config = load_onnx_model("onnx_out/")
     grid = model.encoder.extract(images)               # uint8 [B,3,S,S] -> [B,P,C]: encoder.onnx
-    generate(model, grid, vocab, beam_size=3)          # models/decoding.py, unchanged: init_state.onnx, step.onnx
+    generate(model, grid, vocab, decode_settings(config.decode))    # models/decoding.py: init_state.onnx, step.onnx
 
 The graphs hold the model's arithmetic; the search (greedy, beam, sampling, the n-gram ban) stays ours, in
 models/decoding.py, on the torch tensors this module hands back. The folder's graphs.json says which state

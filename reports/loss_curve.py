@@ -4,13 +4,19 @@ The upper panel shows the training loss per logged step (thin, light), an expone
 moving average of it (bias-corrected EMA, span = number of train rows / 10, clamped to
 1..100; under 20 rows only the raw curve is drawn), the validation loss at each validation
 and, for self-critical training, the mean reward of the sampled captions on a second
-y-axis. The lower panel, drawn when validation scores were computed, shows validation
-BLEU-4 and CIDEr (decoded as the run's decode: section says). A step logged twice after a
-resume is plotted once, with the later (resumed) value.
+y-axis. The lower panel, drawn when validation scores were computed, shows each validation
+score of evaluation.metrics.SCORE_NAMES (BLEU-4 and CIDEr; decoded as the run's decode:
+section says), each on a y-axis of its own. A step logged twice after a resume is plotted
+once, with the later (resumed) value.
 """
 import math
 
+from evaluation.metrics import SCORE_NAMES
 from utils import atomic_write
+
+# (line style, colour) of each score, in SCORE_NAMES' order; the upper panel has blue, orange and purple
+SCORE_STYLES = [("s--", "tab:green"), ("^-", "tab:red"), ("D:", "tab:brown"), ("v-.", "tab:olive"), ("P--", "tab:cyan")]
+SPINE_STEP = 0.12      # how far right each y-axis after the second is moved, in axes widths, so their ticks never overlap
 
 
 def smooth(values: list[float], span: int) -> list[float]:
@@ -43,7 +49,7 @@ def plot_loss(rows: list[dict], out_path: str, title: str) -> str:
 
     train = _latest_per_step(rows, "train")
     val = _latest_per_step(rows, "val")
-    scored = [r for r in val if math.isfinite(r["bleu4"]) or math.isfinite(r["cider"])]
+    scored = [r for r in val if any(math.isfinite(r[name]) for name in SCORE_NAMES)]
     fig, axes = plt.subplots(2 if scored else 1, 1, figsize=(9, 7.5 if scored else 5), dpi=100, sharex=True,
                              squeeze=False, gridspec_kw={"height_ratios": [3, 2] if scored else [1]})
     _plot_losses(axes[0][0], train, val, title)
@@ -88,19 +94,23 @@ def _plot_losses(loss_axis, train: list[dict], val: list[dict], title: str) -> N
 
 
 def _plot_scores(score_axis, scored: list[dict]) -> None:
-    """The lower panel: validation BLEU-4 and CIDEr."""
-    handles = []
-    bleu = [r for r in scored if math.isfinite(r["bleu4"])]
-    if bleu:
-        handles += score_axis.plot([r["step"] for r in bleu], [r["bleu4"] for r in bleu], "s--", color="tab:green",
-                                   markersize=6, label="val BLEU-4")
-    score_axis.set_ylabel("BLEU-4", color="tab:green")
+    """The lower panel: each validation score on a y-axis of its own (their scales differ: CIDEr runs past 1), the
+    first on the left, the others on the right, each further one moved out."""
+    handles, right_axes = [], 0
     score_axis.grid(True, alpha=0.3)
-    cider = [r for r in scored if math.isfinite(r["cider"])]
-    if cider:
-        cider_axis = score_axis.twinx()
-        handles += cider_axis.plot([r["step"] for r in cider], [r["cider"] for r in cider], "^-", color="tab:red",
-                                   markersize=6, label="val CIDEr")
-        cider_axis.set_ylabel("CIDEr", color="tab:red")
+    for i, (name, coco) in enumerate(SCORE_NAMES.items()):
+        rows = [r for r in scored if math.isfinite(r[name])]
+        if i and not rows:
+            continue                # the left axis is always drawn; a right one only for a score some row has
+        style, colour = SCORE_STYLES[i % len(SCORE_STYLES)]
+        axis = score_axis
+        if i:
+            axis, right_axes = score_axis.twinx(), right_axes + 1
+            if right_axes > 1:
+                axis.spines["right"].set_position(("axes", 1 + SPINE_STEP * (right_axes - 1)))
+        axis.set_ylabel(coco, color=colour)
+        if rows:
+            handles += axis.plot([r["step"] for r in rows], [r[name] for r in rows], style, color=colour,
+                                 markersize=6, label=f"val {coco}")
     score_axis.legend(handles, [h.get_label() for h in handles], loc="lower right", fontsize="small",
                       framealpha=0.8)

@@ -1,6 +1,6 @@
 """The README's speed table, from the bench.py --out files it cites: a table shows its files' numbers.
 
-    python -m reports.speed_table       # prints the table's rows (README.md's labels)
+    python bench.py --speed-table       # prints the table (README.md's labels)
 """
 import json
 import os
@@ -45,7 +45,8 @@ def table_rows() -> list[list[str]]:
     return [[label, *cells(cpu, key, False), *cells(gpu, key, True)] for label, key in ROWS]
 
 
-if __name__ == "__main__":
-    print("| figure | 2-core CPU: ours | naive | one H200: ours | naive |\n|---|---|---|---|---|")
-    for row in table_rows():
-        print("| " + " | ".join(row) + " |")
+
+def markdown_table() -> str:
+    """The table as README.md shows it: a header and one row per figure."""
+    lines = ["| figure | 2-core CPU: ours | naive | one H200: ours | naive |", "|---|---|---|---|---|"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in table_rows()])

@@ -2,7 +2,7 @@
 import pytest
 
 from config import DEFAULTS, merge
-from data.text.captions import load_splits, read_captions, split_images
+from data.text.captions import load_splits, read_captions, read_dataset, split_images
 
 
 def write(path, text, encoding="utf-8"):
@@ -74,3 +74,32 @@ def test_a_broken_quote_names_its_line(tmp_path):
     path = write(tmp_path / "c.csv", 'image,caption\na.jpg,a dog\nb.jpg,"a cat\n')
     with pytest.raises(ValueError, match=r"c\.csv: line 3 is not valid CSV"):
         read_captions(path)
+
+
+def test_read_dataset_reads_each_format_with_its_splits(tmp_path):
+    import json
+    expected = {"a.jpg": ["A dog, running.", "A dog"], "b.jpg": ["A cat"]}
+    csv_path = write(tmp_path / "c.csv", 'image,caption\na.jpg,"A dog, running."\na.jpg,A dog\nb.jpg,A cat\n')
+    token_path = write(tmp_path / "t.txt", "a.jpg#0\tA dog, running.\na.jpg#1\tA dog\nb.jpg#0\tA cat\n")
+    json_path = write(tmp_path / "k.json", json.dumps({"images": [
+        {"filename": "a.jpg", "split": "train", "sentences": [{"raw": "A dog, running."}, {"raw": "A dog"}]},
+        {"filename": "b.jpg", "split": "test", "sentences": [{"raw": "A cat"}]}]}))
+    split_file = write(tmp_path / "split.txt", "b.jpg\n")
+    for path in (csv_path, token_path):          # no splits of their own: a split file, or None for the caller
+        assert read_dataset(path, {"train": split_file, "val": ""}) == (expected, {"train": ["b.jpg"], "val": None})
+    # a Karpathy JSON's splits by name, and where none is named its defaults (train: train+restval; test: test)
+    assert read_dataset(json_path, {"train": "", "val": "test", "test": ""}) == (
+        expected, {"train": ["a.jpg"], "val": ["b.jpg"], "test": ["b.jpg"]})
+    assert read_dataset(json_path, {}) == (expected, {}) and read_captions(json_path) == expected
+    with pytest.raises(ValueError, match=r"k\.json: no split named 'dev'; its splits are test, train"):
+        read_dataset(json_path, {"test": "dev"})
+    with pytest.raises(ValueError, match=r"^test: no such split file; .*c\.csv names no splits \(only a Karpathy JSON"):
+        read_dataset(csv_path, {"test": "test"})
+
+
+def test_one_split_file_without_the_other_is_refused(tiny_data, tmp_path):
+    captions, images = tiny_data
+    train_file = write(tmp_path / "train.txt", "shape_0000.png\n")
+    data = merge(DEFAULTS, {"data": {"captions": captions, "images": images, "train_split": train_file}}, "test")
+    with pytest.raises(ValueError, match="set both data.train_split and data.val_split, or neither"):
+        load_splits(data.data)

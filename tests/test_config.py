@@ -73,3 +73,59 @@ def test_fine_tune_encoder_counts_blocks_and_true_still_means_the_last_one():
     assert load_config(None, ["train.fine_tune_encoder=6"])["train"]["fine_tune_encoder"] == 6
     assert load_config(None, ["train.fine_tune_encoder=true"])["train"]["fine_tune_encoder"] == 1
     assert load_config(None, ["train.fine_tune_encoder=false"])["train"]["fine_tune_encoder"] == 0
+
+
+def test_the_encoder_table_gives_the_encoder_choices_input_sizes_and_normalisation(monkeypatch):
+    from config import ENCODERS, FIELDS, Encoder
+    from data.images import reading
+    from models import backbones
+    from models.backbones import build_backbone
+    assert FIELDS["model.encoder"].metadata["choices"] == tuple(ENCODERS)
+    assert {name: reading.input_size(name, 0) for name in ENCODERS} == {
+        "resnet18": 224, "resnet34": 224, "resnet50": 224, "resnet101": 224, "resnet152": 224, "efficientnet_lite2": 260}
+    assert reading.normalisation("efficientnet_lite2") == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    assert reading.normalisation("resnet50") == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    # a new row is all that image reading and the backbone builder need
+    built = []
+    monkeypatch.setitem(backbones.FAMILIES, "toy", lambda name, imagenet: built.append((name, imagenet)) or "net")
+    monkeypatch.setitem(ENCODERS, "toy", Encoder("toy", feature_dim=8, native_size=96, mean=(0.1, 0.2, 0.3),
+                                                  std=(1, 2, 3)))
+    assert reading.input_size("toy", 0) == 96 and reading.input_size("toy", 40) == 40
+    assert reading.transform_id("toy", 0) == ("rgb|exif-oriented|resize96-bilinear-squash|uint8|mean(0.1, 0.2, 0.3)|"
+                                              "std(1, 2, 3)")
+    assert build_backbone("toy", "imagenet") == "net" and built == [("toy", True)]
+    with pytest.raises(ValueError, match="model.encoder='resnet9' is not one of resnet18, .*efficientnet_lite2, toy"):
+        reading.input_size("resnet9", 0)
+
+
+def test_the_old_name_val_bleu_images_still_reads_from_yaml_set_and_old_checkpoints(tmp_path):
+    from config import merge
+    path = tmp_path / "old.yaml"
+    path.write_text("train:\n  val_bleu_images: 7\n")
+    assert load_config(str(path)).train.val_decoded_images == 7
+    assert load_config(None, ["train.val_bleu_images=3"]).train.val_decoded_images == 3
+    old_checkpoint_config = DEFAULTS.to_dict()
+    old_checkpoint_config["train"]["val_bleu_images"] = old_checkpoint_config["train"].pop("val_decoded_images") + 1
+    config = merge(DEFAULTS, old_checkpoint_config, "old.pth")
+    assert config.train.val_decoded_images == DEFAULTS.train.val_decoded_images + 1
+    assert "val_bleu_images" not in config.to_dict()["train"]          # what a new checkpoint stores: the new name
+    with pytest.raises(ValueError, match=r"--set: train\.val_decoded_images=-1 is out of range"):
+        load_config(None, ["train.val_bleu_images=-1"])
+
+
+def test_the_fixed_and_path_flags_give_exactly_the_lists_they_replaced():
+    from config import FIXED_ON_RESUME, KEYS, PATH_KEYS
+    from models import exporting
+    before_fixed = [k for k in KEYS if k.startswith(("model.", "data."))] + ["train.scst", "train.fine_tune_encoder",
+                                                                             "train.ema_decay"]
+    before_paths = ["data.captions", "data.images", "data.train_split", "data.val_split", "train.out_dir",
+                    "train.cache_dir", "train.init_from"]
+    assert sorted(FIXED_ON_RESUME) == sorted(before_fixed) and len(set(FIXED_ON_RESUME)) == len(FIXED_ON_RESUME)
+    assert PATH_KEYS == before_paths
+    assert exporting.PATH_KEYS == PATH_KEYS
+
+
+def test_select_metric_offers_every_validation_score_and_the_loss():
+    from config import FIELDS
+    from evaluation.metrics import SCORE_NAMES
+    assert FIELDS["train.select_metric"].metadata["choices"] == (*SCORE_NAMES, "loss")

@@ -1,21 +1,16 @@
-"""models/consensus.py: the candidate most like the others wins; the compact training-caption frequencies score as
-the full table; generate re-ranks deterministically; a checkpoint's frequencies come from its file or its data."""
-import io
-
+"""models/consensus.py: the candidate most like the others wins; generate re-ranks deterministically."""
 import numpy as np
 import pytest
 import torch
 from pycocoevalcap.cider.cider_scorer import cook_test
 
-from config import DEFAULTS, load_config, merge
-from data.text.captions import load_splits
+from config import load_config
 from data.text.vocab import Vocabulary, tokenize
 from evaluation.cider import CiderD, CiderVectors, document_frequencies
 from evaluation.metrics import smoothed_bleu4
 from models.caption_model import build_model
-from models.checkpoint import load_checkpoint
-from models.consensus import count_frequencies, rerank, rerank_cider, unpack_frequencies
-from models.decoding import consensus_candidates, generate
+from models.consensus import rerank
+from models.decoding import DecodeSettings, SpecialIds, consensus_candidates, generate
 from utils import UserError
 
 TRAINING = [["a dog runs on the grass", "a brown dog running on grass", "the dog is running outside"],
@@ -67,28 +62,6 @@ def test_the_bleu_term_adds_each_candidates_smoothed_bleu4_against_the_others():
     assert smoothed_bleu4("two cats", ["a dog runs"]) == 0.0
 
 
-def test_the_compact_frequencies_score_exactly_as_the_full_table():
-    vocab = Vocabulary.build([c for captions in TRAINING for c in captions], min_freq=2)     # rare words left out
-    tokenized = [[" ".join(tokenize(c)) for c in captions] for captions in TRAINING]
-    full = CiderVectors(document_frequencies(tokenized), len(TRAINING))
-    buffer = io.BytesIO()
-    torch.save(count_frequencies(TRAINING, vocab), buffer)
-    stored = torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
-    table = unpack_frequencies(stored, vocab)
-    assert table and all(count >= 2 and all(w in vocab.stoi for w in gram) for gram, count in table.items())
-    assert all(full.document_frequency[gram] == count for gram, count in table.items())
-    assert len(table) < len(full.document_frequency)
-    compact = CiderVectors(table, stored["images"])
-    words = vocab.itos[4:]
-    generator = np.random.default_rng(0)
-    for _ in range(30):    # random captions of vocabulary words, and ones that follow the training captions
-        drawn = list(generator.choice(words, size=generator.integers(1, 9)))
-        caption = tokenized[generator.integers(5)][generator.integers(3)].split()
-        kept = [w for w in caption if w in vocab.stoi]
-        candidates = [" ".join(drawn), " ".join(kept), " ".join(kept[:4] + drawn[:2]), " ".join(kept[1:])]
-        assert np.array_equal(compact.consensus(candidates), full.consensus(candidates))
-
-
 def tiny_model(decoder: str, vocab_size: int):
     torch.manual_seed(0)
     config = load_config(None, ["model.encoder=resnet18", "model.encoder_weights=none", f"model.decoder={decoder}",
@@ -102,14 +75,14 @@ def test_generate_re_ranks_into_valid_captions_and_repeats_itself(decoder, beam_
     vocab = Vocabulary.build([c for captions in TRAINING for c in captions])
     model, features = tiny_model(decoder, len(vocab)), torch.randn(3, 4, 512)
     cider = training_cider([[" ".join(tokenize(c)) for c in captions] for captions in TRAINING])
-    settings = dict(beam_size=beam_size, max_len=8, no_repeat_ngram=2, rerank_samples=6, rerank_temperature=1.0,
-                    rerank_cider=cider)
-    results = generate(model, features, vocab, **settings)
-    for result, again in zip(results, generate(model, features, vocab, **settings)):   # the same captions, again
+    settings = DecodeSettings(beam_size=beam_size, max_len=8, no_repeat_ngram=2, rerank_samples=6,
+                              rerank_temperature=1.0, rerank_cider=cider)
+    results = generate(model, features, vocab, settings)
+    for result, again in zip(results, generate(model, features, vocab, settings)):   # the same captions, again
         attention, again_attention = result.pop("attention"), again.pop("attention")
         assert result == again and (attention is again_attention is None or torch.equal(attention, again_attention))
         result["attention"] = attention
-    plain = generate(model, features, vocab, beam_size=beam_size, max_len=8, no_repeat_ngram=2)
+    plain = generate(model, features, vocab, DecodeSettings(beam_size=beam_size, max_len=8, no_repeat_ngram=2))
     for result, alone in zip(results, plain):
         assert result.keys() == alone.keys() and result["beams"] == alone["beams"]
         words = result["caption"].split()
@@ -120,7 +93,8 @@ def test_generate_re_ranks_into_valid_captions_and_repeats_itself(decoder, beam_
         else:
             assert result["attention"] is None
     results_beams = [[(vocab.encode(c)[1:-1], s) for c, s in r["beams"]] for r in plain]
-    candidates = consensus_candidates(model, features, vocab, [{"beams": b} for b in results_beams], 6, 1.0, 8, 2)
+    candidates = consensus_candidates(model, features, [{"beams": b} for b in results_beams], settings,
+                                      SpecialIds.of(vocab))
     for result, theirs in zip(results, candidates):
         assert result["tokens"] == theirs[rerank([vocab.decode(t) for t in theirs], cider)[0][0]]
 
@@ -128,18 +102,4 @@ def test_generate_re_ranks_into_valid_captions_and_repeats_itself(decoder, beam_
 def test_without_frequencies_generate_says_what_is_missing():
     vocab = Vocabulary.build(["a dog"])
     with pytest.raises(UserError, match="re-ranking needs the training captions' document frequencies"):
-        generate(tiny_model("lstm", len(vocab)), torch.randn(1, 4, 512), vocab, rerank_samples=2)
-
-
-def test_a_training_checkpoint_counts_them_from_its_dataset(tiny_checkpoints, tmp_path):
-    path = tiny_checkpoints["lstm"]
-    checkpoint = load_checkpoint(path)
-    vocab = Vocabulary(checkpoint["vocab"])
-    captions, train_names, _ = load_splits(merge(DEFAULTS, checkpoint["config"], path).data)
-    expected = unpack_frequencies(count_frequencies([captions[n] for n in train_names], vocab), vocab)
-    cider = rerank_cider(checkpoint, path)
-    assert cider.document_frequency == expected and cider.ref_len == pytest.approx(np.log(len(train_names)))
-    checkpoint["config"]["data"]["captions"] = str(tmp_path / "gone.csv")
-    with pytest.raises(UserError, match=r"^the training captions.*cannot be read: .*gone\.csv: cannot read") as error:
-        rerank_cider(checkpoint, path)
-    assert "\n" not in str(error.value)
+        generate(tiny_model("lstm", len(vocab)), torch.randn(1, 4, 512), vocab, DecodeSettings(rerank_samples=2))

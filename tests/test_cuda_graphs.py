@@ -1,6 +1,6 @@
 """cuda_graphs: where graphs apply, and that the step they capture computes train.py's eager step.
 
-Capturing needs a GPU (scripts/gpu_bench.sh checks the replayed steps against eager ones there); here
+Capturing needs a GPU (benchmarks/gpu_check.sh checks the replayed steps against eager ones there); here
 the same step runs uncaptured on the CPU.
 """
 import pytest
@@ -8,8 +8,10 @@ import torch
 
 from config import load_config
 from models.caption_model import build_model
-from training import step
+from training import steps
 from training.cuda_graphs import LENGTH_STEP, GraphedStep, graphs_apply
+from training.optimization import make_amp, make_optimization
+from training.steps import Batch, TrainingSetup
 
 CUDA = torch.device("cuda")     # only compared with, never used
 CPU = torch.device("cpu")
@@ -52,11 +54,12 @@ def test_the_captured_step_equals_the_eager_step(decoder):
     assert all(p.grad is g for p, g in zip(params, graphed.grads))         # what optimizer.step() reads
 
     model.zero_grad(set_to_none=True)
-    amp, _ = step.make_amp(CPU, True)
-    eager, extra = step.batch_loss(model, inputs[image_index[rows]], tokens[rows], lengths[rows], config, amp)
+    amp, _ = make_amp(CPU, True)
+    eager, extra = steps.batch_loss(model, Batch(rows, lengths[rows], tokens, inputs, image_index), amp,
+                                    config.train.label_smoothing)
     (eager + extra).backward()
-    norm = torch.nn.utils.clip_grad_norm_(params, config["train"]["grad_clip"])
-    assert norm > config["train"]["grad_clip"]                             # clipping did change the gradients
+    norm = torch.nn.utils.clip_grad_norm_(params, config.train.grad_clip)
+    assert norm > config.train.grad_clip                                   # clipping did change the gradients
     assert torch.allclose(loss, eager.detach(), atol=1e-6)
     for p, got in zip(params, graph_grads):
         assert torch.allclose(got, p.grad, atol=1e-6)
@@ -74,20 +77,32 @@ class FakeGraphed:
 
 
 @pytest.mark.parametrize("graph_loss", [torch.tensor(1.5), None])
-def test_training_step_replays_full_batches_and_runs_short_ones_eagerly(graph_loss):
+def test_a_cross_entropy_step_replays_full_batches_and_runs_short_ones_eagerly(graph_loss):
     config, model, params, inputs, image_index, tokens, lengths = tiny("lstm")
-    optimizer = torch.optim.AdamW(params, lr=1e-3)
-    amp, _ = step.make_amp(CPU, True)
+    setup = TrainingSetup(model, model, config, make_optimization(model, config, CPU), CPU)
     graphed = FakeGraphed(graph_loss)
     full, short = torch.tensor([2, 0, 5, 3]), torch.tensor([1, 4])
     before = [p.detach().clone() for p in params]
-    loss = step.training_step(model, optimizer, None, graphed, full, lengths[full], inputs, image_index, tokens,
-                               config, amp)
+    loss = steps.cross_entropy_step(setup, Batch(full, lengths[full], tokens, inputs, image_index), graphed)
     assert graphed.calls == [(4, 7)]
     if graph_loss is not None:
         assert loss is graph_loss                       # the graph's loss; the optimizer stepped on its gradients
     else:
         assert loss.requires_grad                       # the capture failed: an eager step instead
-    step.training_step(model, optimizer, None, graphed, short, lengths[short], inputs, image_index, tokens, config, amp)
+    steps.cross_entropy_step(setup, Batch(short, lengths[short], tokens, inputs, image_index), graphed)
     assert graphed.calls == [(4, 7)]                    # the short batch did not go to the graph
     assert any(not torch.equal(b, p) for b, p in zip(before, params))
+
+
+def test_graphed_step_captures_the_setups_model_over_its_decoder_parameters(monkeypatch):
+    """graphed_step reads what to capture from a TrainingSetup; where graphs do not apply (a CPU) it gives None."""
+    from training import cuda_graphs
+    config, model, params, inputs, image_index, tokens, lengths = tiny("attention")
+    setup = TrainingSetup(model, model, config, make_optimization(model, config, CPU), CPU)
+    assert cuda_graphs.graphed_step(setup, inputs, image_index, tokens, lengths) is None
+    asked = []
+    monkeypatch.setattr(cuda_graphs, "graphs_apply", lambda *args, **kwargs: asked.append((args, kwargs)) or True)
+    graphed = cuda_graphs.graphed_step(setup, inputs, image_index, tokens, lengths)
+    assert asked == [((config, CPU, 1, None), {"streamed": False})]
+    assert graphed.model is model and graphed.params is setup.optimization.decoder_params
+    assert cuda_graphs.graphed_step(setup, inputs, None, tokens, lengths) is not None and asked[-1][1]["streamed"]

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from config import ModelConfig
 from models.decoder_attention import AttentionDecoder
 from tests.conftest import assert_padding_does_not_change_valid_logits, random_caption_batch
 
@@ -11,7 +12,7 @@ C, P, V, START, END = 16, 4, 12, 1, 2
 def make_decoder(**kwargs) -> AttentionDecoder:
     torch.manual_seed(0)
     sizes = dict(embed_size=8, hidden_size=32, attention_size=24)
-    return AttentionDecoder(C, V, **{**sizes, **kwargs})
+    return AttentionDecoder(C, V, ModelConfig(**{**sizes, **kwargs}))
 
 
 def make_batch(lengths):

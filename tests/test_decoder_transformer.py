@@ -3,11 +3,13 @@ state reordering, decoding.py integration, input errors, overfit."""
 import pytest
 import torch
 
+from config import ModelConfig
 from models.decoder_transformer import TransformerDecoder
-from models.decoding import beam_search, greedy_decode
+from models.decoding import DecodeSettings, SpecialIds, beam_search, greedy_decode
 from tests.conftest import assert_padding_does_not_change_valid_logits, random_caption_batch
 
 C, P, V, START, END = 16, 9, 12, 1, 2   # a 3x3 grid
+IDS = SpecialIds(start=START, end=END)
 
 
 @pytest.fixture(autouse=True)
@@ -21,8 +23,8 @@ def one_thread():
 
 def make_decoder(**kwargs) -> TransformerDecoder:
     torch.manual_seed(0)
-    sizes = dict(d_model=16, num_layers=2, num_heads=4, dropout=0.1, max_len=16)
-    return TransformerDecoder(C, V, **{**sizes, **kwargs})
+    sizes = dict(embed_size=16, num_layers=2, num_heads=4, dropout=0.1)
+    return TransformerDecoder(C, V, ModelConfig(**{**sizes, **kwargs}), max_len=16)
 
 
 def make_batch(lengths):
@@ -85,7 +87,7 @@ def test_cached_and_uncached_greedy_give_the_same_tokens():
     features = torch.randn(6, P, C)
     steps = 10
     expected = uncached_greedy(decoder, features, steps).tolist()
-    results = greedy_decode(decoder, features, max_len=steps, start_id=START, end_id=END)
+    results = greedy_decode(decoder, features, DecodeSettings(max_len=steps), IDS)
     assert len({tuple(row) for row in expected}) > 1
     for row, result in zip(expected, results):
         n = row.index(END) if END in row else steps
@@ -126,9 +128,9 @@ def test_index_select_on_state_equals_running_the_reordered_batch():
 def test_drives_beam_search_and_beam_one_equals_greedy():
     decoder = make_decoder().eval()
     features = torch.randn(3, P, C)
-    greedy = greedy_decode(decoder, features, max_len=6, start_id=START, end_id=END)
-    beam_one = beam_search(decoder, features, beam_size=1, max_len=6, start_id=START, end_id=END)
-    beams = beam_search(decoder, features, beam_size=3, max_len=6, start_id=START, end_id=END)
+    greedy = greedy_decode(decoder, features, DecodeSettings(max_len=6), IDS)
+    beam_one = beam_search(decoder, features, DecodeSettings(beam_size=1, max_len=6), IDS)
+    beams = beam_search(decoder, features, DecodeSettings(beam_size=3, max_len=6), IDS)
     assert [r["tokens"] for r in beam_one] == [r["tokens"] for r in greedy]
     for r in beams:
         assert 1 <= len(r["beams"]) <= 3 and len(r["tokens"]) <= 6
@@ -145,7 +147,7 @@ def test_user_errors_are_value_errors():
         long = torch.full((2, 17), START)
         decoder(features, long, torch.tensor([17, 17]))
     with pytest.raises(ValueError, match="num_heads"):
-        TransformerDecoder(C, V, 10, 1, 4)
+        TransformerDecoder(C, V, ModelConfig(embed_size=10, num_layers=1, num_heads=4))
     state = decoder.init_state(features)
     with pytest.raises(ValueError, match="decode.max_len"):
         for _ in range(17):
@@ -170,5 +172,5 @@ def test_overfits_four_captions():
         losses.append(loss.item())
     assert losses[-1] < 0.05 * losses[0]
     decoder.eval()
-    results = greedy_decode(decoder, features, max_len=8, start_id=START, end_id=END)
+    results = greedy_decode(decoder, features, DecodeSettings(max_len=8), IDS)
     assert [r["tokens"] for r in results] == words.tolist()

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from config import ModelConfig
 from models.decoder_updown import UpDownDecoder
 from tests.conftest import assert_padding_does_not_change_valid_logits, random_caption_batch
 
@@ -11,7 +12,7 @@ C, P, V, START, END = 16, 4, 12, 1, 2
 def make_decoder(**kwargs) -> UpDownDecoder:
     torch.manual_seed(0)
     sizes = dict(embed_size=8, hidden_size=32, attention_size=24)
-    return UpDownDecoder(C, V, **{**sizes, **kwargs})
+    return UpDownDecoder(C, V, ModelConfig(**{**sizes, **kwargs}))
 
 
 def make_batch(lengths):

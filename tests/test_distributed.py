@@ -23,7 +23,7 @@ needs_torchrun = pytest.mark.skipif(TORCHRUN is None, reason="torchrun not insta
 def test_two_ranks_equal_one_process(tiny_overrides, tmp_path):
     # No dropout and no BatchNorm (attention decoder): then the only difference is float summation order.
     settings = [o for o in tiny_overrides if not o.startswith("train.out_dir")] + [
-        "model.decoder=attention", "model.dropout=0", "train.epochs=1", "train.val_bleu_images=0",
+        "model.decoder=attention", "model.dropout=0", "train.epochs=1", "train.val_decoded_images=0",
         "train.batch_size=6"]   # 90 captions: whole batches, so both runs take the same steps
     train.main(["--set", *settings, f"train.out_dir={tmp_path / 'one'}"])
     result = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2",
@@ -60,7 +60,7 @@ def _children(pid):
 def test_killing_one_rank_ends_the_others_and_the_run_resumes(tiny_overrides, tmp_path):
     run = tmp_path / "run"
     settings = [o for o in tiny_overrides if not o.startswith("train.epochs")] + ["train.epochs=100000",
-                                                                                  "train.val_bleu_images=0"]
+                                                                                  "train.val_decoded_images=0"]
     process = subprocess.Popen([TORCHRUN, "--standalone", "--nproc_per_node=2", "train.py", "--set", *settings], cwd=ROOT,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -90,7 +90,7 @@ def test_killing_one_rank_ends_the_others_and_the_run_resumes(tiny_overrides, tm
 @needs_torchrun
 def test_self_critical_training_under_torchrun_samples_each_ranks_share(tiny_overrides, tmp_path):
     settings = [o for o in tiny_overrides if not o.startswith(("train.out_dir", "train.epochs"))] + [
-        "model.decoder=attention", "model.dropout=0", "train.val_bleu_images=0", "train.batch_size=6"]
+        "model.decoder=attention", "model.dropout=0", "train.val_decoded_images=0", "train.batch_size=6"]
     train.main(["--set", *settings, "train.epochs=1", f"train.out_dir={tmp_path / 'ce'}"])
     result = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2", "train.py", "--set", *settings,
                              "train.scst=true", f"train.init_from={tmp_path / 'ce' / 'checkpoint_best.pth'}",

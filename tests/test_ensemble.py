@@ -8,7 +8,7 @@ import train
 from config import load_config
 from models.caption_model import build_model
 from models.checkpoint import load_checkpoint, load_model
-from models.decoding import beam_search, generate
+from models.decoding import DecodeSettings, beam_search, generate
 from models.ensemble import CaptionEnsemble
 from tests.conftest import tiny_settings
 from utils import UserError
@@ -31,9 +31,9 @@ def test_an_ensemble_of_one_model_twice_decodes_as_that_model():
     twin = model_with_tail(0, seed=1)
     images = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)
     with torch.no_grad():
-        alone = beam_search(model, model.encoder.extract(images), 3, 8)
+        alone = beam_search(model, model.encoder.extract(images), DecodeSettings(3, 8))
         ensemble = CaptionEnsemble([model, twin]).eval()
-        together = beam_search(ensemble, ensemble.encoder.extract(images), 3, 8)
+        together = beam_search(ensemble, ensemble.encoder.extract(images), DecodeSettings(3, 8))
     assert [r["tokens"] for r in alone] == [r["tokens"] for r in together]
     assert [r["score"] for r in alone] == pytest.approx([r["score"] for r in together], abs=1e-4)
 
@@ -72,7 +72,8 @@ def test_an_exported_ensemble_is_one_file_that_decodes_as_its_models_do(tiny_dat
                 assert torch.allclose(exported.state_dict()[key], value.half().float()), key
     images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
     with torch.no_grad():
-        assert all(r["caption"] is not None for r in generate(model, model.encoder.extract(images), vocab, 3, 8))
+        results = generate(model, model.encoder.extract(images), vocab, DecodeSettings(3, 8))
+        assert all(r["caption"] is not None for r in results)
     # A run cannot start from an ensemble: it is told which file to start from instead.
     with pytest.raises(UserError, match="is an ensemble of 2 models"):
         train.main(["--set", *tiny_settings(tiny_data, tmp_path / "c"), "model.decoder=attention",

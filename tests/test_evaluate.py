@@ -65,19 +65,20 @@ def test_a_path_mistake_is_told_before_the_model_loads(tiny_checkpoints, tiny_da
 
 
 def test_ctrl_c_and_sigterm_keep_the_captions_made_so_far(tiny_checkpoints, tiny_data, tmp_path, monkeypatch, capsys):
+    from models.decoding import Captioner
     from tests.conftest import run_script
     from utils import Terminated
-    real_generate = evaluate.generate
+    real_captions = Captioner.captions
     for stop, code in ((KeyboardInterrupt, 130), (Terminated, 143)):
         calls = {"n": 0}
 
-        def stopped_at_batch_2(*args, _stop=stop, _calls=calls, **kwargs):
+        def stopped_at_batch_2(self, grids, _stop=stop, _calls=calls):
             _calls["n"] += 1
             if _calls["n"] == 2:
                 raise _stop()
-            return real_generate(*args, **kwargs)
+            return real_captions(self, grids)
 
-        monkeypatch.setattr(evaluate, "generate", stopped_at_batch_2)
+        monkeypatch.setattr(Captioner, "captions", stopped_at_batch_2)
         out = tmp_path / stop.__name__ / "metrics.json"
         result = run_script(evaluate.main, ["--checkpoint", tiny_checkpoints["lstm"], "--captions", tiny_data[0],
                                             "--images", tiny_data[1], "--batch-size", "4", "--num-workers", "0",

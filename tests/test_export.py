@@ -11,7 +11,7 @@ import evaluate
 import export
 import train
 from models.checkpoint import RERANK_FREQUENCIES, load_checkpoint, load_model
-from models.consensus import rerank_cider
+from models.rerank_frequencies import rerank_cider
 from tests.conftest import run_script, tiny_settings
 
 

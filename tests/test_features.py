@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from data.features import cache as feature_cache
-from data.features.cache import CUDA_BATCH, extract_features, wait_for_cache_writes
+from data.features.cache import CUDA_BATCH, Loading, extract_features, wait_for_cache_writes
 from data.features.key import cache_key
 from data.images.reading import ImageFiles
 from models.encoder import EncoderCNN
@@ -26,13 +26,13 @@ def paths(tiny_data, n=6):
 
 def test_cache_is_reused_and_matches_fresh_features(tiny_data, tmp_path):
     enc = encoder()
-    first, ok = extract_features(enc, paths(tiny_data), 32, str(tmp_path), CPU, num_workers=0)
+    first, ok = extract_features(enc, paths(tiny_data), 32, str(tmp_path), CPU, Loading(workers=0))
     assert first.shape == (6, 1, 512) and first.dtype == torch.float16 and all(ok)   # 32px -> 1x1 grid
     images = ImageFiles(paths(tiny_data), 32)
     fresh = enc.extract(torch.stack([images[i][0] for i in range(6)])).half()
     assert torch.allclose(first[:].float(), fresh.float(), atol=1e-2)
     enc.trunk = None   # any recomputation would now fail: the second call must come from the cache
-    again, _ = extract_features(enc, paths(tiny_data), 32, str(tmp_path), CPU, num_workers=0)
+    again, _ = extract_features(enc, paths(tiny_data), 32, str(tmp_path), CPU, Loading(workers=0))
     assert torch.equal(first[:], again[:])
 
 
@@ -41,9 +41,9 @@ def test_changed_file_weights_or_transform_never_reuse_stale_features(tiny_data,
     shutil.copytree(tiny_data[1], images)
     files = [str(images / f"shape_{i:04d}.png") for i in range(4)]
     enc = encoder()
-    before, _ = extract_features(enc, files, 32, str(tmp_path / "c"), CPU, num_workers=0)
+    before, _ = extract_features(enc, files, 32, str(tmp_path / "c"), CPU, Loading(workers=0))
     shutil.copy(images / "shape_0010.png", files[0])                 # new content under the same name
-    after, _ = extract_features(enc, files, 32, str(tmp_path / "c"), CPU, num_workers=0)
+    after, _ = extract_features(enc, files, 32, str(tmp_path / "c"), CPU, Loading(workers=0))
     assert not torch.equal(before[0], after[0]) and torch.equal(before[1:], after[1:])
     assert cache_key(encoder(seed=1), 32) != cache_key(enc, 32)      # other weights
     assert cache_key(enc, 64) != cache_key(enc, 32)                  # other transform
@@ -66,13 +66,13 @@ def test_shard_of_only_changed_images_is_deleted_and_partly_changed_one_kept(tin
     files = [str(images / f"shape_{i:04d}.png") for i in range(4)]
     enc, cache = encoder(), str(tmp_path / "c")
     folder = os.path.join(cache, cache_key(enc, 32))
-    extract_features(enc, files[:2], 32, cache, CPU, num_workers=0)
-    extract_features(enc, files[2:], 32, cache, CPU, num_workers=0)
+    extract_features(enc, files[:2], 32, cache, CPU, Loading(workers=0))
+    extract_features(enc, files[2:], 32, cache, CPU, Loading(workers=0))
     os.utime(files[0], ns=(1, 1))                          # the images of the first shard are copied again
     os.remove(files[1])
     os.utime(files[2], ns=(1, 1))                          # one of the second shard's two
     capsys.readouterr()
-    features, ok = extract_features(enc, files, 32, cache, CPU, num_workers=0)
+    features, ok = extract_features(enc, files, 32, cache, CPU, Loading(workers=0))
     assert "deleted 1 feature cache shard whose" in capsys.readouterr().err
     assert ok == [True, False, True, True] and features.shape[0] == 3
     listed = [[f[0] for f in torch.load(os.path.join(folder, name), weights_only=True)["files"]]
@@ -90,7 +90,7 @@ def test_shards_other_ranks_are_writing_or_deleting_are_left_alone(tiny_data, tm
         f.write(b"PK\x03\x04 half a shard")
     listdir = os.listdir
     monkeypatch.setattr(os, "listdir", lambda d: listdir(d) + (["deleted-since.pt"] if d == folder else []))
-    features, ok = extract_features(enc, files, 32, cache, CPU, num_workers=0)
+    features, ok = extract_features(enc, files, 32, cache, CPU, Loading(workers=0))
     assert ok == [True, True] and features.shape[0] == 2
     assert os.path.exists(writing)
     assert "damaged" not in capsys.readouterr().err
@@ -106,7 +106,7 @@ def test_temp_shard_of_a_killed_writer_is_deleted_after_an_hour(tiny_data, tmp_p
             f.write(b"PK\x03\x04 half a shard")
     two_hours_ago = os.stat(abandoned).st_mtime - 7200
     os.utime(abandoned, (two_hours_ago, two_hours_ago))
-    features, ok = extract_features(enc, paths(tiny_data, 2), 32, cache, CPU, num_workers=0)
+    features, ok = extract_features(enc, paths(tiny_data, 2), 32, cache, CPU, Loading(workers=0))
     assert ok == [True, True] and features.shape[0] == 2
     assert not os.path.exists(abandoned) and os.path.exists(recent)
     assert "deleted 1 half-written feature cache shard left by a killed run" in capsys.readouterr().err
@@ -114,20 +114,20 @@ def test_temp_shard_of_a_killed_writer_is_deleted_after_an_hour(tiny_data, tmp_p
 
 def test_truncated_shard_is_detected_and_rebuilt(tiny_data, tmp_path, capsys):
     enc = encoder()
-    good, _ = extract_features(enc, paths(tiny_data), 32, str(tmp_path), CPU, num_workers=0)
+    good, _ = extract_features(enc, paths(tiny_data), 32, str(tmp_path), CPU, Loading(workers=0))
     good = good[:]                            # read now: the store maps the shard that is about to be cut short
     folder = os.path.join(tmp_path, cache_key(enc, 32))
     shard = os.path.join(folder, os.listdir(folder)[0])
     with open(shard, "r+b") as f:
         f.truncate(os.path.getsize(shard) // 2)
-    rebuilt, _ = extract_features(enc, paths(tiny_data), 32, str(tmp_path), CPU, num_workers=0)
+    rebuilt, _ = extract_features(enc, paths(tiny_data), 32, str(tmp_path), CPU, Loading(workers=0))
     assert "damaged" in capsys.readouterr().err
     assert torch.equal(good, rebuilt[:])
 
 
 def test_a_shard_the_system_refuses_to_open_is_kept_not_deleted(tiny_data, tmp_path, monkeypatch):
     enc = encoder()
-    extract_features(enc, paths(tiny_data), 32, str(tmp_path), CPU, num_workers=0)
+    extract_features(enc, paths(tiny_data), 32, str(tmp_path), CPU, Loading(workers=0))
     folder = os.path.join(tmp_path, cache_key(enc, 32))
     shards = sorted(os.listdir(folder))
 
@@ -135,14 +135,14 @@ def test_a_shard_the_system_refuses_to_open_is_kept_not_deleted(tiny_data, tmp_p
         raise OSError(errno.EMFILE, "Too many open files")
     monkeypatch.setattr(feature_cache.torch, "load", too_many_open_files)
     with pytest.raises(OSError, match="Too many open files"):
-        extract_features(enc, paths(tiny_data), 32, str(tmp_path), CPU, num_workers=0)
+        extract_features(enc, paths(tiny_data), 32, str(tmp_path), CPU, Loading(workers=0))
     assert sorted(os.listdir(folder)) == shards
 
 
 def test_unreadable_image_is_skipped_and_counted(tiny_data, tmp_path, capsys):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG garbage")
-    feats, ok = extract_features(encoder(), paths(tiny_data, 3) + [str(bad)], 32, None, CPU, num_workers=0)
+    feats, ok = extract_features(encoder(), paths(tiny_data, 3) + [str(bad)], 32, None, CPU, Loading(workers=0))
     assert ok == [True, True, True, False] and len(feats) == 3
     assert "1 of 4 images could not be read" in capsys.readouterr().err
 
@@ -161,12 +161,12 @@ def test_interrupted_extraction_keeps_what_it_computed(tiny_data, tmp_path, monk
 
     monkeypatch.setattr(enc, "trunk", ctrl_c_at_batch_4)
     with pytest.raises(KeyboardInterrupt):
-        extract_features(enc, files, 32, str(tmp_path), CPU, batch_size=4, num_workers=0)
+        extract_features(enc, files, 32, str(tmp_path), CPU, Loading(4, workers=0))
     # Batches 1 to 3, all that was computed before Ctrl-C, were kept: 12 images are cached.
     seen.clear()
-    resumed, ok = extract_features(enc, files, 32, str(tmp_path), CPU, batch_size=4, num_workers=0)
+    resumed, ok = extract_features(enc, files, 32, str(tmp_path), CPU, Loading(4, workers=0))
     assert sum(seen) == len(files) - 12 and all(ok)
-    fresh, _ = extract_features(encoder(tail=tail), files, 32, None, CPU, batch_size=4, num_workers=0)
+    fresh, _ = extract_features(encoder(tail=tail), files, 32, None, CPU, Loading(4, workers=0))
     assert torch.allclose(resumed[:].float(), fresh[:].float(), atol=1e-3)
 
 
@@ -181,7 +181,7 @@ def test_extraction_need_not_wait_for_its_cache_writes(tiny_data, tmp_path, monk
     monkeypatch.setattr(feature_cache, "atomic_save", slow_save)
     enc, files = encoder(), paths(tiny_data)
     try:
-        got, ok = extract_features(enc, files, 32, str(tmp_path), CPU, num_workers=0, wait_for_cache=False)
+        got, ok = extract_features(enc, files, 32, str(tmp_path), CPU, Loading(workers=0, wait_for_cache=False))
         folder = tmp_path / cache_key(enc, 32)
         assert all(ok) and os.listdir(folder) == []              # returned before its shard was written
     finally:
@@ -189,7 +189,7 @@ def test_extraction_need_not_wait_for_its_cache_writes(tiny_data, tmp_path, monk
     wait_for_cache_writes()
     assert len(os.listdir(folder)) == 1
     enc.trunk = None
-    again, _ = extract_features(enc, files, 32, str(tmp_path), CPU, num_workers=0)
+    again, _ = extract_features(enc, files, 32, str(tmp_path), CPU, Loading(workers=0))
     assert torch.equal(got[:], again[:])
 
 
@@ -198,8 +198,8 @@ def test_a_failed_cache_write_warns_and_keeps_the_features(tiny_data, tmp_path, 
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(feature_cache, "atomic_save", full_disk)
-    got, ok = extract_features(encoder(), paths(tiny_data), 32, str(tmp_path), CPU, num_workers=0)
-    fresh, _ = extract_features(encoder(), paths(tiny_data), 32, None, CPU, num_workers=0)
+    got, ok = extract_features(encoder(), paths(tiny_data), 32, str(tmp_path), CPU, Loading(workers=0))
+    fresh, _ = extract_features(encoder(), paths(tiny_data), 32, None, CPU, Loading(workers=0))
     assert all(ok) and torch.equal(got[:], fresh[:])
     err = capsys.readouterr().err
     assert "could not write 6 images' features to the feature cache" in err and "No space left" in err
@@ -213,7 +213,7 @@ def test_a_short_batch_on_cuda_runs_padded_and_keeps_only_its_own_rows(tiny_data
     files = paths(tiny_data, 20)                          # one batch: 20 images and 236 rows of padding
     sizes, extract = [], enc.trunk
     enc.trunk = lambda images: sizes.append(len(images)) or extract(images)
-    feats, ok = extract_features(enc, files, 32, None, cuda, num_workers=0)
+    feats, ok = extract_features(enc, files, 32, None, cuda, Loading(workers=0))
     assert sizes == [CUDA_BATCH] and feats.shape == (20, 1, 512) and all(ok)
     images = ImageFiles(files, 32)
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
@@ -226,11 +226,11 @@ def test_cache_of_another_encoder_is_not_reused(tiny_data, tmp_path):
     files = [os.path.join(tiny_data[1], f"shape_{i:04d}.png") for i in range(3)]
     torch.manual_seed(0)
     resnet18, resnet34 = EncoderCNN("resnet18", "none", 16, True), EncoderCNN("resnet34", "none", 16, True)
-    extract_features(resnet18, files, 32, str(tmp_path), CPU, num_workers=0)
+    extract_features(resnet18, files, 32, str(tmp_path), CPU, Loading(workers=0))
     calls = []
     real = resnet34.trunk
     resnet34.trunk = lambda images: calls.append(len(images)) or real(images)
-    got, _ = extract_features(resnet34, files, 32, str(tmp_path), CPU, num_workers=0)
+    got, _ = extract_features(resnet34, files, 32, str(tmp_path), CPU, Loading(workers=0))
     assert calls == [3] and len(os.listdir(tmp_path)) == 2           # recomputed, into its own folder
     expected = real(torch.stack([ImageFiles(files, 32)[i][0] for i in range(3)])).half()
     assert torch.allclose(got[:].float(), expected.float(), atol=1e-2)
@@ -239,8 +239,8 @@ def test_cache_of_another_encoder_is_not_reused(tiny_data, tmp_path):
 def test_a_cache_on_a_full_disk_warns_and_the_features_are_still_there(tiny_data, small_disk, capsys):
     disk, fill = small_disk
     fill(4096)
-    got, ok = extract_features(encoder(), paths(tiny_data), 32, str(disk / "cache"), CPU, num_workers=0)
-    fresh, _ = extract_features(encoder(), paths(tiny_data), 32, None, CPU, num_workers=0)
+    got, ok = extract_features(encoder(), paths(tiny_data), 32, str(disk / "cache"), CPU, Loading(workers=0))
+    fresh, _ = extract_features(encoder(), paths(tiny_data), 32, None, CPU, Loading(workers=0))
     assert all(ok) and torch.equal(got[:], fresh[:])
     err = capsys.readouterr().err
     assert "could not write 6 images' features to the feature cache" in err and "No space left on device" in err
@@ -250,7 +250,7 @@ def test_a_cache_on_a_full_disk_warns_and_the_features_are_still_there(tiny_data
 def test_a_bug_while_reading_the_cache_deletes_no_shard(tiny_data, tmp_path, monkeypatch):
     """Only a damaged shard is deleted: an error of ours (or Ctrl-C) while reading leaves the cache whole."""
     enc, cache = encoder(), str(tmp_path / "c")
-    extract_features(enc, paths(tiny_data, 2), 32, cache, CPU, num_workers=0)
+    extract_features(enc, paths(tiny_data, 2), 32, cache, CPU, Loading(workers=0))
     folder = os.path.join(cache, cache_key(enc, 32))
     shards = sorted(os.listdir(folder))
 
@@ -259,10 +259,10 @@ def test_a_bug_while_reading_the_cache_deletes_no_shard(tiny_data, tmp_path, mon
 
     monkeypatch.setattr(torch, "load", buggy_load)
     with pytest.raises(ZeroDivisionError):
-        extract_features(enc, paths(tiny_data, 2), 32, cache, CPU, num_workers=0)
+        extract_features(enc, paths(tiny_data, 2), 32, cache, CPU, Loading(workers=0))
     monkeypatch.setattr(torch, "load", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
-        extract_features(enc, paths(tiny_data, 2), 32, cache, CPU, num_workers=0)
+        extract_features(enc, paths(tiny_data, 2), 32, cache, CPU, Loading(workers=0))
     assert sorted(os.listdir(folder)) == shards
 
 
@@ -281,21 +281,21 @@ def test_a_trunk_cache_is_keyed_by_its_cut_and_mirroring_and_reused(tiny_data, t
     assert cache_key(tuned, 32) == key
     cache = str(tmp_path / "c")
     files = paths(tiny_data, 4)
-    stored, _ = extract_features(tuned, files, 32, cache, CPU, num_workers=0)
-    mirrored, _ = extract_features(tuned, files, 32, cache, CPU, num_workers=0, mirrored=True)
+    stored, _ = extract_features(tuned, files, 32, cache, CPU, Loading(workers=0))
+    mirrored, _ = extract_features(tuned, files, 32, cache, CPU, Loading(workers=0), mirrored=True)
     images = torch.stack([ImageFiles(files, 32)[i][0] for i in range(4)])
     with torch.no_grad():
         assert torch.allclose(stored[:].float(), tuned.trunk(images), atol=1e-2)
         assert torch.allclose(mirrored[:].float(), tuned.trunk(images.flip(-1)), atol=1e-2)
     tuned.trunk = None                         # read back from the cache, not computed again
-    again, ok = extract_features(tuned, files, 32, cache, CPU, num_workers=0)
+    again, ok = extract_features(tuned, files, 32, cache, CPU, Loading(workers=0))
     assert all(ok) and torch.equal(again[:], stored[:]) and tuple(again.shape[1:]) == (256, 2, 2)   # layer3's output enters layer4
 
 
 @pytest.mark.parametrize("damage", ["flipped bytes", "a nan"])
 def test_a_shard_whose_values_changed_on_disk_is_caught_and_rebuilt(tiny_data, tmp_path, capsys, damage):
     enc = encoder()
-    good = extract_features(enc, paths(tiny_data), 32, str(tmp_path), CPU, num_workers=0)[0][:]
+    good = extract_features(enc, paths(tiny_data), 32, str(tmp_path), CPU, Loading(workers=0))[0][:]
     folder = os.path.join(tmp_path, cache_key(enc, 32))
     shard_path = os.path.join(folder, os.listdir(folder)[0])
     shard = torch.load(shard_path, weights_only=True)
@@ -305,7 +305,7 @@ def test_a_shard_whose_values_changed_on_disk_is_caught_and_rebuilt(tiny_data, t
     else:
         shard["features"][3, 0, 7] = float("nan")
     torch.save(shard, shard_path)
-    rebuilt, _ = extract_features(enc, paths(tiny_data), 32, str(tmp_path), CPU, num_workers=0)
+    rebuilt, _ = extract_features(enc, paths(tiny_data), 32, str(tmp_path), CPU, Loading(workers=0))
     assert "feature cache shard is damaged (its checksums do not match" in capsys.readouterr().err
     assert torch.equal(good, rebuilt[:])
 

@@ -40,10 +40,10 @@ def test_jpeg_path_gives_pils_pixels_and_rejects_bad_files(jpegs, decode_bytes, 
 
 def test_gpu_path_of_extract_features_skips_and_counts_bad_files(jpegs, monkeypatch, capsys):
     encoder = EncoderCNN("resnet18", "none", 16, True)
-    reference, ok = features.extract_features(encoder, jpegs, 32, None, CPU, num_workers=0)
+    reference, ok = features.extract_features(encoder, jpegs, 32, None, CPU, features.Loading(workers=0))
     monkeypatch.setattr(gpu_jpeg, "gpu_jpeg_available", lambda device: True)
     monkeypatch.setattr(gpu_jpeg, "GPU_DECODE_MIN", 1)
-    got, ok_gpu = features.extract_features(encoder, jpegs, 32, None, CPU, num_workers=0)
+    got, ok_gpu = features.extract_features(encoder, jpegs, 32, None, CPU, features.Loading(workers=0))
     assert ok_gpu == ok == [True, True, False, False, True, True]
     assert torch.allclose(got[:].float(), reference[:].float(), atol=0.05)
     assert capsys.readouterr().err.count("2 of 6 images could not be read") == 2

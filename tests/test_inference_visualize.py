@@ -173,18 +173,19 @@ def test_a_strip_one_pixel_wide_is_skipped_and_the_rest_captioned(tiny_checkpoin
 
 
 def test_ctrl_c_and_sigterm_keep_the_captions_made_so_far(tiny_checkpoints, tiny_data, tmp_path, capsys, monkeypatch):
+    from models.decoding import Captioner
     from utils import Terminated
-    real_generate = inference_visualize.generate
+    real_captions = Captioner.captions
     for stop, code in ((KeyboardInterrupt, 130), (Terminated, 143)):
         calls = {"n": 0}
 
-        def stopped_at_batch_2(*args, _stop=stop, _calls=calls, **kwargs):
+        def stopped_at_batch_2(self, grids, _stop=stop, _calls=calls):
             _calls["n"] += 1
             if _calls["n"] == 2:
                 raise _stop()
-            return real_generate(*args, **kwargs)
+            return real_captions(self, grids)
 
-        monkeypatch.setattr(inference_visualize, "generate", stopped_at_batch_2)
+        monkeypatch.setattr(Captioner, "captions", stopped_at_batch_2)
         out = tmp_path / stop.__name__
         result = cli(capsys, "--checkpoint", tiny_checkpoints["lstm"], "--images", tiny_data[1], "--out", out,
                      "--batch-size", "4")

@@ -108,3 +108,23 @@ def test_flickr8k_as_json_gives_the_vocabulary_splits_and_results_of_the_csv(tmp
                                                    ["--captions", json_path, "--split", "val"])])
     csv_scores, json_scores = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()[-2:]]
     assert csv_scores == json_scores and csv_scores["n_images"] == 6
+
+
+def test_evaluate_scores_a_split_of_any_format(tmp_path):
+    """evaluate.py's images to score come through the same reader as training's: a Karpathy JSON's split by name
+    (default test), or, for the other formats, a split file (default every captioned image)."""
+    from argparse import Namespace
+
+    import evaluate
+    images = [entry("a.jpg", "train", ["A dog"]), entry("b.jpg", "val", ["A cat"]), entry("c.jpg", "test", ["A bus"])]
+    json_path = write(tmp_path / "dataset_flickr8k.json", {"images": images})
+    csv_path = write(tmp_path / "captions.csv", "image,caption\na.jpg,A dog\nb.jpg,A cat\nc.jpg,A bus\n")
+    split_file = write(tmp_path / "split.txt", "b.jpg\n")
+
+    def names(captions, split=None, split_file=None):
+        args = Namespace(captions=captions, images=str(tmp_path), split=split, split_file=split_file)
+        return evaluate.images_to_score(args, None)[1]
+    assert names(json_path) == ["c.jpg"] and names(json_path, split="train+val") == ["a.jpg", "b.jpg"]
+    assert names(csv_path) == ["a.jpg", "b.jpg", "c.jpg"] and names(csv_path, split_file=split_file) == ["b.jpg"]
+    with pytest.raises(ValueError, match="captions.csv names no splits"):
+        names(csv_path, split="test")

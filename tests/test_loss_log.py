@@ -4,7 +4,7 @@ import math
 import pytest
 
 from tests.test_visualize_loss import write_log
-from training.loss_log import COLUMNS, LossLog, last_elapsed, read_loss_log
+from training.loss_log import COLUMNS, LogRow, LossLog, last_elapsed, read_loss_log
 
 
 def test_read_loss_log_with_and_without_bleu(tmp_path):
@@ -31,10 +31,10 @@ def test_malformed_row_names_the_line(tmp_path):
 def test_the_writer_writes_the_header_once_and_rows_the_reader_reads_back(tmp_path):
     path = str(tmp_path / "loss_log.txt")
     log = LossLog(path)
-    log.write(10, 1, "train", 2.5, 1e-3, 12.34, reward=0.25)
+    log.write(LogRow(10, 1, "train", 2.5, 1e-3, 12.34, reward=0.25))
     log.close()
     log = LossLog(path)                                   # a resumed run appends, without a second header
-    log.write(10, 1, "val", 2.25, 1e-3, 20.0, scores={"BLEU-4": 0.2, "CIDEr": 0.5})
+    log.write(LogRow(10, 1, "val", 2.25, 1e-3, 20.0, scores={"BLEU-4": 0.2, "CIDEr": 0.5}))
     log.close()
     lines = open(path, encoding="utf-8").read().splitlines()
     assert lines == ["step\tepoch\tsplit\tloss\tlr\telapsed\tbleu4\tcider\treward",
@@ -49,7 +49,7 @@ def test_a_log_without_train_rows_has_no_elapsed_time_yet(tmp_path):
     from utils import UserError
     path = str(tmp_path / "loss_log.txt")
     log = LossLog(path)
-    log.write(0, 0, "val", 2.5, 1e-3, 5.0)
+    log.write(LogRow(0, 0, "val", 2.5, 1e-3, 5.0))
     log.close()
     with pytest.raises(UserError, match="no train rows yet"):
         last_elapsed(path)

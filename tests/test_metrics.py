@@ -29,6 +29,7 @@ def test_bleu_brevity_penalty_by_hand():
         assert scores[f"BLEU-{n}"] == pytest.approx(expected, rel=1e-6)
     assert per_image["img"]["BLEU-4"] == pytest.approx(scores["BLEU-4"], rel=1e-6)
     assert metrics.quick_scores(hyps, refs) == {"BLEU-4": scores["BLEU-4"], "CIDEr": scores["CIDEr"]}
+    assert list(metrics.quick_scores(hyps, refs)) == list(metrics.SCORE_NAMES.values())   # what validation reports
 
 
 def test_rouge_l_by_hand():

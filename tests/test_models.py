@@ -4,7 +4,7 @@ import time
 import pytest
 import torch
 
-from config import load_config
+from config import ModelConfig, load_config
 from models.caption_model import build_model
 from models.decoder_lstm import DecoderRNN
 from models.encoder import EncoderCNN
@@ -85,7 +85,7 @@ def test_resnet50_feature_dim_and_local_weights(tmp_path):
 
 def test_lstm_decoder_shapes_and_step_matches_forward():
     torch.manual_seed(0)
-    dec = DecoderRNN(embed_size=8, vocab_size=11, hidden_size=12).eval()
+    dec = DecoderRNN(11, ModelConfig(embed_size=8, hidden_size=12)).eval()
     features, tokens = torch.randn(3, 8), torch.randint(4, 11, (3, 5))
     lengths = torch.tensor([5, 3, 4])
     logits, extra = dec(features, tokens, lengths)

@@ -15,7 +15,7 @@ from benchmarks import onnx_runtime
 from data.features.cache import extract_features
 from data.images.reading import image_loader, input_size
 from models.checkpoint import load_checkpoint, load_model, load_model_at
-from models.decoding import beam_search, greedy_decode, never_said, sample_captions
+from models.decoding import DecodeSettings, SpecialIds, beam_search, greedy_decode, sample_captions
 from models.ensemble import CaptionEnsemble
 from models.onnx_export import write_graphs
 from models.onnx_model import OnnxCaptionModel, require
@@ -71,15 +71,15 @@ def test_decoding_runs_unchanged_on_the_graphs_and_finds_the_same_words(case, ch
         assert torch.allclose(onnx_grid, grid, atol=1e-4)
         for a, b in zip(onnx.init_state(grid), model.init_state(grid)):
             assert a.shape == b.shape and torch.allclose(a, b, atol=1e-4)
-        banned, max_len = never_said(vocab), config.decode.max_len
-        for run in (lambda m: greedy_decode(m, grid, max_len, banned=banned, no_repeat_ngram=2),
-                    lambda m: beam_search(m, grid, 3, max_len, banned=banned, no_repeat_ngram=2)):
+        ids, max_len = SpecialIds.of(vocab), config.decode.max_len
+        for run in (lambda m: greedy_decode(m, grid, DecodeSettings(max_len=max_len, no_repeat_ngram=2), ids),
+                    lambda m: beam_search(m, grid, DecodeSettings(3, max_len, no_repeat_ngram=2), ids)):
             ours, theirs = run(model), run(onnx)
             assert [r["tokens"] for r in theirs] == [r["tokens"] for r in ours]
             if ours[0]["attention"] is not None:
                 assert torch.allclose(theirs[0]["attention"], ours[0]["attention"], atol=1e-4)
         generator = torch.Generator().manual_seed(0)
-        tokens, lengths = sample_captions(onnx, grid, 2, max_len, generator=generator, banned=banned)
+        tokens, lengths = sample_captions(onnx, grid, 2, DecodeSettings(max_len=max_len), ids, generator=generator)
         assert tokens.size(0) == 2 * len(images) and (lengths >= 1).all()
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from config import DEFAULTS, merge
-from data.features.cache import extract_features
+from data.features.cache import Loading, extract_features
 from data.prepare import encode_captions, prepare_splits
 from data.text.captions import read_captions
 from data.text.vocab import Vocabulary
@@ -56,7 +56,7 @@ def test_prepare_splits_reads_both_splits_in_one_pass_and_skips_the_unreadable(s
     assert val["names"] == ["shape_0006.png", "shape_0003.png"]
     folder = split_config["data"]["images"]
     alone, _ = extract_features(encoder, [os.path.join(folder, n) for n in train["names"] + val["names"]], 32, None,
-                                CPU, num_workers=0)
+                                CPU, Loading(workers=0))
     assert torch.equal(train["inputs"][:], alone[:5]) and torch.equal(val["inputs"][:], alone[5:])
     assert train["image_index"].max().item() == 4 and len(train["tokens"]) == 5 * 5    # 5 captions per image
 

@@ -12,7 +12,7 @@ import inference_visualize
 from data.demo import demo_words
 from models import checkpoint as checkpoints
 from models.checkpoint import PRETRAINED, load_model, load_shipped
-from models.decoding import generate
+from models.decoding import DecodeSettings, generate
 from tests.conftest import run_script
 
 FLICKR8K = os.environ.get("FLICKR8K_DIR", "")
@@ -27,7 +27,7 @@ def test_the_shipped_model_loads_and_captions_a_generated_image():
     from data.images.reading import input_size, resize_image
     pixels = resize_image(image, input_size(config["model"]["encoder"], config["data"]["image_size"]))
     with torch.no_grad():
-        result = generate(model, model.encoder.extract(pixels.unsqueeze(0)), vocab, beam_size=3)[0]
+        result = generate(model, model.encoder.extract(pixels.unsqueeze(0)), vocab, DecodeSettings(beam_size=3))[0]
     assert result["caption"] and len(result["caption"].split()) >= 3
 
 

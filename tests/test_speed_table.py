@@ -28,3 +28,11 @@ def test_the_faq_says_how_to_install_the_cpu_build_of_torch():
     for readme in ("README.md", "README.zh-CN.md"):
         with open(os.path.join(ROOT, readme), encoding="utf-8") as f:
             assert "pip install torch torchvision --index-url https://download.pytorch.org/whl/cpu" in f.read()
+
+
+def test_bench_prints_the_table_the_readme_shows(capsys):
+    import bench
+    assert bench.main(["--speed-table"]) is None
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed[0].startswith("| figure |") and len(printed) == 2 + len(ROWS)
+    assert [numbers(cell) for cell in printed[2].strip("|").split("|")[1:]] == [numbers(c) for c in table_rows()[0][1:]]

@@ -6,7 +6,7 @@ import torch
 
 import train
 from models.checkpoint import load_checkpoint
-from training import step
+from training import steps
 
 
 def run(overrides, *extra):
@@ -35,11 +35,11 @@ def test_writes_checkpoints_log_config_vocab(tiny_overrides, tmp_path):
 
 def test_epoch_order_is_a_seeded_shuffle_or_batches_of_similar_lengths():
     lengths = torch.randint(3, 40, (1000,), generator=torch.Generator().manual_seed(0))
-    plain = step.epoch_order(lengths, 64, seed=7, by_length=False)
+    plain = steps.epoch_order(lengths, 64, seed=7, by_length=False)
     assert torch.equal(plain, torch.randperm(1000, generator=torch.Generator().manual_seed(7)))   # as before the option
-    by_length = step.epoch_order(lengths, 64, seed=7, by_length=True)
-    assert torch.equal(by_length, step.epoch_order(lengths, 64, seed=7, by_length=True))
-    assert not torch.equal(by_length, step.epoch_order(lengths, 64, seed=8, by_length=True))
+    by_length = steps.epoch_order(lengths, 64, seed=7, by_length=True)
+    assert torch.equal(by_length, steps.epoch_order(lengths, 64, seed=7, by_length=True))
+    assert not torch.equal(by_length, steps.epoch_order(lengths, 64, seed=8, by_length=True))
     assert sorted(by_length.tolist()) == list(range(1000))
     longest = [lengths[batch].max().item() for batch in by_length.split(64)]
     spread = [(lengths[batch].max() - lengths[batch].min()).item() for batch in by_length.split(64)[:-1]]
@@ -55,7 +55,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(tiny_overrides, tmp_path,
     straight = [o for o in tiny_overrides if not o.startswith("train.out_dir")] + [f"train.out_dir={tmp_path / 'a'}"]
     run(straight)
     interrupted = [o for o in tiny_overrides if not o.startswith("train.out_dir")] + [f"train.out_dir={tmp_path / 'b'}"]
-    real_batch_loss, calls = step.batch_loss, {"n": 0}
+    real_batch_loss, calls = steps.batch_loss, {"n": 0}
 
     def ctrl_c_at_step_17(*args, **kwargs):     # epoch 2, mid-epoch (12 steps per epoch)
         if not torch.is_grad_enabled():
@@ -65,13 +65,13 @@ def test_interrupted_then_resumed_equals_uninterrupted(tiny_overrides, tmp_path,
             raise KeyboardInterrupt
         return real_batch_loss(*args, **kwargs)
 
-    monkeypatch.setattr(step, "batch_loss", ctrl_c_at_step_17)
+    monkeypatch.setattr(steps, "batch_loss", ctrl_c_at_step_17)
     with pytest.raises(SystemExit) as stop:
         run(interrupted)
     assert stop.value.code == 130
     saved = load_checkpoint(str(tmp_path / "b" / "checkpoint_last.pth"))["progress"]
     assert saved["step"] == 16 and saved["epoch"] == 1 and saved["batch"] == 4
-    monkeypatch.setattr(step, "batch_loss", real_batch_loss)
+    monkeypatch.setattr(steps, "batch_loss", real_batch_loss)
     train.main(["--resume", str(tmp_path / "b")])
     a, b = weights(str(tmp_path / "a" / "checkpoint_last.pth")), weights(str(tmp_path / "b" / "checkpoint_last.pth"))
     for key in a:
@@ -89,7 +89,7 @@ def test_a_finished_run_is_reported_and_kept(tiny_overrides, tmp_path, capsys):
 
 
 def test_an_unfinished_run_is_continued_only_with_resume(tiny_overrides, tmp_path, monkeypatch):
-    real_batch_loss, calls = step.batch_loss, {"n": 0}
+    real_batch_loss, calls = steps.batch_loss, {"n": 0}
 
     def ctrl_c_in_epoch_2(*args, **kwargs):     # 12 steps per epoch
         calls["n"] += torch.is_grad_enabled()
@@ -97,10 +97,10 @@ def test_an_unfinished_run_is_continued_only_with_resume(tiny_overrides, tmp_pat
             raise KeyboardInterrupt
         return real_batch_loss(*args, **kwargs)
 
-    monkeypatch.setattr(step, "batch_loss", ctrl_c_in_epoch_2)
+    monkeypatch.setattr(steps, "batch_loss", ctrl_c_in_epoch_2)
     with pytest.raises(SystemExit):
         run(tiny_overrides)
-    monkeypatch.setattr(step, "batch_loss", real_batch_loss)
+    monkeypatch.setattr(steps, "batch_loss", real_batch_loss)
     before = (tmp_path / "run" / "checkpoint_last.pth").read_bytes()
     with pytest.raises(ValueError, match="holds an unfinished run .* continue it with --resume"):
         run(tiny_overrides)
@@ -149,7 +149,7 @@ def test_a_fine_tuned_run_with_mirrors_and_a_weight_average_resumes_as_if_never_
         "train.batch_size=4"]                                     # 4 images a step: 5 steps per epoch over 18
     run(settings + [f"train.out_dir={tmp_path / 'a'}"])
     assert "last 2 CNN blocks trained | mirrored images | weight average 0.9" in capsys.readouterr().err
-    real_batch_loss, calls = step.batch_loss, {"n": 0}
+    real_batch_loss, calls = steps.batch_loss, {"n": 0}
 
     def ctrl_c_at_step_7(*args, **kwargs):      # epoch 2, its second step
         if torch.is_grad_enabled():
@@ -158,11 +158,11 @@ def test_a_fine_tuned_run_with_mirrors_and_a_weight_average_resumes_as_if_never_
                 raise KeyboardInterrupt
         return real_batch_loss(*args, **kwargs)
 
-    monkeypatch.setattr(step, "batch_loss", ctrl_c_at_step_7)
+    monkeypatch.setattr(steps, "batch_loss", ctrl_c_at_step_7)
     with pytest.raises(SystemExit):
         run(settings + [f"train.out_dir={tmp_path / 'b'}"])
     assert load_checkpoint(str(tmp_path / "b" / "checkpoint_last.pth"))["progress"]["step"] == 6
-    monkeypatch.setattr(step, "batch_loss", real_batch_loss)
+    monkeypatch.setattr(steps, "batch_loss", real_batch_loss)
     train.main(["--resume", str(tmp_path / "b")])
     a, b = (load_checkpoint(str(tmp_path / run_dir / "checkpoint_last.pth")) for run_dir in ("a", "b"))
     for key in a["model"]:

@@ -137,3 +137,18 @@ def test_a_failed_write_warns_keeps_the_earlier_file_and_is_reported(tmp_path, m
     writer.submit({"epoch": 3}, "checkpoint_last.pth")       # the disk has room again
     assert writer.finish() == []
     writer.close()
+
+
+def test_a_checkpoint_with_the_old_name_of_stale_validations_resumes_counting_them(tiny_overrides, tmp_path, capsys):
+    """Older checkpoints hold the validations since the last improvement as progress["stale_epochs"]."""
+    import train
+    settings = tiny_overrides + ["train.epochs=1", "train.select_metric=loss", "train.val_decoded_images=0"]
+    train.main(["--set", *settings])
+    path = str(tmp_path / "run" / "checkpoint_last.pth")
+    old = load_checkpoint(path)
+    progress = {k: v for k, v in old["progress"].items() if k != "stale_validations"}
+    atomic_save({**old, "progress": {**progress, "stale_epochs": 1, "best": 0.0}}, path)   # no loss beats 0
+    train.main(["--resume", str(tmp_path / "run"), "--set", "train.epochs=3", "train.early_stop_patience=2"])
+    assert "early stop: no improvement in 2 validations" in capsys.readouterr().err
+    resumed = load_checkpoint(path)["progress"]
+    assert resumed["epoch"] == 2 and resumed["stale_validations"] == 2 and "stale_epochs" not in resumed

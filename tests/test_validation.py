@@ -17,13 +17,12 @@ def test_validation_decodes_as_the_decode_section_says(tiny_overrides, monkeypat
     val = prepare_splits(config, vocab, model.encoder, torch.device("cpu"))["val"]
     calls = []
     real = validation.generate
-    monkeypatch.setattr(validation, "generate", lambda *a, **k: calls.append((a[3:], k)) or real(*a, **k))
+    monkeypatch.setattr(validation, "generate", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
     from data.features.store import FeatureFeed
     loss, scores = validate(model, val, FeatureFeed(val["inputs"], torch.device("cpu"), False), config, vocab,
                             torch.autocast("cpu", enabled=False))
-    assert calls and all({**dict(zip(("beam_size", "max_len", "length_penalty", "no_repeat_ngram"), args)), **kwargs}
-                         == {"beam_size": 2, "max_len": 12, "length_penalty": 0.5, "no_repeat_ngram": 3}
-                         for args, kwargs in calls)
+    assert calls and all(s.to_dict() == {"beam_size": 2, "max_len": 12, "length_penalty": 0.5, "no_repeat_ngram": 3}
+                         for s in calls)
     assert loss > 0 and 0 <= scores["CIDEr"]
     assert "beam search (beam 2, length penalty 0.5), no 3-gram said twice" in describe_validation(config, 6)
 
@@ -35,10 +34,10 @@ def test_validation_re_ranks_with_the_training_captions_when_the_decode_section_
     val = prepare_splits(config, vocab, model.encoder, torch.device("cpu"))["val"]
     calls = []
     real = validation.generate
-    monkeypatch.setattr(validation, "generate", lambda *a, **k: calls.append(k) or real(*a, **k))
+    monkeypatch.setattr(validation, "generate", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
     from data.features.store import FeatureFeed
     _, scores = validate(model, val, FeatureFeed(val["inputs"], torch.device("cpu"), False), config, vocab,
                          torch.autocast("cpu", enabled=False))
-    assert calls and all(k["rerank_samples"] == 3 and k["rerank_cider"].document_frequency for k in calls)
+    assert calls and all(s.rerank_samples == 3 and s.rerank_cider.document_frequency for s in calls)
     assert 0 <= scores["CIDEr"]
     assert "consensus re-ranking of the greedy caption + 3 samples" in describe_validation(config, 6)

@@ -60,3 +60,10 @@ def test_the_unaveraged_copy_of_a_checkpoint_holds_the_weights_training_went_on_
     from utils import UserError
     with pytest.raises(UserError, match="holds no weight average"):
         unaveraged({**checkpoint, "weight_average": None})
+    # export.py writes it, as the command the docs give: a training checkpoint evaluate.py scores.
+    import export
+    out = tmp_path / "unaveraged.pth"
+    export.main([str(tmp_path / "run" / "checkpoint_last.pth"), str(out), "--unaveraged"])
+    written = load_checkpoint(str(out))
+    assert torch.equal(written["model"]["decoder.fc.weight"], plain["model"]["decoder.fc.weight"])
+    assert written["weight_average"] is None and "kind" not in written

@@ -1,1 +1,1 @@
-"""Training machinery train.py uses: the steps, checkpoints, the run folder and its loss log, validation, self-critical training, DDP and CUDA graphs."""
+"""Training machinery train.py uses: the steps, the optimizer bundle, checkpoints, the run folder and its loss log, validation, self-critical training, DDP and CUDA graphs."""

@@ -12,14 +12,21 @@ from dataclasses import dataclass
 
 import torch
 
-from config import DEFAULTS, KEYS, merge, parse_overrides
+from config import DEFAULTS, FIXED_ON_RESUME, KEYS, Config, merge, parse_overrides
 from models.checkpoint import CHECKPOINT_FORMAT, is_inference, load_checkpoint, load_model
 from utils import UserError, atomic_link, atomic_save, disk_error, warn
 
 BACKBONE = "encoder.backbone."
+PROGRESS_RENAMED = {"stale_epochs": "stale_validations"}     # Progress fields older checkpoints name otherwise
 
 
-def resume_config(path: str, overrides: list[str]) -> tuple[dict, dict]:
+def fixed_on_resume() -> list[str]:
+    """The keys a resumed run keeps as it was trained: its model, data and kind of training (config.py declares
+    them, key(..., fixed=True))."""
+    return FIXED_ON_RESUME
+
+
+def resume_config(path: str, overrides: list[str]) -> tuple[Config, dict]:
     """(config, checkpoint) to continue the run of checkpoint `path` (or its run folder), with --set overrides
     of anything but its model, data and training kind. The run goes on in the folder it is in now: a copied
     run folder trains on in the copy, not where it was made."""
@@ -29,11 +36,9 @@ def resume_config(path: str, overrides: list[str]) -> tuple[dict, dict]:
                         f"start a new run from its weights with --set train.init_from={path}")
     recorded = merge(DEFAULTS, checkpoint["config"], path)
     config = merge(recorded, parse_overrides(overrides), "--set")
-    kept = ["train.scst", "train.fine_tune_encoder", "train.ema_decay"]
-    for key in [k for k in KEYS if k.startswith(("model.", "data."))] + kept:
-        section, name = key.split(".")
-        if config[section][name] != recorded[section][name]:
-            raise UserError(f"--resume: the run was trained with {key}={recorded[section][name]!r}; "
+    for key in fixed_on_resume():
+        if value_of(config, key) != value_of(recorded, key):
+            raise UserError(f"--resume: the run was trained with {key}={value_of(recorded, key)!r}; "
                             f"a resumed run keeps it: start a new run to change it")
     config = merge(config, {"train.out_dir": path if os.path.isdir(path) else os.path.dirname(path) or "."}, "--resume")
     return config, checkpoint
@@ -56,12 +61,17 @@ def starting_point(config, checkpoint):
                         f"start from one of the training checkpoints it was exported from")
     theirs = merge(DEFAULTS, start["config"], path)
     for key in [k for k in KEYS if k.startswith("model.") and k != "model.encoder_weights"] + ["data.image_size"]:
-        section, name = key.split(".")
-        if theirs[section][name] != config[section][name]:
-            raise UserError(f"train.init_from={path} was trained with {key}={theirs[section][name]!r}, this run "
-                            f"has {config[section][name]!r}: a new run from its weights keeps its model settings")
+        if value_of(theirs, key) != value_of(config, key):
+            raise UserError(f"train.init_from={path} was trained with {key}={value_of(theirs, key)!r}, this run "
+                            f"has {value_of(config, key)!r}: a new run from its weights keeps its model settings")
     model, vocab, _ = load_model(start, path)
     return model, vocab
+
+
+def value_of(config: Config, key: str):
+    """The value of a "section.name" key."""
+    section, name = key.split(".")
+    return getattr(getattr(config, section), name)
 
 
 def frozen_weights(model) -> dict:
@@ -73,7 +83,7 @@ def frozen_weights(model) -> dict:
     return {BACKBONE + k: v for k, v in trunk.items()}
 
 
-def checkpoint_state(model, vocab, config: dict, unchanging=None, **state) -> dict:
+def checkpoint_state(model, vocab, config: Config, unchanging=None, **state) -> dict:
     """Model weights plus everything needed to caption (vocab, config) or resume (**state), copied to the
     CPU now: training can go on while it is written. unchanging: {state_dict key: CPU tensor} for weights
     that never change (a frozen CNN), which the caller copied once and which are used as they are."""
@@ -95,7 +105,7 @@ class Progress:
     batch: int = 0              # steps of the current epoch done
     step: int = 0
     best: float | None = None   # the best validation metric so far
-    stale_epochs: int = 0       # validations since it last improved
+    stale_validations: int = 0  # validations since it last improved
     elapsed: float = 0.0        # seconds trained before this process started
     finished: bool = False
 
@@ -105,7 +115,7 @@ def restore(checkpoint: dict, optimization, progress: Progress) -> None:
     checkpoint has them."""
     optimization.restore(checkpoint)
     for name, value in checkpoint["progress"].items():
-        setattr(progress, name, value)
+        setattr(progress, PROGRESS_RENAMED.get(name, name), value)
     rng = checkpoint["rng"]
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])

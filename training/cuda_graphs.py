@@ -6,11 +6,12 @@ one launch. The fused AdamW update stays outside the graph, so the learning-rate
 checkpoints and --resume work exactly as in an eager step. What graphs saved, and how closely
 graphed and eager losses agree, is measured in docs/speed.md.
 
-    graphed = graphed_step(model, params, inputs, image_index, tokens, lengths, config, world, scaler)
+    graphed = graphed_step(setup, inputs, image_index, tokens, lengths)   # setup: a training.steps.TrainingSetup
     loss = graphed(rows, longest)   # rows: caption indices [batch_size] on the GPU; then optimizer.step()
 
-graphed_step gives None where graphs do not apply (see graphs_apply): training.step then steps
-eagerly. A short last batch runs eagerly, and so does everything if a capture fails.
+training.steps.cross_entropy_step replays it. graphed_step gives None where graphs do not apply (see
+graphs_apply): the steps then run eagerly. A short last batch runs eagerly, and so does everything if a
+capture fails.
 """
 import torch
 
@@ -29,12 +30,14 @@ def graphs_apply(config, device, world: int, scaler, streamed: bool = False) -> 
             and not t.fine_tune_encoder and scaler is None and not streamed)
 
 
-def graphed_step(model, params, inputs, image_index, tokens, lengths, config, world: int, scaler):
-    """A GraphedStep for this run's steps (arguments as GraphedStep's), or None where graphs do not apply:
-    image_index None means the features are streamed batch by batch."""
-    if not graphs_apply(config, tokens.device, world, scaler, streamed=image_index is None):
+def graphed_step(setup, inputs, image_index, tokens, lengths):
+    """A GraphedStep of setup's model (a training.steps.TrainingSetup) over these captions (arguments as
+    GraphedStep's), or None where graphs do not apply: image_index None means the features are streamed
+    batch by batch."""
+    o = setup.optimization
+    if not graphs_apply(setup.config, tokens.device, setup.world, o.scaler, streamed=image_index is None):
         return None
-    return GraphedStep(model, params, inputs, image_index, tokens, lengths, config)
+    return GraphedStep(setup.model, o.decoder_params, inputs, image_index, tokens, lengths, setup.config)
 
 
 class GraphedStep:
@@ -50,7 +53,8 @@ class GraphedStep:
         self.inputs, self.image_index, self.tokens = inputs, image_index, tokens
         self.lengths = lengths.to(tokens.device)       # the graph reads each row's length on the device
         self.grads = [torch.zeros_like(p) for p in params]
-        # As training.step.make_amp: bf16 on CUDA (fp16 is excluded), none elsewhere. A graph cannot keep autocast's cache.
+        # As training.optimization.make_amp: bf16 on CUDA (fp16 is excluded), none elsewhere. A graph cannot keep
+        # autocast's cache.
         self.amp = torch.autocast(tokens.device.type, dtype=torch.bfloat16,
                                   enabled=config.train.amp and tokens.is_cuda, cache_enabled=False)
         self.graphs = {}                               # padded length -> (graph, its rows [B], its loss [])

@@ -5,15 +5,14 @@ A header line, then one tab-separated row per logged training step and per valid
     step  epoch  split  loss  lr  elapsed  bleu4  cider  reward
 
 split is train or val; bleu4 and cider are a validation's scores, reward the mean CIDEr-D of the
-self-critical samples; nan where a row has none. train.py writes it; visualize_loss.py, bench.py --scale
-and benchmarks/gpu_check.sh read it:
-
-    python -m training.loss_log RUN/loss_log.txt     # the last training row's elapsed seconds
+self-critical samples; nan where a row has none. train.py writes it; visualize_loss.py (which also prints
+the last training row's elapsed seconds: --last-elapsed, for benchmarks/gpu_check.sh) and bench.py --scale
+read it.
 """
 import csv
 import math
 import os
-import sys
+from dataclasses import dataclass
 
 from evaluation.metrics import SCORE_NAMES
 from utils import UserError
@@ -22,6 +21,19 @@ COLUMNS = ("step", "epoch", "split", "loss", "lr", "elapsed", *SCORE_NAMES, "rew
 REQUIRED = ("step", "epoch", "split", "loss")        # older logs lack the rest
 FORMATS = {"loss": ".5f", "lr": ".3e", "elapsed": ".1f", **{name: ".5f" for name in SCORE_NAMES}, "reward": ".5f"}
 SPLITS = ("train", "val")
+
+
+@dataclass
+class LogRow:
+    """One row of loss_log.txt: a logged run of training steps, or a validation."""
+    step: int
+    epoch: int
+    split: str                      # one of SPLITS
+    loss: float
+    lr: float
+    elapsed: float                  # seconds trained
+    scores: dict | None = None      # a validation's {"BLEU-4": .., "CIDEr": ..} (coco-caption names)
+    reward: float = math.nan        # the mean reward of self-critical samples
 
 
 class LossLog:
@@ -36,12 +48,10 @@ class LossLog:
             self.writer.writeheader()
             self.file.flush()
 
-    def write(self, step: int, epoch: int, split: str, loss: float, lr: float, elapsed: float, scores=None,
-              reward: float = math.nan) -> None:
-        """scores: a validation's {"BLEU-4": .., "CIDEr": ..} (coco-caption names), or None."""
-        values = {"loss": loss, "lr": lr, "elapsed": elapsed, "reward": reward,
-                  **{name: (scores or {}).get(coco, math.nan) for name, coco in SCORE_NAMES.items()}}
-        self.writer.writerow({"step": step, "epoch": epoch, "split": split,
+    def write(self, row: LogRow) -> None:
+        values = {"loss": row.loss, "lr": row.lr, "elapsed": row.elapsed, "reward": row.reward,
+                  **{name: (row.scores or {}).get(coco, math.nan) for name, coco in SCORE_NAMES.items()}}
+        self.writer.writerow({"step": row.step, "epoch": row.epoch, "split": row.split,
                               **{key: format(value, FORMATS[key]) for key, value in values.items()}})
         self.file.flush()
 
@@ -95,7 +105,3 @@ def last_elapsed(path: str, split: str = "train") -> float:
         raise UserError(f"{path}: no {split} rows yet; the run has not logged a {split} step")
     return rows[-1]["elapsed"]
 
-
-if __name__ == "__main__":
-    from utils import run_main
-    run_main(lambda: print(f"{last_elapsed(sys.argv[1]):.1f}"))

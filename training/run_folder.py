@@ -28,7 +28,7 @@ class RunFolder:
         self.out_dir, self.lock_file, self.log = out_dir, None, None
 
     def lock(self) -> None:
-        """Make the folder and take its lock, or ValueError naming the process that holds it."""
+        """Make the folder and take its lock, or UserError naming the process that holds it."""
         if os.path.exists(self.out_dir) and not os.path.isdir(self.out_dir):
             raise UserError(f"train.out_dir={self.out_dir} is a file, not a folder; set train.out_dir to a folder")
         try:

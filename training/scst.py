@@ -12,8 +12,9 @@ log-probabilities both run with dropout off: the policy that is scored is the on
 import numpy as np
 import torch
 
+from config import Config
 from evaluation.cider import CiderD
-from models.decoding import never_said, sample_captions
+from models.decoding import DecodeSettings, SpecialIds, sample_captions
 
 
 def leave_one_out_baseline(rewards: np.ndarray, samples_per_image: int) -> np.ndarray:
@@ -24,7 +25,7 @@ def leave_one_out_baseline(rewards: np.ndarray, samples_per_image: int) -> np.nd
 
 
 class SelfCritical:
-    def __init__(self, references: dict[str, list[str]], vocab, config: dict):
+    def __init__(self, references: dict[str, list[str]], vocab, config: Config):
         self.reward = CiderD(references)      # n-gram document frequencies: computed once, here
         self.vocab, self.k = vocab, config.train.scst_samples
         self.max_len = config.decode.max_len
@@ -38,10 +39,8 @@ class SelfCritical:
         divided by normalizer (the global batch's sample count over the number of ranks)."""
         model.eval()
         with amp, torch.no_grad():
-            tokens, lengths = sample_captions(model, model.encoder.tail(features), self.k, self.max_len,
-                                              start_id=self.vocab.start_id,
-                                              end_id=self.vocab.end_id, pad_id=self.vocab.pad_id,
-                                              banned=never_said(self.vocab))
+            tokens, lengths = sample_captions(model, model.encoder.tail(features), self.k,
+                                              DecodeSettings(max_len=self.max_len), SpecialIds.of(self.vocab))
         captions = [self.vocab.decode(row[1:]) for row in tokens.tolist()]
         rewards = self.reward.score(captions, [name for name in names for _ in range(self.k)])
         advantage = torch.as_tensor(rewards - leave_one_out_baseline(rewards, self.k), dtype=torch.float32,

@@ -1,13 +1,13 @@
 """The check on the validation split: teacher-forced loss over all its captions, and the captions of its
-first train.val_bleu_images images, decoded as the config's decode section says (the decoding that is
-reported), scored with BLEU-4 and CIDEr-D (no Java, so it is fast).
+first train.val_decoded_images images, decoded as the config's decode section says (the decoding that is
+reported), scored with each of evaluation.metrics.SCORE_NAMES (no Java, so it is fast).
 """
 import torch
 
-from evaluation.metrics import quick_scores
-from models.consensus import training_cider
+from evaluation.metrics import SCORE_NAMES, quick_scores
 from models.decoding import decode_settings, describe_decoding, generate
-from training.step import batch_loss
+from models.rerank_frequencies import training_cider
+from training.steps import Batch, batch_loss
 
 DECODE_BATCH = 256
 LOSS_BATCH = 512          # captions per teacher-forced validation batch: no gradients, so larger than training's
@@ -15,15 +15,17 @@ LOSS_BATCH = 512          # captions per teacher-forced validation batch: no gra
 
 def describe_validation(config, n_val_images: int) -> str:
     """One line: what validation decodes and scores."""
-    n = min(config.train.val_bleu_images, n_val_images)
+    n = min(config.train.val_decoded_images, n_val_images)
     if not n:
-        return f"validation: loss on {n_val_images} images (train.val_bleu_images=0: no captions decoded)"
-    return f"validation: loss on {n_val_images} images; BLEU-4 and CIDEr-D of {n} decoded with {describe_decoding(config['decode'])}"
+        return f"validation: loss on {n_val_images} images (train.val_decoded_images=0: no captions decoded)"
+    return (f"validation: loss on {n_val_images} images; {' and '.join(SCORE_NAMES.values())} of {n} decoded with "
+            f"{describe_decoding(config.decode)}")
 
 
 @torch.no_grad()
 def validate(model, val: dict, feed, config, vocab, amp) -> tuple[float, dict]:
-    """(validation loss, {"BLEU-4", "CIDEr"} of the decoded captions; nan where train.val_bleu_images is 0).
+    """(validation loss, SCORE_NAMES' scores of the decoded captions by coco name; nan where
+    train.val_decoded_images is 0).
     feed: a data.features.store.FeatureFeed over the validation images."""
     model.eval()
     total, count, bs = 0.0, 0, LOSS_BATCH
@@ -34,19 +36,20 @@ def validate(model, val: dict, feed, config, vocab, amp) -> tuple[float, dict]:
         inputs = feed.batch(torch.arange(first, int(image_index[-1]) + 1))
         tokens, lengths = val["tokens"][rows].to(inputs.device), val["lengths"][rows]
         # Summed over the target tokens (normalizer 1), without label smoothing: the mean is a true perplexity.
-        loss, _ = batch_loss(model, inputs, tokens, lengths, config, amp, normalizer=1.0, label_smoothing=0.0,
-                             image_of_row=(image_index - first).to(inputs.device))
+        batch = Batch(slice(None), lengths, tokens, inputs, image_of_row=(image_index - first).to(inputs.device),
+                      normalizer=1.0)
+        loss, _ = batch_loss(model, batch, amp, label_smoothing=0.0)
         total, count = total + loss.item(), count + int((lengths - 1).sum())
-    scores = {"BLEU-4": float("nan"), "CIDEr": float("nan")}
-    n = min(config.train.val_bleu_images, len(val["names"]))
+    scores = {name: float("nan") for name in SCORE_NAMES.values()}
+    n = min(config.train.val_decoded_images, len(val["names"]))
     if n:
         hypotheses, decode = {}, decode_settings(config.decode)
-        if decode.get("rerank_samples"):        # consensus re-ranking: CIDEr-D with the training captions' frequencies
-            decode["rerank_cider"] = training_cider(config, vocab)
+        if decode.rerank_samples:        # consensus re-ranking: CIDEr-D with the training captions' frequencies
+            decode = decode.with_cider(training_cider(config, vocab))
         for start in range(0, n, DECODE_BATCH):
             inputs = feed.batch(torch.arange(start, min(start + DECODE_BATCH, n)))
             with amp:
-                results = generate(model, model.encoder.tail(inputs), vocab, **decode)
+                results = generate(model, model.encoder.tail(inputs), vocab, decode)
             hypotheses.update({val["names"][start + j]: r["caption"] for j, r in enumerate(results)})
         scores = quick_scores(hypotheses, {name: val["references"][name] for name in hypotheses})
     model.train()

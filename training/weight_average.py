@@ -7,11 +7,11 @@ checkpoints hold.
         validate(...); save(...)
 
 A checkpoint's "model" is the average; its "weight_average" entry holds the weights training goes on
-from, so a resumed run continues both. To score those instead of the average:
+from, so a resumed run continues both. To score those instead of the average, export.py writes them as a
+checkpoint of their own:
 
-    python -m training.weight_average RUN/checkpoint_best.pth RUN/checkpoint_best_unaveraged.pth
+    python export.py RUN/checkpoint_best.pth RUN/checkpoint_best_unaveraged.pth --unaveraged
 """
-import sys
 from contextlib import contextmanager
 
 import torch
@@ -80,8 +80,3 @@ def unaveraged(checkpoint: dict) -> dict:
     trained = dict(zip(names, checkpoint["weight_average"]["trained"]))
     return {**checkpoint, "model": {k: trained.get(k, v) for k, v in checkpoint["model"].items()}, "weight_average": None}
 
-
-if __name__ == "__main__":
-    from models.checkpoint import load_checkpoint
-    from utils import atomic_save, run_main
-    run_main(lambda: atomic_save(unaveraged(load_checkpoint(sys.argv[1])), sys.argv[2]))

@@ -22,6 +22,7 @@ import pickle
 import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 
 import torch
 from tqdm import tqdm
@@ -164,17 +165,26 @@ def _drop_damaged(where: dict, sources: list, shards: list) -> None:
                 del where[i]
 
 
+@dataclass(frozen=True)
+class Loading:
+    """How images go through the CNN when features are computed: batch size, loader workers, the progress bar's
+    label, and whether to wait for the new shards to be on disk before returning."""
+    batch_size: int = 64
+    workers: int = 2
+    desc: str = "features"
+    wait_for_cache: bool = True
+
+
 @torch.no_grad()
 def extract_features(encoder, paths: list[str], image_size: int, cache_dir: str | None, device,
-                     batch_size: int = 64, num_workers: int = 2, desc: str = "features", wait_for_cache: bool = True,
-                     mirrored: bool = False):
+                     loading: Loading = Loading(), mirrored: bool = False):
     """encoder.trunk's output for image files (mirrored left to right if asked), from the cache where valid,
     else computed (and cached).
 
     Returns (FeatureStore over the readable images, ok: list[bool] per path). Unreadable images are
     skipped with a warning and counted. On CUDA, batches hold at least CUDA_BATCH images. A computed
     shard is held in memory until it is written, then read back mapped from its file.
-    wait_for_cache=False returns while new shards may still be being written (on an error or Ctrl-C it
+    loading.wait_for_cache=False returns while new shards may still be being written (on an error or Ctrl-C it
     always waits); the caller then calls wait_for_cache_writes() before it needs them on disk.
     """
     stamps = [file_stamp(p) if os.path.exists(p) else None for p in paths]
@@ -191,11 +201,11 @@ def extract_features(encoder, paths: list[str], image_size: int, cache_dir: str 
         _drop_damaged(where, sources, shards)
     todo = [i for i in range(len(paths)) if i not in where]
     if todo:
-        new_rows = _NewRows(folder, sources, where, stamps)
-        size = input_size(encoder.name, image_size)
-        batch_size = max(batch_size, CUDA_BATCH) if device.type == "cuda" else batch_size
-        bad = _compute(encoder, [paths[i] for i in todo], todo, size, device, batch_size, num_workers, desc, mirrored,
-                       new_rows, wait_for_cache)
+        new_rows = _NewRows(folder, sources, where, stamps, todo)
+        if device.type == "cuda":
+            loading = replace(loading, batch_size=max(loading.batch_size, CUDA_BATCH))
+        bad = _compute(encoder, [paths[i] for i in todo], input_size(encoder.name, image_size), device, loading,
+                       mirrored, new_rows)
         if bad:
             warn(f"{bad} of {len(paths)} images could not be read and were skipped")
     ok = [i in where for i in range(len(paths))]
@@ -204,32 +214,31 @@ def extract_features(encoder, paths: list[str], image_size: int, cache_dir: str 
     return FeatureStore(sources, torch.tensor([where[i] for i in range(len(paths)) if ok[i]], dtype=torch.long)), ok
 
 
-def _compute(encoder, paths, indices, size, device, batch_size, num_workers, desc, mirrored, new_rows,
-             wait_for_cache) -> int:
-    """Run the trunk over the files paths (indices: their positions in the caller's list) into new_rows; returns how
-    many could not be read. On CUDA a batch's copy to the host runs while the next batch is computed."""
+def _compute(encoder, paths, size, device, loading: Loading, mirrored: bool, new_rows) -> int:
+    """Run the trunk over the files paths (new_rows.indices: their positions in the caller's list) into new_rows;
+    returns how many could not be read. On CUDA a batch's copy to the host runs while the next batch is computed."""
     if encoder.training:          # eval() walks every module, paid per call: only when needed
         encoder.eval()
     bad, copying, finished = 0, None, False
-    bar = tqdm(total=len(paths), desc=desc, unit="image", dynamic_ncols=True)
+    bar = tqdm(total=len(paths), desc=loading.desc, unit="image", dynamic_ncols=True)
     try:
-        for images, good, rejected in image_batches(paths, size, batch_size, num_workers, device):
+        for images, good, rejected in image_batches(paths, size, loading.batch_size, loading.workers, device):
             bad += len(rejected)
             bar.update(len(good) + len(rejected))
             if images is None or not len(images):
                 continue
-            host, copied = _trunk_to_host(encoder, images, device, batch_size, mirrored)
+            host, copied = _trunk_to_host(encoder, images, device, loading.batch_size, mirrored)
             if copying:
                 done, copying = copying, None
                 new_rows.keep(*done, rows_to_come=len(paths) - bar.n)
-            copying = ([indices[j] for j in good], host, copied)
+            copying = ([new_rows.indices[j] for j in good], host, copied)
         finished = True
     finally:                # also on Ctrl-C or an error: all that was computed is cached, the next run starts there
         bar.close()
         if copying:         # the last batch computed, whose copy to the host may have been under way
             new_rows.keep(*copying, rows_to_come=0)
         new_rows.flush(rows_to_come=len(paths) - bar.n)
-        if wait_for_cache or not finished:
+        if loading.wait_for_cache or not finished:
             wait_for_cache_writes()
     return bad
 
@@ -258,8 +267,9 @@ class _NewRows:
     """Rows computed in this run, gathered into shard-sized sources of the FeatureStore (where: path index ->
     (source, row)), each also written to the cache folder (if any) by the background writer."""
 
-    def __init__(self, folder: str | None, sources: list, where: dict, stamps: list):
-        self.folder, self.sources, self.where, self.stamps = folder, sources, where, stamps
+    def __init__(self, folder: str | None, sources: list, where: dict, stamps: list, indices: list):
+        """indices: the positions, in the caller's list of paths, of the paths computed (in their order)."""
+        self.folder, self.sources, self.where, self.stamps, self.indices = folder, sources, where, stamps, indices
         self.unsaved = []         # (path indices, their host rows)
 
     def keep(self, indices: list, host: torch.Tensor, copied, rows_to_come: int) -> None:

@@ -12,28 +12,29 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from config import encoder_row  # the encoder table: each encoder's native input size and normalisation
 from utils import UserError, plural, printable, shown_name, warn
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 Image.MAX_IMAGE_PIXELS = 40_000_000   # ~6300x6300; bigger files are refused as decompression bombs
 MAX_SIDE = 16_384           # pixels along one side, at most; JPEG itself stops at 65,535
 MAX_ASPECT = 25             # the longer side over the shorter, at most
-NATIVE_SIZE = {"efficientnet_lite2": 260}   # every other encoder: 224
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-LITE_MEAN, LITE_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)   # EfficientNet-Lite expects [-1, 1]
 
 
 def input_size(encoder: str, image_size: int) -> int:
-    return image_size or NATIVE_SIZE.get(encoder, 224)
+    """The side of the square CNN input: data.image_size, or where it is 0 the encoder's native size."""
+    return image_size or encoder_row(encoder).native_size
 
 
 def normalisation(encoder: str) -> tuple:
     """(mean, std) per RGB channel, on the 0..1 scale, that the encoder's ImageNet weights expect."""
-    return (LITE_MEAN, LITE_STD) if encoder == "efficientnet_lite2" else (IMAGENET_MEAN, IMAGENET_STD)
+    row = encoder_row(encoder)
+    return row.mean, row.std
 
 
 def transform_id(encoder: str, image_size: int, mirrored: bool = False) -> str:
-    """Names everything that turns a file into the backbone's input; part of the feature cache's key."""
+    """Names everything that turns a file into the backbone's input; part of the feature cache's key, so its
+    text must stay as it is for the caches already on disk."""
     mean, std = normalisation(encoder)
     return (f"rgb|exif-oriented|resize{input_size(encoder, image_size)}-bilinear-squash|uint8|mean{mean}|std{std}"
             + ("|mirrored" if mirrored else ""))

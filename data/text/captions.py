@@ -2,12 +2,15 @@
 
 Reads a CSV with header `image,caption` (Kaggle's Flickr8k captions.txt, the demo's captions.csv),
 Flickr8k.token.txt lines `IMAGE#N<TAB>caption`, and Karpathy's split JSON (data/text/karpathy.py).
+read_dataset is the one place that tells them apart: training (load_splits) and evaluate.py read
+captions and splits through it. A new format is a branch there (and its reader).
 """
 import csv
 import io
 import os
 import random
 
+from config import DataConfig
 from data.images.reading import IMAGE_EXTENSIONS
 from data.text import karpathy
 from data.text.vocab import tokenize
@@ -15,7 +18,7 @@ from utils import UserError, warn
 
 
 def read_text(path: str, what: str, key: str) -> str:
-    """A UTF-8 text file's content, or ValueError naming the line that is not UTF-8."""
+    """A UTF-8 text file's content, or UserError naming the line that is not UTF-8."""
     try:
         with open(path, "rb") as f:
             raw = f.read()
@@ -28,13 +31,38 @@ def read_text(path: str, what: str, key: str) -> str:
         raise UserError(f"{path}: line {line} is not UTF-8 (byte 0x{raw[e.start]:02x}); re-save the file as UTF-8") from None
 
 
-def read_captions(path: str) -> dict[str, list[str]]:
-    """image name -> its captions, in file order, from any of the three formats.
+def read_dataset(path: str, splits: dict[str, str]) -> tuple[dict[str, list[str]], dict[str, list[str] | None]]:
+    """(references: image name -> its captions in file order, the image names of each split asked for) from any
+    captions source: a CSV `image,caption`, Flickr8k.token.txt or a Karpathy JSON.
 
-    A caption with no word left after tokenization (empty, or punctuation only) is dropped and counted.
-    """
+    splits: "train", "val" or "test" -> how that split is given. A Karpathy JSON takes its split names joined by
+    '+' ("val", "train+restval"), "" for its default (karpathy.DEFAULT_SPLITS). The other formats name no splits:
+    they take a file of image names, one per line, and "" gives None, for the caller to choose (a seeded split,
+    every image). A caption with no word left after tokenization (empty, or punctuation only) is dropped and
+    counted."""
     if karpathy.is_karpathy(path):
-        return collect(path, karpathy.read(path)[0])
+        rows, named = karpathy.read(path)
+        references = collect(path, rows)
+        return references, {split: karpathy.split_names(named, spec or karpathy.DEFAULT_SPLITS[split], path)
+                            for split, spec in splits.items()}
+    references = collect(path, _text_rows(path))
+    return references, {split: _split_file(spec, path) if spec else None for split, spec in splits.items()}
+
+
+def read_captions(path: str) -> dict[str, list[str]]:
+    """image name -> its captions, in file order, from any of the three formats (read_dataset without splits)."""
+    return read_dataset(path, {})[0]
+
+
+def _split_file(spec: str, captions_path: str) -> list[str]:
+    if not os.path.isfile(spec):
+        raise UserError(f"{spec}: no such split file; {captions_path} names no splits (only a Karpathy JSON does), "
+                        f"so a split is a file of image names, one per line")
+    return read_split_file(spec)
+
+
+def _text_rows(path: str) -> list[tuple[str, str, str]]:
+    """(where, image, caption) rows of a CSV `image,caption` or a Flickr8k.token.txt, for collect."""
     text = read_text(path, "captions file", "data.captions")
     first = text.split("\n", 1)[0]
     if not text.strip():
@@ -58,7 +86,7 @@ def read_captions(path: str) -> dict[str, list[str]]:
                 line = reader.line_num + 1
         except csv.Error as e:
             raise UserError(f"{path}: line {line} is not valid CSV ({e}); fix its quotes") from None
-    return collect(path, rows)
+    return rows
 
 
 def collect(path: str, rows) -> dict[str, list[str]]:
@@ -103,42 +131,36 @@ def split_images(names: list[str], val_fraction: float, seed: int) -> tuple[list
     return sorted(shuffled[n_val:]), sorted(shuffled[:n_val])
 
 
-def load_splits(data: dict) -> tuple[dict[str, list[str]], list[str], list[str]]:
+def load_splits(data: DataConfig) -> tuple[dict[str, list[str]], list[str], list[str]]:
     """(captions, train image names, val image names) for a config's `data` section. A name is the image's
     path relative to data.images.
 
     Images named in the captions but missing from data.images are dropped with one warning.
     """
     if not os.path.isdir(data.images):
-        raise UserError(f"data.images={data['images']}: no such folder; point it at the folder of images")
-    if karpathy.is_karpathy(data.captions):
-        rows, splits = karpathy.read(data.captions)
-        captions = collect(data.captions, rows)
-        train = karpathy.split_names(splits, data.train_split or karpathy.DEFAULT_TRAIN, data.captions)
-        val = karpathy.split_names(splits, data.val_split or karpathy.DEFAULT_VAL, data.captions)
-    else:
-        captions = read_captions(data.captions)
-        if data.train_split or data.val_split:
-            if not (data.train_split and data.val_split):
-                raise UserError("set both data.train_split and data.val_split, or neither (for a seeded split)")
-            train, val = read_split_file(data.train_split), read_split_file(data.val_split)
-        else:
-            train, val = split_images(list(captions), data.val_fraction, data.seed)
+        raise UserError(f"data.images={data.images}: no such folder; point it at the folder of images")
+    captions, splits = read_dataset(data.captions, {"train": data.train_split, "val": data.val_split})
+    train, val = splits["train"], splits["val"]
+    if (train is None) != (val is None):
+        raise UserError("set both data.train_split and data.val_split, or neither (for a seeded split)")
+    if train is None:           # a format without splits, and no split files: a seeded split by image
+        train, val = split_images(list(captions), data.val_fraction, data.seed)
     on_disk = files_in(data.images, train + val)
     if not any(name.lower().endswith(IMAGE_EXTENSIONS) for name in on_disk):
-        raise UserError(f"{data['images']}: the folder has no images named in {data['captions']} "
+        raise UserError(f"{data.images}: the folder has no images named in {data.captions} "
                         f"({', '.join(IMAGE_EXTENSIONS)})")
     kept = []
     for split, names in (("train", train), ("val", val)):
         no_caption = [n for n in names if n not in captions]
         missing = [n for n in names if n in captions and n not in on_disk]
         if no_caption:
-            warn(f"{len(no_caption)} {split} images have no caption in {data['captions']} (e.g. {no_caption[0]}); skipped")
+            warn(f"{len(no_caption)} {split} images have no caption in {data.captions} (e.g. {no_caption[0]}); skipped")
         if missing:
-            warn(f"{len(missing)} {split} images are not in {data['images']} (e.g. {missing[0]}); skipped")
+            warn(f"{len(missing)} {split} images are not in {data.images} (e.g. {missing[0]}); skipped")
         kept.append([n for n in names if n in captions and n in on_disk])
     if not kept[0]:
-        raise UserError(f"no training images left: check that data.images={data['images']} holds the files named in {data['captions']}")
+        raise UserError(f"no training images left: check that data.images={data.images} holds the files named in "
+                        f"{data.captions}")
     return captions, kept[0], kept[1]
 
 

@@ -12,7 +12,8 @@ import os
 
 from utils import UserError
 
-DEFAULT_TRAIN, DEFAULT_VAL = "train+restval", "val"
+# The splits a run trains and validates on, and evaluate.py scores, where none is named
+DEFAULT_SPLITS = {"train": "train+restval", "val": "val", "test": "test"}
 
 
 def is_karpathy(path: str) -> bool:
@@ -21,7 +22,7 @@ def is_karpathy(path: str) -> bool:
 
 def read(path: str) -> tuple[list, dict[str, list[str]]]:
     """(rows, splits): rows (where, image name, caption) in file order, for data.text.captions.collect; splits:
-    split name -> image names in file order. ValueError names the entry that is wrong."""
+    split name -> image names in file order. UserError names the entry that is wrong."""
     try:
         stamp = os.stat(path)
     except OSError as e:
