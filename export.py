@@ -98,7 +98,7 @@ def read_scores(path: str, decode: dict) -> tuple[dict, dict]:
         return scores, {row["image"]: row["caption"] for row in json.load(f)}
 
 
-def main(argv=None):
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint",
                         help="a training checkpoint (checkpoint_best.pth); with --onnx also pretrained/*.pth")
@@ -120,7 +120,11 @@ def main(argv=None):
                         help="write instead a training checkpoint of the weights training went on from, not their "
                              "average (train.ema_decay), to score them")
     parser.add_argument("--device", default="auto")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if args.onnx:
         return export_onnx(args)
     check_replaceable(args.out, training=args.unaveraged)
@@ -130,20 +134,7 @@ def main(argv=None):
         return
     if args.card:
         check_card(args.card)
-
-    paths = [args.checkpoint, *args.ensemble]
-    checkpoints = [training_checkpoint(path) for path in paths]
-    device = pick_device(args.device)
-    loaded = [load_model(checkpoint, path) for checkpoint, path in zip(checkpoints, paths)]
-    for (_, vocab, _), path in zip(loaded[1:], args.ensemble):
-        if vocab.itos != loaded[0][1].itos:
-            raise UserError(f"--ensemble {path}: its vocabulary differs from {args.checkpoint}'s; an ensemble's models "
-                            f"must be trained on one vocabulary (the same data and data.min_word_freq)")
-    if args.ensemble:
-        sizes = [config.data.image_size for _, _, config in loaded]
-        full = (CaptionEnsemble([model for model, _, _ in loaded], sizes).eval(), *loaded[0][1:])
-    else:
-        full = loaded[0]
+    checkpoints, loaded, full = load_members(args)
     decode = decode_settings(full[2].decode)
     scores, scored_captions = read_scores(args.scores, decode) if args.scores else (None, {})
     exported = inference_checkpoint(checkpoints[0], loaded[0][0], scores, args.command,
@@ -158,24 +149,46 @@ def main(argv=None):
              f"{'an ensemble' if args.ensemble else 'one model'} in")
     # Loaded back as a user will load it: weights_only, the CNN's trunk from its package, the hash checked.
     shipped = torch.load(io.BytesIO(data), weights_only=True)
-    again = load_model(shipped, args.out)
-    if args.verify_images:
-        paths = verification_images(args)
-        print(f"verify: decoding with {describe_decoding(decode)}", file=sys.stderr)
-        for model, *_ in (full, again):
-            model.to(device)
-        ours, theirs = captions_of([full[:2], again[:2]], paths, full[2], device, with_rerank_cider(decode, shipped, args.out))
-        agreement(ours, theirs, "the training checkpoint's", args.min_agreement, args.out)
-        if scored_captions:
-            agreement({n: scored_captions[n] for n in theirs if n in scored_captions}, theirs,
-                      f"the captions behind --scores {args.scores}", args.min_agreement, args.out)
-    elif scored_captions:
-        warn("the scores were not checked against the exported file's captions: give --verify-images")
+    verify(args, full, load_model(shipped, args.out), with_rerank_cider(decode, shipped, args.out), scored_captions)
     atomic_write(args.out, lambda f: f.write(data))
     print(f"{args.out}: {len(data) / 2**20:.1f} MB, sha256 {hashlib.sha256(data).hexdigest()}")
     if args.card:
         update_card(args.card, shipped, os.path.splitext(os.path.basename(args.out))[0])
         print(f"{args.card}: its Hub metadata rewritten from {args.out}")
+
+
+def load_members(args) -> tuple[list, list, tuple]:
+    """(training checkpoints, each one's (model, vocab, config), the (model, vocab, config) to export: the first
+    model, or all of them as one ensemble)."""
+    paths = [args.checkpoint, *args.ensemble]
+    checkpoints = [training_checkpoint(path) for path in paths]
+    loaded = [load_model(checkpoint, path) for checkpoint, path in zip(checkpoints, paths)]
+    for (_, vocab, _), path in zip(loaded[1:], args.ensemble):
+        if vocab.itos != loaded[0][1].itos:
+            raise UserError(f"--ensemble {path}: its vocabulary differs from {args.checkpoint}'s; an ensemble's models "
+                            f"must be trained on one vocabulary (the same data and data.min_word_freq)")
+    if not args.ensemble:
+        return checkpoints, loaded, loaded[0]
+    sizes = [config.data.image_size for _, _, config in loaded]
+    return checkpoints, loaded, (CaptionEnsemble([model for model, _, _ in loaded], sizes).eval(), *loaded[0][1:])
+
+
+def verify(args, full, again, decode, scored_captions: dict) -> None:
+    """With --verify-images: the exported file (again) captions as the training checkpoint (full) does, and as the
+    captions behind --scores say; UserError, and nothing written, below --min-agreement."""
+    if not args.verify_images:
+        if scored_captions:
+            warn("the scores were not checked against the exported file's captions: give --verify-images")
+        return
+    device = pick_device(args.device)
+    print(f"verify: decoding with {describe_decoding(decode)}", file=sys.stderr)
+    for model, *_ in (full, again):
+        model.to(device)
+    ours, theirs = captions_of([full[:2], again[:2]], verification_images(args), full[2], device, decode)
+    agreement(ours, theirs, "the training checkpoint's", args.min_agreement, args.out)
+    if scored_captions:
+        agreement({n: scored_captions[n] for n in theirs if n in scored_captions}, theirs,
+                  f"the captions behind --scores {args.scores}", args.min_agreement, args.out)
 
 
 def verification_images(args) -> list[str]:
