@@ -9,12 +9,15 @@ from utils import REPO_ROOT
 
 CPU_REPORT = "docs/bench_cpu_quick.json"      # python bench.py --quick --device cpu --out ...
 GPU_REPORT = "docs/bench_h200_8396218.json"   # python bench.py --out ... (one H200)
+ONNX_REPORT = "docs/bench_onnx_cpu.json"      # python bench.py --pretrained --onnx DIR --out ... (2-core CPU)
 ROWS = [("feature extraction, JPEG decode included (images/s)", "extraction_images_per_s"),
         ("decoder training (captions/s)", "train_captions_per_s"),
         ("one LSTM epoch of 30,000 captions (s)", "epoch_30k_captions_s"),
         ("end to end, JPEGs to checkpoint, per epoch (s)", "end_to_end_per_epoch_s"),
         ("captioning JPEG files, greedy (images/s)", "infer_greedy"),
-        ("peak GPU memory", "peak_memory_bytes")]
+        ("peak GPU memory", "peak_memory_bytes"),
+        ("the shipped model, JPEG files to captions, beam 3, batch 16 (images/s): ONNX Runtime / PyTorch",
+         "onnx_photo_to_caption")]
 
 
 def number(x: float) -> str:
@@ -27,6 +30,11 @@ def number(x: float) -> str:
 def cells(report: dict, key: str, gpu: bool) -> list[str]:
     """(ours, naive) of one row for one report."""
     figures = report["figures"]
+    if key == "onnx_photo_to_caption":     # the ONNX report's two sides are both ours; it measured a CPU only
+        if gpu:
+            return ["", ""]
+        figure = figures["photo_to_caption_bs16_images_per_s"]
+        return [f"{number(figure['onnx'])} / {number(figure['pytorch'])}", ""]
     if key == "peak_memory_bytes":
         return [f"{figures[key][side] / 1e9:.2f} GB" for side in ("ours", "naive")] if gpu else ["", ""]
     if key == "infer_greedy":      # at the largest batch the report measured
@@ -38,12 +46,14 @@ def cells(report: dict, key: str, gpu: bool) -> list[str]:
 
 def table_rows() -> list[list[str]]:
     """[label, CPU ours, CPU naive, GPU ours, GPU naive] per row."""
-    with open(os.path.join(REPO_ROOT, CPU_REPORT), encoding="utf-8") as f:
-        cpu = json.load(f)
-    with open(os.path.join(REPO_ROOT, GPU_REPORT), encoding="utf-8") as f:
-        gpu = json.load(f)
-    return [[label, *cells(cpu, key, False), *cells(gpu, key, True)] for label, key in ROWS]
+    cpu, gpu, onnx = (read_report(path) for path in (CPU_REPORT, GPU_REPORT, ONNX_REPORT))
+    return [[label, *cells(onnx if key == "onnx_photo_to_caption" else cpu, key, False), *cells(gpu, key, True)]
+            for label, key in ROWS]
 
+
+def read_report(path: str) -> dict:
+    with open(os.path.join(REPO_ROOT, path), encoding="utf-8") as f:
+        return json.load(f)
 
 
 def markdown_table() -> str:

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from reports.speed_table import CPU_REPORT, GPU_REPORT, ROWS, table_rows
+from reports.speed_table import CPU_REPORT, GPU_REPORT, ONNX_REPORT, ROWS, table_rows
 from tests.conftest import ROOT
 
 
@@ -16,7 +16,7 @@ def numbers(cell: str) -> list[str]:
 def test_the_speed_table_shows_its_files_numbers(readme):
     with open(os.path.join(ROOT, readme), encoding="utf-8") as f:
         text = f.read()
-    assert CPU_REPORT in text and GPU_REPORT in text
+    assert CPU_REPORT in text and GPU_REPORT in text and ONNX_REPORT in text
     lines = text.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("| ") and "H200" in line)
     shown = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[header + 2:header + 2 + len(ROWS)]]
