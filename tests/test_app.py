@@ -230,6 +230,19 @@ def test_tracebacks_stay_in_the_server_log():
         assert 'showErrorDetails = "none"' in f.read()
 
 
+def test_an_unexpected_error_is_one_line_on_the_page_and_a_traceback_in_the_log(monkeypatch, capsys):
+    shown = []
+    monkeypatch.setattr(app.st, "error", shown.append)
+
+    def broken(data, name):
+        raise RuntimeError("/srv/secret/path exploded")
+    monkeypatch.setattr(app, "read_image", broken)
+    app.show_input("pretrained/x.pth", "photo.png", b"bytes", None, ())
+    assert shown == ["photo.png: could not be captioned: an error on the server (its log has the details)"]
+    log = capsys.readouterr().err
+    assert "Traceback" in log and "/srv/secret/path exploded" in log
+
+
 def test_uploads_are_shrunk_as_they_are_read_and_extreme_sizes_refused():
     buffer = io.BytesIO()
     Image.new("RGB", (3000, 2000), (10, 200, 30)).save(buffer, format="PNG")

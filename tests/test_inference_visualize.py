@@ -1,5 +1,6 @@
 """inference_visualize.py as a user runs it: files, folders, a split, and bad files."""
 import csv
+import io
 import os
 import shutil
 import subprocess
@@ -10,6 +11,7 @@ from PIL import Image
 
 import inference_visualize
 from tests.conftest import ROOT, run_script
+from utils import shown_name
 
 
 def test_folder_with_a_non_image_and_a_corrupt_jpeg(tiny_checkpoints, tiny_data, tmp_path, capsys):
@@ -208,6 +210,16 @@ def test_odd_file_names_are_printed_escaped_and_csv_cells_never_run(tiny_checkpo
     assert all(len(line.split("\t")) == 2 for line in result.stdout.strip().splitlines())
     with open(tmp_path / "o" / "captions.csv", newline="") as f:
         assert [row[0] for row in list(csv.reader(f))[1:]] == ["'=HYPERLINK(1).png", "esc\\x1b[31m.png", "tab\\there.png"]
+
+
+def test_every_cell_a_spreadsheet_would_run_is_quoted_and_line_breaks_in_names_are_escaped():
+    """Names reach the CSV as inference prints them (shown_name: line breaks escaped), then formula starts are quoted."""
+    names = [shown_name(start + "x.png") for start in ("=", "+", "-", "@", "\t", "\n", "\r")]
+    assert names[4:] == ["\\tx.png", "\\nx.png", "\\rx.png"]
+    text = inference_visualize.csv_text([[name, "a dog"] for name in names] + [["plain.png", "-1 dogs"]])
+    rows = list(csv.reader(io.StringIO(text, newline="")))[1:]
+    assert rows == ([["'" + name, "a dog"] for name in names[:4]] + [[name, "a dog"] for name in names[4:]]
+                    + [["plain.png", "'-1 dogs"]])
 
 
 def test_consensus_re_ranking_from_the_command_line_into_the_gallery(tiny_checkpoints, tiny_data, tmp_path, capsys):
