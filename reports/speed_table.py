@@ -44,16 +44,17 @@ def cells(report: dict, key: str, gpu: bool) -> list[str]:
     return [number(figures[key]["ours"]), number(figures[key]["naive"])]
 
 
+def read_report(path: str) -> dict:
+    """One of the benchmark JSON files the table shows, by its path in the repository."""
+    with open(os.path.join(REPO_ROOT, path), encoding="utf-8") as f:
+        return json.load(f)
+
+
 def table_rows() -> list[list[str]]:
     """[label, CPU ours, CPU naive, GPU ours, GPU naive] per row."""
     cpu, gpu, onnx = (read_report(path) for path in (CPU_REPORT, GPU_REPORT, ONNX_REPORT))
     return [[label, *cells(onnx if key == "onnx_photo_to_caption" else cpu, key, False), *cells(gpu, key, True)]
             for label, key in ROWS]
-
-
-def read_report(path: str) -> dict:
-    with open(os.path.join(REPO_ROOT, path), encoding="utf-8") as f:
-        return json.load(f)
 
 
 def markdown_table() -> str:
